@@ -1,0 +1,26 @@
+"""User-facing errors: each names the file at fault and what to do about it.
+
+The CLI prints these as one line (no traceback); anything else is a bug.
+"""
+
+from __future__ import annotations
+
+
+class AnomalyQCError(Exception):
+    """Base class for errors caused by input the user can fix."""
+
+
+class DataError(AnomalyQCError):
+    """An image, mask or dataset folder is unreadable or laid out wrongly."""
+
+
+class ModelFileError(AnomalyQCError):
+    """A run folder is missing, corrupt, or written by an incompatible version."""
+
+
+class CalibrationError(AnomalyQCError):
+    """Threshold fitting or evaluation got data it cannot use (e.g. a single class)."""
+
+
+class ConfigError(AnomalyQCError):
+    """An option has a value that cannot work."""
