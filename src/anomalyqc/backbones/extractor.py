@@ -1,0 +1,78 @@
+"""Patch-embedding grids from ImageNet-pretrained CNNs (thesis 8.3.5.1-8.3.5.2).
+
+Two mid layers (stride 8 and 16) are each averaged over a p x p neighbourhood, the deeper one
+is upsampled to the first one's grid, and the two are concatenated: one embedding per grid
+location, shape (B, D, h, w) with h = H / 8.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from anomalyqc.backbones.zoo import BACKBONES, BackboneSpec
+from anomalyqc.errors import ConfigError
+
+
+class FeatureExtractor(nn.Module):
+    """Frozen backbone cut after its stride-16 layer, returning the aggregated embedding grid."""
+
+    def __init__(self, name: str = "efficientnet_lite0", patch_size: int = 3,
+                 allow_download: bool = True) -> None:
+        super().__init__()
+        if name not in BACKBONES:
+            raise ConfigError(
+                f"unknown backbone {name!r}; choose one of: {', '.join(sorted(BACKBONES))}"
+            )
+        if patch_size < 1 or patch_size % 2 == 0:
+            raise ConfigError(f"patch size must be a positive odd number, got {patch_size}")
+        spec: BackboneSpec = BACKBONES[name]
+        self.name = name
+        self.patch_size = patch_size
+        self.body, self.channels = spec.build(allow_download)
+        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
+        self.body.eval()
+        for p in self.body.parameters():
+            p.requires_grad_(False)
+
+    @property
+    def dim(self) -> int:
+        """Embedding dimension D (sum of the two layers' channels)."""
+        return sum(self.channels)
+
+    def train(self, mode: bool = True) -> "FeatureExtractor":
+        # Batch-norm statistics stay frozen: the extractor is never trained.
+        super().train(mode)
+        self.body.eval()
+        return self
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """[0, 1] images, gray or RGB, to the backbone's normalised RGB input."""
+        if images.shape[1] == 1:
+            images = images.expand(-1, 3, -1, -1)
+        return (images - self.mean) / self.std
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        mid, deep = self.body(self.normalise(images))
+        return aggregate(mid, deep, self.patch_size)
+
+
+def aggregate(mid: torch.Tensor, deep: torch.Tensor, patch_size: int = 3) -> torch.Tensor:
+    """Neighbourhood average (eq. 8.22), upsample the deeper map, concatenate channels."""
+    pool: Callable[[torch.Tensor], torch.Tensor] = lambda t: t  # noqa: E731
+    if patch_size > 1:
+        pad = patch_size // 2
+
+        def pool(t: torch.Tensor) -> torch.Tensor:
+            return F.avg_pool2d(t, patch_size, stride=1, padding=pad, count_include_pad=False)
+
+    mid = pool(mid)
+    deep = pool(deep)
+    if deep.shape[-2:] != mid.shape[-2:]:
+        deep = F.interpolate(deep, size=mid.shape[-2:], mode="bilinear", align_corners=False)
+    return torch.cat([mid, deep], dim=1)
