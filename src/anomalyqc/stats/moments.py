@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+_CHUNK = 128  # locations per block of outer products
+
 
 class OnlineMoments:
     """Per-location first and second moments of D-dimensional embeddings.
@@ -18,8 +20,11 @@ class OnlineMoments:
 
     def __init__(self, locations: int, dim: int, dtype: torch.dtype = torch.float64) -> None:
         self.count = 0
-        self.sum = torch.zeros(locations, dim, dtype=dtype)
-        self.outer = torch.zeros(locations, dim, dim, dtype=dtype)
+        # Moments are taken about a shift (the first batch's mean) so that each batch's outer
+        # products can be formed in fast float32 without cancellation, then added in float64.
+        self.shift = torch.zeros(locations, dim, dtype=dtype)
+        self.sum = torch.zeros(locations, dim, dtype=dtype)  # of (x - shift)
+        self.outer = torch.zeros(locations, dim, dim, dtype=dtype)  # of (x - shift)(x - shift)^T
 
     @property
     def locations(self) -> int:
@@ -34,46 +39,68 @@ class OnlineMoments:
         if x.ndim != 3 or x.shape[1:] != self.sum.shape:
             raise ValueError(f"expected embeddings (B, {self.locations}, {self.dim}), "
                              f"got {tuple(x.shape)}")
-        x = x.to(self.sum.dtype)
+        if self.count == 0:
+            self.shift = x.to(self.sum.dtype).mean(dim=0)
+        y = x.float() - self.shift.float()
         self.count += int(x.shape[0])
-        self.sum += x.sum(dim=0)
-        xp = x.permute(1, 2, 0)  # (P, D, B)
-        self.outer.baddbmm_(xp, xp.transpose(1, 2))
+        self.sum += y.sum(dim=0).to(self.sum.dtype)
+        yp = y.permute(1, 2, 0).contiguous()  # (P, D, B)
+        for start in range(0, self.locations, _CHUNK):  # bounded float32 temporaries
+            part = yp[start : start + _CHUNK]
+            self.outer[start : start + _CHUNK] += torch.bmm(part, part.transpose(1, 2))
 
     def merge(self, other: "OnlineMoments") -> "OnlineMoments":
         """Combine with moments of a disjoint shard, in place (exact)."""
         if other.sum.shape != self.sum.shape:
             raise ValueError(f"cannot merge moments of shape {tuple(other.sum.shape)} into "
                              f"{tuple(self.sum.shape)}")
-        self.count += other.count
-        self.sum += other.sum
-        self.outer += other.outer
+        if self.count == 0:
+            self.shift = other.shift.clone()
+        # Re-express the other shard's moments about our shift: y' = y + delta.
+        delta = other.shift - self.shift
+        n2 = other.count
+        self.count += n2
+        self.sum += other.sum + n2 * delta
+        self.outer += (other.outer + delta.unsqueeze(2) * other.sum.unsqueeze(1)
+                       + other.sum.unsqueeze(2) * delta.unsqueeze(1)
+                       + n2 * delta.unsqueeze(2) * delta.unsqueeze(1))
         return self
 
     def mean(self) -> torch.Tensor:
         self._need(1)
-        return self.sum / self.count
+        return self.shift + self.sum / self.count
 
-    def covariance(self, eps: float = 0.0) -> torch.Tensor:
-        """Unbiased covariance per location (eq. B.5), plus eps * I (regularisation, B.6)."""
+    def covariance(self, eps: float = 0.0, locations: slice | None = None) -> torch.Tensor:
+        """Unbiased covariance per location (eq. B.5), plus eps * I (regularisation, B.6).
+
+        `locations` selects a slice of locations, so callers can work in bounded chunks.
+        """
         self._need(2)
-        mu = self.mean()
-        cov = (self.outer - self.count * mu.unsqueeze(2) * mu.unsqueeze(1)) / (self.count - 1)
+        sel = locations or slice(None)
+        m = self.sum[sel] / self.count  # mean of the shifted data
+        cov = (self.outer[sel] - self.count * m.unsqueeze(2) * m.unsqueeze(1)) / (self.count - 1)
         if eps:
-            cov = cov + eps * torch.eye(self.dim, dtype=cov.dtype)
+            cov.diagonal(dim1=-2, dim2=-1).add_(eps)
         return cov
 
     def pooled(self) -> "OnlineMoments":
         """All locations as one: the moments of a single global distribution (ablation)."""
         out = OnlineMoments(1, self.dim, self.sum.dtype)
-        out.count = self.count * self.locations
-        out.sum = self.sum.sum(dim=0, keepdim=True)
-        out.outer = self.outer.sum(dim=0, keepdim=True)
+        g = self.shift.mean(dim=0, keepdim=True)
+        delta = self.shift - g  # re-express every location about the common shift g
+        n = self.count
+        out.count = n * self.locations
+        out.shift = g
+        out.sum = (self.sum + n * delta).sum(dim=0, keepdim=True)
+        out.outer = (self.outer + delta.unsqueeze(2) * self.sum.unsqueeze(1)
+                     + self.sum.unsqueeze(2) * delta.unsqueeze(1)
+                     + n * delta.unsqueeze(2) * delta.unsqueeze(1)).sum(dim=0, keepdim=True)
         return out
 
     def state(self, prefix: str = "moments") -> dict[str, torch.Tensor]:
         return {
             f"{prefix}.count": torch.tensor([self.count], dtype=torch.int64),
+            f"{prefix}.shift": self.shift,
             f"{prefix}.sum": self.sum,
             f"{prefix}.outer": self.outer,
         }
@@ -83,8 +110,20 @@ class OnlineMoments:
         s = tensors[f"{prefix}.sum"]
         out = cls(int(s.shape[0]), int(s.shape[1]), s.dtype)
         out.count = int(tensors[f"{prefix}.count"][0])
+        out.shift = tensors[f"{prefix}.shift"].clone()
         out.sum = s.clone()
         out.outer = tensors[f"{prefix}.outer"].clone()
+        return out
+
+    def cholesky(self, eps: float, chunk: int = 64) -> torch.Tensor:
+        """float32 Cholesky factors of the regularised covariances, computed a chunk of
+        locations at a time in float64 so the peak memory stays near the moments' own."""
+        from anomalyqc.stats.whitening import cholesky
+
+        out = torch.empty(self.locations, self.dim, self.dim, dtype=torch.float32)
+        for start in range(0, self.locations, chunk):
+            sel = slice(start, start + chunk)
+            out[sel] = cholesky(self.covariance(eps, sel)).float()
         return out
 
     def _need(self, n: int) -> None:

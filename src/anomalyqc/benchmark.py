@@ -1,0 +1,91 @@
+"""Measured speed and memory of a fitted run: what the benchmarks/ scripts and the
+`anomalyqc benchmark` command print. Figures are measured, never assumed.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from anomalyqc.data import records_for
+from anomalyqc.data.io import read_image
+from anomalyqc.errors import DataError
+from anomalyqc.models.storage import load_detector
+from anomalyqc.workflow import FIT_INFO_FILE, peak_rss_mb, transform_for
+
+
+def _summary(ms: list[float]) -> dict[str, float]:
+    return {"median_ms": round(statistics.median(ms), 2),
+            "p95_ms": round(float(np.percentile(ms, 95)), 2),
+            "n": len(ms)}
+
+
+def benchmark_run(run: str | Path, data: str | Path, batch_size: int = 16,
+                  repeats: int = 50, warmup: int = 3) -> dict[str, Any]:
+    run = Path(run)
+    det = load_detector(run)
+    tf = transform_for(det)
+    files = [r.path for r in records_for(data, "test", masks=False)]
+    if not files:
+        raise DataError(f"{data} has no test images to time")
+
+    def load(path: Path) -> torch.Tensor:
+        return tf.image(read_image(path, det.config.channels))
+
+    # End to end, batch 1: file read + decode + resize + model.
+    e2e, model_only, backbone, scoring = [], [], [], []
+    for i in range(warmup + repeats):
+        t = time.perf_counter()
+        x = load(files[i % len(files)]).unsqueeze(0)
+        t_loaded = time.perf_counter()
+        pred = det.predict(x)
+        done = time.perf_counter()
+        if i >= warmup:
+            e2e.append((done - t) * 1000)
+            model_only.append((done - t_loaded) * 1000)
+            backbone.append(pred.timings.get("backbone_ms", 0.0))
+            scoring.append(pred.timings.get("scoring_ms", 0.0))
+
+    # Batch N: model only and end to end.
+    n = min(batch_size, len(files))
+    batch_paths = [files[i % len(files)] for i in range(n)]
+    stacked = torch.stack([load(p) for p in batch_paths])
+    det.predict(stacked)  # warm-up at this batch size
+    model_n, e2e_n = [], []
+    rounds = max(3, repeats // max(1, n))
+    for _ in range(rounds):
+        t = time.perf_counter()
+        det.predict(stacked)
+        model_n.append((time.perf_counter() - t) * 1000)
+        t = time.perf_counter()
+        det.predict(torch.stack([load(p) for p in batch_paths]))
+        e2e_n.append((time.perf_counter() - t) * 1000)
+
+    fit_info = {}
+    if (run / FIT_INFO_FILE).is_file():
+        fit_info = json.loads((run / FIT_INFO_FILE).read_text())
+    med_n = statistics.median(model_n)
+    return {
+        "detector": det.name,
+        "run": str(run),
+        "params": det.config.model_dump(mode="json"),
+        "fit": fit_info,
+        "latency_batch1_end_to_end": _summary(e2e),
+        "latency_batch1_model_only": _summary(model_only),
+        "batch1_split_ms": {"backbone": round(statistics.median(backbone), 2),
+                            "scoring_and_map": round(statistics.median(scoring), 2)},
+        f"latency_batch{n}_model_only": _summary(model_n),
+        f"latency_batch{n}_end_to_end": _summary(e2e_n),
+        "throughput_images_per_s_model_only": round(n / (med_n / 1000), 2),
+        "throughput_images_per_s_end_to_end": round(n / (statistics.median(e2e_n) / 1000), 2),
+        "peak_rss_mb_benchmark_process": round(peak_rss_mb(), 1),
+        "torch_threads": torch.get_num_threads(),
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+    }

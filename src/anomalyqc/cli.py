@@ -1,0 +1,174 @@
+"""anomalyqc command line: thin wrappers over anomalyqc.workflow and friends.
+
+Errors a user can fix (AnomalyQCError) are printed as one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+from rich.console import Console
+
+from anomalyqc.errors import AnomalyQCError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Visual anomaly detection for pharmaceutical quality control.")
+synth_app = typer.Typer(no_args_is_help=True, help="Generate synthetic datasets.")
+app.add_typer(synth_app, name="synth")
+console = Console(stderr=True)
+
+
+class DetectorName(str, Enum):
+    padim = "padim"
+    patchcore = "patchcore"
+    mhbc = "mhbc"
+
+
+class ThresholdMethod(str, Enum):
+    f1 = "f1"
+    accuracy = "accuracy"
+    youden = "youden"
+    fixed = "fixed"
+
+
+def _run(job: Callable[[], Any]) -> Any:
+    try:
+        return job()
+    except AnomalyQCError as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+def _parse_sets(items: list[str]) -> dict[str, Any]:
+    """KEY=VALUE pairs; values parsed as JSON when they can be (numbers, true, null)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise typer.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--set")
+        key, value = item.split("=", 1)
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def _print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+@synth_app.command("vials")
+def synth_vials(
+    out: Path = typer.Option(..., "--out", help="Output folder (MVTec AD layout)."),
+    seed: int = typer.Option(0, help="Random seed: the same seed gives identical files."),
+    n_train: int = typer.Option(200, help="Good training strips."),
+    n_test_good: int = typer.Option(40, help="Good test strips."),
+    n_test_defect: int = typer.Option(40, help="Defective test strips (split over the types)."),
+    patches: bool = typer.Option(False, help="Write per-vial, per-region patches."),
+) -> None:
+    """Synthetic Blow-Fill-Seal vial strips (5 vials x 4 regions) with defects and masks."""
+    from anomalyqc.synth.vials import generate_vial_dataset
+
+    summary = _run(lambda: generate_vial_dataset(out, seed, n_train, n_test_good,
+                                                 n_test_defect, patches, progress=True))
+    summary = {k: v for k, v in summary.items() if k != "paths"}
+    _print_json(summary)
+
+
+@app.command()
+def fit(
+    detector: DetectorName = typer.Argument(..., help="Which detector."),
+    data: Path = typer.Option(..., "--data", help="Dataset folder (MVTec or folder layout)."),
+    out: Path = typer.Option(..., "--out", help="Run folder to write the model to."),
+    backbone: str = typer.Option("efficientnet_lite0",
+                                 help="efficientnet_lite0 | efficientnet_lite2 | resnet18 | "
+                                      "wide_resnet50_2"),
+    image_size: int = typer.Option(256, help="Images are resized to this square size."),
+    crop_size: Optional[int] = typer.Option(None, help="Optional centre crop after resizing."),
+    batch_size: int = typer.Option(8, help="Images per batch."),
+    workers: int = typer.Option(0, help="Data-loading worker processes."),
+    set_: list[str] = typer.Option([], "--set",
+                                   help="Detector parameter KEY=VALUE (repeatable), e.g. "
+                                        "--set coreset_ratio=0.01 --set n_clusters=8"),
+) -> None:
+    """Fit a detector on the good training images and save it to a run folder."""
+    from anomalyqc.workflow import fit_run
+
+    params = {"backbone": backbone, "image_size": image_size, "crop_size": crop_size,
+              **_parse_sets(set_)}
+    _run(lambda: fit_run(detector.value, data, out, params, batch_size, workers, progress=True))
+    info = json.loads((out / "fit_info.json").read_text())
+    _print_json(info)
+    console.print(f"model saved to {out}")
+
+
+@app.command()
+def evaluate(
+    run: Path = typer.Argument(..., help="Run folder written by `anomalyqc fit`."),
+    data: Path = typer.Option(..., "--data", help="Dataset with a labelled test split."),
+    report: Optional[Path] = typer.Option(None, help="Write the metrics JSON here (the HTML "
+                                                     "report goes beside it)."),
+    threshold_method: ThresholdMethod = typer.Option(ThresholdMethod.f1,
+                                                     help="How to choose the threshold."),
+    threshold: Optional[float] = typer.Option(None, help="Threshold for --threshold-method "
+                                                         "fixed."),
+    recalibrate: bool = typer.Option(False, help="Choose a new threshold even if the run "
+                                                 "has one."),
+    batch_size: int = typer.Option(8),
+) -> None:
+    """Metrics on a test split: AUROCs, AUPRO, and accuracy/F1/... at the threshold."""
+    from anomalyqc.workflow import evaluate_run
+
+    metrics = _run(lambda: evaluate_run(run, data, report, threshold_method.value, threshold,
+                                        recalibrate or threshold_method.value == "fixed",
+                                        batch_size, progress=True))
+    _print_json(metrics)
+    console.print(f"report: {metrics['report_html']}")
+
+
+@app.command()
+def predict(
+    run: Path = typer.Argument(..., help="Run folder."),
+    inputs: list[Path] = typer.Argument(..., help="Image files or folders."),
+    out: Path = typer.Option(..., "--out", help="Folder for heatmaps and predictions.json."),
+    batch_size: int = typer.Option(8),
+) -> None:
+    """Score images: score, decision (when the run is calibrated) and a heatmap each."""
+    from anomalyqc.workflow import predict_paths
+
+    rows = _run(lambda: predict_paths(run, inputs, out, batch_size, progress=len(inputs) > 0))
+    for r in rows:
+        decision = r["decision"] or "uncalibrated (run `anomalyqc evaluate` first)"
+        sys.stdout.write(f"{r['path']}\t{r['score']:.4f}\t{decision}\t{r['heatmap']}\n")
+
+
+@app.command()
+def benchmark(
+    run: Path = typer.Argument(..., help="Run folder."),
+    data: Path = typer.Option(..., "--data", help="Dataset whose test images are timed."),
+    batch_size: int = typer.Option(16, help="Batch size N for the batched figures."),
+    repeats: int = typer.Option(50, help="Batch-1 timings taken (median and p95)."),
+    out: Optional[Path] = typer.Option(None, help="Also write the JSON here."),
+) -> None:
+    """Fit time and memory (from the fit), latency, throughput and peak RSS, as JSON."""
+    from anomalyqc.benchmark import benchmark_run
+
+    result = _run(lambda: benchmark_run(run, data, batch_size, repeats))
+    if out:
+        from anomalyqc.models.storage import atomic_write_json
+
+        atomic_write_json(out, result)
+    _print_json(result)
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

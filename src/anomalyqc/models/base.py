@@ -1,0 +1,101 @@
+"""The detector contract and the registry that maps CLI names to classes.
+
+A detector follows scikit-learn's estimator contract: parameters in the constructor (a
+pydantic config), `fit` on good images, `predict` to scores and anomaly maps, `save`/`load`
+to a run folder of safetensors + JSON (see models/storage.py).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar, Iterable, TypeVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from anomalyqc.errors import ConfigError
+from anomalyqc.types import Batch, Prediction
+
+D = TypeVar("D", bound="Detector")
+
+
+class DetectorConfig(BaseModel):
+    """Parameters every detector has: the input it expects."""
+
+    model_config = ConfigDict(extra="forbid")
+    image_size: int = 256
+    crop_size: int | None = None
+    channels: int | None = None  # fixed at fit time from the data when left unset
+
+
+class Detector(ABC):
+    name: ClassVar[str]
+    config_cls: ClassVar[type[DetectorConfig]] = DetectorConfig
+
+    def __init__(self, config: DetectorConfig | dict[str, Any] | None = None, **params: Any) -> None:
+        base = config.model_dump() if isinstance(config, BaseModel) else dict(config or {})
+        base.update(params)
+        try:
+            self.config = self.config_cls(**base)
+        except ValidationError as exc:
+            raise ConfigError(f"invalid parameters for {self.name}: {exc}") from exc
+        self.fitted = False
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(H, W) of the images the detector takes, after resize and optional crop."""
+        s = self.config.crop_size or self.config.image_size
+        return (s, s)
+
+    @abstractmethod
+    def fit(self: D, batches: Iterable[Batch], progress: bool = False) -> D:
+        """Learn from good images only (labels are ignored)."""
+
+    @abstractmethod
+    def predict(self, images: torch.Tensor | Batch) -> Prediction:
+        """Image scores (B,) and anomaly maps (B, 1, H, W) at input size."""
+
+    @abstractmethod
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Everything learnt, as named tensors (what goes into weights.safetensors)."""
+
+    @abstractmethod
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Inverse of state_tensors; raises KeyError/ValueError on missing or bad tensors."""
+
+    def save(self, run_dir: str | Path) -> Path:
+        from anomalyqc.models.storage import save_detector
+
+        return save_detector(self, run_dir)
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> "Detector":
+        from anomalyqc.models.storage import load_detector
+
+        det = load_detector(run_dir)
+        if not isinstance(det, cls):
+            raise ConfigError(f"{run_dir} holds a {det.name} model, not {cls.name}")
+        return det
+
+
+REGISTRY: dict[str, type[Detector]] = {}
+
+
+def register(cls: type[Detector]) -> type[Detector]:
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def detector_class(name: str) -> type[Detector]:
+    import anomalyqc.models  # noqa: F401  (fills the registry)
+
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ConfigError(f"unknown detector {name!r}; choose one of: "
+                          f"{', '.join(sorted(REGISTRY))}") from None
+
+
+def images_of(images: torch.Tensor | Batch) -> torch.Tensor:
+    return images.image if isinstance(images, Batch) else images

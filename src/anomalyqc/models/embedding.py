@@ -1,0 +1,192 @@
+"""What PaDiM, PatchCore and MhBC-PatchCore share: backbone embeddings, optional reduction,
+input checks, and turning a grid of patch scores into a smoothed map at input size.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Iterable, Iterator, Literal
+
+import torch
+import torch.nn.functional as F
+
+from anomalyqc.backbones import FeatureExtractor
+from anomalyqc.errors import ConfigError, DataError
+from anomalyqc.models.base import Detector, DetectorConfig, images_of
+from anomalyqc.stats.moments import OnlineMoments
+from anomalyqc.stats.projection import pca_matrix, sparse_random_matrix
+from anomalyqc.types import Batch, Prediction
+
+
+class EmbeddingConfig(DetectorConfig):
+    backbone: str = "efficientnet_lite0"
+    patch_size: int = 3  # neighbourhood p of eq. 8.21
+    reduction: Literal["none", "pca", "srp"] = "none"
+    reduced_dim: int = 100
+    pca_images: int = 32  # images whose embeddings fit the PCA (streaming: a bounded warm-up)
+    blur_sigma: float = 4.0  # Gaussian smoothing of the upsampled map, as PatchCore
+    seed: int = 0
+    allow_download: bool = True  # torchvision weights not in the torch cache
+
+
+class EmbeddingDetector(Detector):
+    """Base for detectors over the (B, D, h, w) patch-embedding grid."""
+
+    config_cls = EmbeddingConfig
+    config: EmbeddingConfig
+
+    def __init__(self, config=None, **params) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(config, **params)
+        self._extractor: FeatureExtractor | None = None
+        self.reduction_mean: torch.Tensor | None = None  # (D,)
+        self.reduction_matrix: torch.Tensor | None = None  # (D, D')
+        self.grid: tuple[int, int] | None = None
+        self.fit_timings: dict[str, float] = {}
+
+    # ---------------------------------------------------------------- features
+    @property
+    def extractor(self) -> FeatureExtractor:
+        if self._extractor is None:
+            self._extractor = FeatureExtractor(self.config.backbone, self.config.patch_size,
+                                               allow_download=self.config.allow_download)
+        return self._extractor
+
+    def check_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Refuse input the model was not built for, with a message that says what it expects."""
+        if not isinstance(images, torch.Tensor) or images.ndim != 4:
+            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images)
+            raise DataError(f"expected images as a (B, C, H, W) tensor, got {shape}")
+        if images.shape[1] not in (1, 3):
+            raise DataError(f"expected 1 or 3 channels, got {images.shape[1]}")
+        if self.config.channels is not None and images.shape[1] != self.config.channels:
+            raise DataError(f"this model was trained on {self.config.channels}-channel images, "
+                            f"got {images.shape[1]} channels")
+        if tuple(images.shape[-2:]) != self.input_size:
+            raise DataError(f"this model takes {self.input_size[0]}x{self.input_size[1]} images, "
+                            f"got {images.shape[-2]}x{images.shape[-1]}; resize them (the data "
+                            f"readers do this from the run config)")
+        return images.float()
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, P, D') embeddings, reduced if the model has a reduction."""
+        grid = self.extractor(images)
+        b, d, h, w = grid.shape
+        self.grid = (h, w)
+        x = grid.permute(0, 2, 3, 1).reshape(b, h * w, d).contiguous()
+        if self.reduction_matrix is not None:
+            x = (x - self.reduction_mean) @ self.reduction_matrix
+        return x
+
+    def stream_embeddings(self, batches: Iterable[Batch], progress: bool = False,
+                          what: str = "fitting") -> Iterator[torch.Tensor]:
+        """Embeddings of each training batch, fitting the reduction on a bounded warm-up first."""
+        it = _progress(batches, progress, f"{self.name}: {what}")
+        self.fit_timings = {"backbone_seconds": 0.0}
+        if self.config.reduction == "none":
+            self.reduction_matrix = None
+            for batch in it:
+                yield self._timed_embed(batch)
+            return
+        warm: list[torch.Tensor] = []
+        seen = 0
+        for batch in it:
+            x = self._timed_embed(batch)
+            if self.reduction_matrix is not None:
+                yield x
+                continue
+            warm.append(x)
+            seen += x.shape[0]
+            if seen >= self.config.pca_images:
+                yield from self._fit_reduction(warm)
+                warm = []
+        if warm:
+            yield from self._fit_reduction(warm)
+
+    def _timed_embed(self, batch: Batch | torch.Tensor) -> torch.Tensor:
+        t = time.perf_counter()
+        x = self.embed(self._train_images(batch))
+        self.fit_timings["backbone_seconds"] += time.perf_counter() - t
+        return x
+
+    def _fit_reduction(self, warm: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+        d = warm[0].shape[-1]
+        out = self.config.reduced_dim
+        if out >= d:
+            raise ConfigError(f"reduced_dim {out} must be smaller than the embedding dim {d}")
+        moments = OnlineMoments(1, d)
+        for x in warm:
+            moments.update(x.reshape(1, -1, d).transpose(0, 1))
+        self.reduction_mean = moments.mean()[0].float()
+        if self.config.reduction == "pca":
+            self.reduction_matrix = pca_matrix(moments.covariance()[0], out)
+        else:
+            self.reduction_matrix = sparse_random_matrix(d, out, self.config.seed)
+        for x in warm:
+            yield (x - self.reduction_mean) @ self.reduction_matrix
+
+    def _train_images(self, batch: Batch | torch.Tensor) -> torch.Tensor:
+        images = images_of(batch)
+        if self.config.channels is None:
+            self.config.channels = int(images.shape[1])
+        return self.check_images(images)
+
+    # ---------------------------------------------------------------- maps
+    def to_prediction(self, patch_scores: torch.Tensor, started: float,
+                      timings: dict[str, float]) -> Prediction:
+        """(B, h, w) patch distances -> map at input size, smoothed; score = max of the map."""
+        m = F.interpolate(patch_scores.unsqueeze(1).float(), size=self.input_size,
+                          mode="bilinear", align_corners=False)
+        if self.config.blur_sigma > 0:
+            from kornia.filters import gaussian_blur2d  # imported lazily: fits never need it
+
+            s = self.config.blur_sigma
+            k = 2 * int(4.0 * s + 0.5) + 1
+            m = gaussian_blur2d(m, (k, k), (s, s), border_type="reflect")
+        score = m.flatten(1).amax(dim=1)
+        timings["total_ms"] = (time.perf_counter() - started) * 1000
+        return Prediction(score=score, anomaly_map=m, timings=timings)
+
+    def predict(self, images: torch.Tensor | Batch) -> Prediction:
+        if not self.fitted:
+            raise ConfigError(f"{self.name} is not fitted: call fit or load a run folder")
+        started = time.perf_counter()
+        x = self.check_images(images_of(images))
+        with torch.inference_mode():
+            emb = self.embed(x)
+            t_backbone = time.perf_counter()
+            scores = self.patch_scores(emb)
+            b = x.shape[0]
+            h, w = self.grid  # type: ignore[misc]
+            timings = {"backbone_ms": (t_backbone - started) * 1000,
+                       "scoring_ms": (time.perf_counter() - t_backbone) * 1000}
+            return self.to_prediction(scores.reshape(b, h, w), started, timings)
+
+    def patch_scores(self, emb: torch.Tensor) -> torch.Tensor:
+        """(B, P, D') embeddings -> (B, P) anomaly score per location."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- state
+    def base_state(self) -> dict[str, torch.Tensor]:
+        out = {"grid": torch.tensor(self.grid or (0, 0), dtype=torch.int64)}
+        if self.reduction_matrix is not None:
+            out["reduction.mean"] = self.reduction_mean
+            out["reduction.matrix"] = self.reduction_matrix
+        return out
+
+    def load_base_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        g = tensors.get("grid")
+        self.grid = (int(g[0]), int(g[1])) if g is not None else None
+        if "reduction.matrix" in tensors:
+            self.reduction_matrix = tensors["reduction.matrix"].float()
+            self.reduction_mean = tensors["reduction.mean"].float()
+        elif self.config.reduction != "none":
+            raise KeyError("missing tensor 'reduction.matrix'")
+
+
+def _progress(items: Iterable, enabled: bool, description: str) -> Iterable:
+    if not enabled:
+        return items
+    from rich.progress import track
+
+    total = len(items) if hasattr(items, "__len__") else None  # type: ignore[arg-type]
+    return track(items, description=description, total=total, transient=False)

@@ -1,0 +1,166 @@
+"""MhBC-PatchCore (thesis 8.3.5, appendix D): Mahalanobis-based clusters per grid location.
+
+At each location (h, w): online covariance Sigma_hw (appendix C), Cholesky Sigma = L L^T,
+whitening z = L^{-1}(phi - mu) by triangular solve (eq. 8.37), K centroids from cumulative
+K-Means on the whitened embeddings (eq. 8.38) and, at test time, the Euclidean distance of a
+whitened embedding to its nearest centroid (eq. 8.40), which is the Mahalanobis distance to
+that centroid in the original space. Training memory does not depend on the number of images.
+
+One streaming pass: K-Means assignments use the Cholesky factor of the moments seen so far,
+refreshed each time the image count grows by `refresh_growth`; centroids are kept as running
+sums in the original space and whitened with the final factor at the end (the centroid of
+whitened points is the whitened centroid, so nothing is lost by deferring).
+
+Ablations (table 8.3): covariance="global" uses one covariance pooled over all locations;
+covariance="none" clusters raw embeddings with Euclidean K-Means (no whitening).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Literal
+
+import torch
+
+from anomalyqc.errors import DataError
+from anomalyqc.models.base import register
+from anomalyqc.models.embedding import EmbeddingConfig, EmbeddingDetector
+from anomalyqc.models.storage import tensor
+from anomalyqc.stats.kmeans import OnlineKMeans, pairwise_sqdist
+from anomalyqc.stats.local_coreset import local_farthest_points
+from anomalyqc.stats.moments import OnlineMoments
+from anomalyqc.stats.whitening import whiten
+from anomalyqc.types import Batch
+
+
+class MhbcConfig(EmbeddingConfig):
+    n_clusters: int = 16  # K centroids per location
+    clustering: Literal["kmeans", "coreset"] = "kmeans"
+    covariance: Literal["local", "global", "none"] = "local"
+    eps: float = 0.01  # covariance regularisation (B.6, D.3)
+    init_images: int = 32  # images buffered to seed K-Means (bounded memory)
+    refresh_growth: float = 1.0  # refactorise when the image count grew by this fraction
+    coreset_ratio: float = 0.1  # clustering="coreset": fraction of images kept per location
+
+
+@register
+class Mhbc(EmbeddingDetector):
+    name = "mhbc"
+    config_cls = MhbcConfig
+    config: MhbcConfig
+
+    def __init__(self, config=None, **params) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(config, **params)
+        self.moments: OnlineMoments | None = None
+        self.kmeans: OnlineKMeans | None = None
+        self.mean: torch.Tensor | None = None  # (P or 1, D)
+        self.chol: torch.Tensor | None = None  # (P or 1, D, D), None for covariance="none"
+        self.centroids: torch.Tensor | None = None  # (P, K, D), whitened
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, batches: Iterable[Batch], progress: bool = False) -> "Mhbc":
+        if self.config.clustering == "coreset":
+            return self._fit_coreset(batches, progress)
+        factor_at = 0
+        mean = chol = None
+        for x in self.stream_embeddings(batches, progress):
+            if self.moments is None:
+                self.moments = OnlineMoments(x.shape[1], x.shape[2])
+                self.kmeans = OnlineKMeans(x.shape[1], x.shape[2], self.config.n_clusters,
+                                           init_size=max(self.config.init_images,
+                                                         self.config.n_clusters),
+                                           seed=self.config.seed)
+            self.moments.update(x)
+            # Factorise only when K-Means is about to assign points, and then only when the
+            # image count has grown enough to matter: O(log N) factorisations per fit.
+            assigns = self.kmeans.initialised or \
+                self.kmeans.buffered + x.shape[0] >= self.kmeans.init_size
+            if assigns and self.config.covariance != "none" and self.moments.count >= 2 and (
+                    self.moments.count >= factor_at * (1 + self.config.refresh_growth)):
+                mean, chol = self._metric(self.moments)
+                factor_at = self.moments.count
+            self.kmeans.update(x, mean, chol)
+        if self.moments is None or self.moments.count < 2:
+            raise DataError("MhBC-PatchCore needs at least 2 training images")
+        return self.finalise()
+
+    def _fit_coreset(self, batches: Iterable[Batch], progress: bool) -> "Mhbc":
+        """Greedy coreset per location in whitened space: keeps all embeddings (not streaming)."""
+        chunks = []
+        for x in self.stream_embeddings(batches, progress):
+            if self.moments is None:
+                self.moments = OnlineMoments(x.shape[1], x.shape[2])
+            self.moments.update(x)
+            chunks.append(x)
+        if self.moments is None or self.moments.count < 2:
+            raise DataError("MhBC-PatchCore needs at least 2 training images")
+        if self.config.covariance != "none":
+            self.mean, self.chol = self._metric(self.moments)
+        z = self._whiten(torch.cat(chunks).transpose(0, 1))  # (P, N, D)
+        n = max(1, int(round(self.config.coreset_ratio * z.shape[1])))
+        idx = local_farthest_points(z, n, self.config.seed)
+        self.centroids = z.gather(1, idx.unsqueeze(-1).expand(-1, -1, z.shape[2])).float()
+        self.fitted = True
+        return self
+
+    def merge(self, other: "Mhbc") -> "Mhbc":
+        """Fold in a model fitted on another shard: moments merge exactly; the K centroids are
+        re-clustered from both shards' weighted centroids (K-Means has no exact merge)."""
+        if self.moments is None or other.moments is None or self.kmeans is None \
+                or other.kmeans is None:
+            raise ValueError("merge needs two models fitted with clustering='kmeans' in this process")
+        self.moments.merge(other.moments)
+        mean, chol = self._metric(self.moments)
+        self.kmeans.merge(other.kmeans, mean, chol)
+        return self.finalise()
+
+    def finalise(self) -> "Mhbc":
+        assert self.moments is not None and self.kmeans is not None
+        if self.config.covariance == "none":
+            self.mean, self.chol = None, None
+        else:
+            self.mean, self.chol = self._metric(self.moments)
+        self.kmeans.finish_init(self.mean, self.chol)
+        raw = self.kmeans.centroids()  # (P, K, D) float64, original space
+        empty = self.kmeans.counts <= 0
+        if bool(empty.any()):  # an empty cluster duplicates the location's fullest one
+            fullest = self.kmeans.counts.argmax(dim=1)
+            best = raw[torch.arange(raw.shape[0]), fullest]
+            raw = torch.where(empty.unsqueeze(-1), best.unsqueeze(1), raw)
+        self.centroids = self._whiten(raw.float())
+        self.fitted = True
+        return self
+
+    def _metric(self, moments: OnlineMoments) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and Cholesky factor of the (regularised) covariance, local or pooled."""
+        m = moments.pooled() if self.config.covariance == "global" else moments
+        return m.mean().float(), m.cholesky(self.config.eps)
+
+    def _whiten(self, x: torch.Tensor) -> torch.Tensor:
+        """(P, N, D) -> whitened (P, N, D); identity for the Euclidean ablation."""
+        if self.chol is None:
+            return x
+        return whiten(x.float(), self.mean, self.chol)
+
+    # ------------------------------------------------------------------ predict
+    def patch_scores(self, emb: torch.Tensor) -> torch.Tensor:
+        z = self._whiten(emb.transpose(0, 1))  # (P, B, D)
+        d2 = pairwise_sqdist(z, self.centroids)  # (P, B, K)
+        return d2.amin(dim=-1).sqrt().transpose(0, 1)
+
+    # ------------------------------------------------------------------ state
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        out = {**self.base_state(), "centroids": self.centroids}
+        if self.chol is not None:
+            out.update(mean=self.mean, chol=self.chol)
+        return out
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.load_base_state(tensors)
+        self.centroids = tensor(tensors, "centroids").float()
+        if self.config.covariance == "none":
+            self.mean = self.chol = None
+        else:
+            self.mean = tensor(tensors, "mean").float()
+            self.chol = tensor(tensors, "chol").float()
+        if self.centroids.ndim != 3:
+            raise ValueError(f"centroids have shape {tuple(self.centroids.shape)}")

@@ -1,0 +1,75 @@
+"""PaDiM (thesis 8.3.2, appendix B): a Gaussian per grid location, Mahalanobis distance map.
+
+Mean and covariance come from online moments (appendix C) in float64, so a fit streams over
+any number of images in the memory of one; the covariance gets eps * I (B.6) and is factorised
+once, Sigma = L L^T, and the distance of phi is ||z|| with L z = phi - mu (appendix D).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+from anomalyqc.errors import DataError
+from anomalyqc.models.base import register
+from anomalyqc.models.embedding import EmbeddingConfig, EmbeddingDetector
+from anomalyqc.models.storage import tensor
+from anomalyqc.stats.moments import OnlineMoments
+from anomalyqc.stats.whitening import whiten
+from anomalyqc.types import Batch
+
+
+class PadimConfig(EmbeddingConfig):
+    eps: float = 0.01  # covariance regularisation (B.6)
+
+
+@register
+class Padim(EmbeddingDetector):
+    name = "padim"
+    config_cls = PadimConfig
+    config: PadimConfig
+
+    def __init__(self, config=None, **params) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(config, **params)
+        self.moments: OnlineMoments | None = None
+        self.mean: torch.Tensor | None = None  # (P, D)
+        self.chol: torch.Tensor | None = None  # (P, D, D)
+
+    def fit(self, batches: Iterable[Batch], progress: bool = False) -> "Padim":
+        for x in self.stream_embeddings(batches, progress):
+            if self.moments is None:
+                self.moments = OnlineMoments(x.shape[1], x.shape[2])
+            self.moments.update(x)
+        if self.moments is None or self.moments.count < 2:
+            raise DataError("PaDiM needs at least 2 training images")
+        return self.finalise()
+
+    def merge(self, other: "Padim") -> "Padim":
+        """Add the statistics of a model fitted on another shard (exact: moments add up)."""
+        if self.moments is None or other.moments is None:
+            raise ValueError("merge needs two models fitted in this process")
+        self.moments.merge(other.moments)
+        return self.finalise()
+
+    def finalise(self) -> "Padim":
+        assert self.moments is not None
+        self.mean = self.moments.mean().float()
+        self.chol = self.moments.cholesky(self.config.eps)
+        self.fitted = True
+        return self
+
+    def patch_scores(self, emb: torch.Tensor) -> torch.Tensor:
+        z = whiten(emb.transpose(0, 1), self.mean, self.chol)  # (P, B, D)
+        return z.norm(dim=-1).transpose(0, 1)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {**self.base_state(), "mean": self.mean, "chol": self.chol}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.load_base_state(tensors)
+        self.mean = tensor(tensors, "mean").float()
+        self.chol = tensor(tensors, "chol").float()
+        if self.chol.shape[:2] != self.mean.shape:
+            raise ValueError(f"mean {tuple(self.mean.shape)} and Cholesky factor "
+                             f"{tuple(self.chol.shape)} disagree")

@@ -1,0 +1,93 @@
+"""PatchCore (thesis 8.3.3): a memory bank of training patch embeddings, cut down by a greedy
+k-center coreset (eq. 8.39) searched in a fixed random projection (eq. 8.34); the anomaly score
+of a patch is its distance to the nearest bank entry (eq. 8.18).
+
+Unlike PaDiM and MhBC-PatchCore, the fit keeps every training embedding until the coreset is
+chosen: its memory grows with the dataset (table 8.1).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Literal
+
+import numpy as np
+import torch
+
+from anomalyqc.errors import DataError
+from anomalyqc.models.base import register
+from anomalyqc.models.embedding import EmbeddingConfig, EmbeddingDetector
+from anomalyqc.models.storage import tensor
+from anomalyqc.stats.coreset import greedy_coreset
+from anomalyqc.stats.knn import NearestNeighbour
+from anomalyqc.stats.projection import gaussian_random_matrix
+from anomalyqc.types import Batch
+
+
+class PatchcoreConfig(EmbeddingConfig):
+    coreset_ratio: float = 0.1
+    coreset_dim: int = 128  # random projection used only for the coreset search
+    index: Literal["flat", "hnsw"] = "flat"
+
+
+@register
+class Patchcore(EmbeddingDetector):
+    name = "patchcore"
+    config_cls = PatchcoreConfig
+    config: PatchcoreConfig
+
+    def __init__(self, config=None, **params) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(config, **params)
+        self.bank: torch.Tensor | None = None
+        self._nn: NearestNeighbour | None = None
+
+    def fit(self, batches: Iterable[Batch], progress: bool = False) -> "Patchcore":
+        chunks = [x.reshape(-1, x.shape[-1]) for x in self.stream_embeddings(batches, progress)]
+        if not chunks:
+            raise DataError("PatchCore needs at least 1 training image")
+        features = torch.cat(chunks).numpy()
+        del chunks
+        n = max(1, int(round(self.config.coreset_ratio * features.shape[0])))
+        self.bank = torch.from_numpy(features[self.coreset_indices(features, n, progress)].copy())
+        self._nn = None
+        self.fitted = True
+        return self
+
+    def coreset_indices(self, features: np.ndarray, n: int, progress: bool) -> np.ndarray:
+        if n >= features.shape[0]:
+            return np.arange(features.shape[0])
+        d = features.shape[1]
+        if self.config.coreset_dim and self.config.coreset_dim < d:
+            proj = gaussian_random_matrix(d, self.config.coreset_dim, self.config.seed).numpy()
+            search = features @ proj
+        else:
+            search = features
+        if not progress:
+            return greedy_coreset(search, n, seed=self.config.seed)
+        from rich.progress import Progress
+
+        with Progress(transient=False) as bar:
+            task = bar.add_task(f"{self.name}: coreset {n} of {features.shape[0]}", total=n)
+            return greedy_coreset(search, n, seed=self.config.seed,
+                                  progress=lambda k: bar.update(task, completed=k))
+
+    @property
+    def nn(self) -> NearestNeighbour:
+        if self._nn is None:
+            self._nn = NearestNeighbour(self.bank.numpy(), kind=self.config.index)
+        return self._nn
+
+    def patch_scores(self, emb: torch.Tensor) -> torch.Tensor:
+        b, p, d = emb.shape
+        dist = self.nn.distance(emb.reshape(b * p, d).numpy())
+        return torch.from_numpy(dist).reshape(b, p)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {**self.base_state(), "memory_bank": self.bank}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.load_base_state(tensors)
+        bank = tensor(tensors, "memory_bank").float().contiguous()
+        if bank.ndim != 2 or bank.shape[0] == 0:
+            raise ValueError(f"memory bank has shape {tuple(bank.shape)}")
+        self.bank = bank
+        self._nn = None

@@ -1,0 +1,127 @@
+"""Run folders: config.json + weights.safetensors, written atomically, never pickled.
+
+    run/
+      config.json          format, package version, detector name, parameters
+      weights.safetensors  tensors only
+      threshold.json       written by calibration (evaluation), optional
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from anomalyqc import __version__
+from anomalyqc.errors import ConfigError, ModelFileError
+
+FORMAT = "anomalyqc-run"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "weights.safetensors"
+THRESHOLD_FILE = "threshold.json"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside `path`, then rename: a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def save_detector(detector: Any, run_dir: str | Path) -> Path:
+    if not detector.fitted:
+        raise ConfigError(f"cannot save an unfitted {detector.name}: call fit first")
+    run = Path(run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in detector.state_tensors().items()}
+    fd, tmp = tempfile.mkstemp(dir=run, prefix=f".{WEIGHTS_FILE}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"format": FORMAT, "detector": detector.name})
+        os.replace(tmp, run / WEIGHTS_FILE)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    atomic_write_json(run / CONFIG_FILE, {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "package_version": __version__,
+        "detector": detector.name,
+        "params": detector.config.model_dump(mode="json"),
+    })
+    return run
+
+
+def read_run_config(run_dir: str | Path) -> dict[str, Any]:
+    run = Path(run_dir)
+    cfg_path = run / CONFIG_FILE
+    if not run.is_dir():
+        raise ModelFileError(f"run folder {run} does not exist; pass the --out folder of "
+                             f"`anomalyqc fit`")
+    if not cfg_path.is_file():
+        raise ModelFileError(f"{cfg_path} is missing: {run} is not an anomalyqc run folder "
+                             f"(train one with `anomalyqc fit`)")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelFileError(f"{cfg_path} is corrupt ({exc}); retrain or restore the run") from exc
+    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
+        raise ModelFileError(f"{cfg_path} is not an anomalyqc run config (no format "
+                             f"{FORMAT!r}); was it written by another tool?")
+    version = cfg.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ModelFileError(
+            f"{cfg_path} has run format version {version} (written by anomalyqc "
+            f"{cfg.get('package_version', '?')}); this anomalyqc {__version__} reads version "
+            f"{FORMAT_VERSION}: retrain the model with this version or use the matching release")
+    return cfg
+
+
+def load_detector(run_dir: str | Path) -> Any:
+    from anomalyqc.models.base import detector_class
+
+    run = Path(run_dir)
+    cfg = read_run_config(run)
+    cls = detector_class(str(cfg.get("detector")))
+    weights = run / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ModelFileError(f"{weights} is missing; the run folder is incomplete: retrain")
+    try:
+        tensors = load_file(weights)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelFileError(f"{weights} is corrupt or not a safetensors file ({exc}); "
+                             f"retrain or restore the run") from exc
+    det = cls(cfg.get("params") or {})
+    try:
+        det.load_state_tensors(tensors)
+    except (KeyError, ValueError, RuntimeError) as exc:
+        raise ModelFileError(f"{weights} does not hold a valid {cls.name} model ({exc}); "
+                             f"retrain or restore the run") from exc
+    det.fitted = True
+    return det
+
+
+def tensor(tensors: dict[str, torch.Tensor], key: str) -> torch.Tensor:
+    """Fetch a required tensor with a KeyError that names it."""
+    if key not in tensors:
+        raise KeyError(f"missing tensor {key!r}")
+    return tensors[key]

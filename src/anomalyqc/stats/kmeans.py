@@ -1,0 +1,163 @@
+"""Cumulative (online, mini-batch) K-Means run for every grid location at once (thesis 8.3.5.5.1).
+
+State per location: K running sums and counts, so a centroid is the exact mean of the points
+assigned to it and the memory does not depend on how many points were seen. All P locations
+are updated together with batched tensor ops, not one model per location.
+
+Assignments are made in a metric given by a (P, D, D) Cholesky factor L (Mahalanobis, i.e.
+Euclidean after whitening) or in plain Euclidean space when no factor is given. Because the
+centroid of whitened points is the whitened centroid, sums are kept in the original space
+and can be whitened with whatever factor is final.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from anomalyqc.stats.whitening import whiten
+
+
+def _transform(x: torch.Tensor, mean: torch.Tensor | None, chol: torch.Tensor | None) -> torch.Tensor:
+    x = x.float()
+    if chol is None:
+        return x
+    return whiten(x, mean.float(), chol.float())
+
+
+def pairwise_sqdist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Squared distances between (P, N, D) and (P, K, D) -> (P, N, K), clipped at zero."""
+    d = (a * a).sum(-1, keepdim=True) - 2 * a @ b.transpose(1, 2) + (b * b).sum(-1).unsqueeze(1)
+    return d.clamp_min_(0)
+
+
+def kmeans_plus_plus(z: torch.Tensor, k: int, generator: torch.Generator,
+                     weights: torch.Tensor | None = None) -> torch.Tensor:
+    """k-means++ seeding for every location: z (P, N, D) -> indices (P, k)."""
+    p, n, _ = z.shape
+    w = torch.ones(p, n, dtype=z.dtype) if weights is None else weights.to(z.dtype)
+    first = torch.multinomial(w, 1, generator=generator)  # (P, 1)
+    chosen = [first]
+    mind = pairwise_sqdist(z, z.gather(1, first.unsqueeze(-1).expand(-1, -1, z.shape[2])))[..., 0]
+    for _ in range(1, k):
+        prob = (mind * w).clamp_min(0)
+        prob = torch.where(prob.sum(1, keepdim=True) > 0, prob, w)  # all points coincide
+        nxt = torch.multinomial(prob, 1, generator=generator)
+        chosen.append(nxt)
+        c = z.gather(1, nxt.unsqueeze(-1).expand(-1, -1, z.shape[2]))
+        mind = torch.minimum(mind, pairwise_sqdist(z, c)[..., 0])
+    return torch.cat(chosen, dim=1)
+
+
+def lloyd(x: torch.Tensor, centres: torch.Tensor, iters: int, mean: torch.Tensor | None = None,
+          chol: torch.Tensor | None = None, weights: torch.Tensor | None = None
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batched weighted Lloyd iterations in the original space with the given metric.
+
+    x: (P, N, D), centres: (P, K, D). Returns (sums (P, K, D), counts (P, K)) of the final
+    assignment; an empty cluster keeps its previous centre with zero weight.
+    """
+    p, n, d = x.shape
+    k = centres.shape[1]
+    acc = torch.float64
+    w = torch.ones(p, n, dtype=acc) if weights is None else weights.to(acc)
+    zx = _transform(x, mean, chol)
+    xw = x.to(acc) * w.unsqueeze(-1)
+    sums = torch.zeros(p, k, d, dtype=acc)
+    counts = torch.zeros(p, k, dtype=acc)
+    for _ in range(max(1, iters)):
+        zc = _transform(centres, mean, chol)
+        assign = pairwise_sqdist(zx, zc).argmin(-1)  # (P, N)
+        sums = torch.zeros(p, k, d, dtype=acc).scatter_add_(
+            1, assign.unsqueeze(-1).expand(-1, -1, d), xw)
+        counts = torch.zeros(p, k, dtype=acc).scatter_add_(1, assign, w)
+        filled = counts > 0
+        centres = torch.where(filled.unsqueeze(-1), sums / counts.clamp_min(1e-12).unsqueeze(-1),
+                              centres)
+    return sums, counts
+
+
+class OnlineKMeans:
+    """K centroids at each of P locations, updated batch by batch.
+
+    The first `init_size` points per location are buffered (memory bounded by init_size) and
+    seeded with k-means++ plus a few Lloyd iterations; later batches are assigned to the
+    nearest centroid and folded into its running mean (Sculley's mini-batch K-Means with
+    per-centroid learning rate 1/count, which is exactly a cumulative mean).
+    """
+
+    def __init__(self, locations: int, dim: int, k: int, init_size: int | None = None,
+                 seed: int = 0, lloyd_iters: int = 10) -> None:
+        if k < 1:
+            raise ValueError("number of clusters must be at least 1")
+        self.k = k
+        self.locations = locations
+        self.dim = dim
+        self.init_size = max(k, init_size or 4 * k)
+        self.lloyd_iters = lloyd_iters
+        self.generator = torch.Generator().manual_seed(seed)
+        self.sums: torch.Tensor | None = None  # (P, K, D) float64
+        self.counts: torch.Tensor | None = None  # (P, K) float64
+        self._buffer: list[torch.Tensor] = []
+        self._buffered = 0
+
+    @property
+    def buffered(self) -> int:
+        """Points per location waiting for the seeding (0 once initialised)."""
+        return self._buffered if not self.initialised else 0
+
+    @property
+    def initialised(self) -> bool:
+        return self.sums is not None
+
+    def update(self, x: torch.Tensor, mean: torch.Tensor | None = None,
+               chol: torch.Tensor | None = None) -> None:
+        """Add embeddings x (B, P, D); mean/chol give the current metric (None = Euclidean)."""
+        x = x.float().transpose(0, 1)  # (P, B, D); sums are kept in float64
+        if not self.initialised:
+            self._buffer.append(x)
+            self._buffered += x.shape[1]
+            if self._buffered >= self.init_size:
+                self.finish_init(mean, chol)
+            return
+        zc = _transform(self.centroids(), mean, chol)
+        assign = pairwise_sqdist(_transform(x, mean, chol), zc).argmin(-1)  # (P, B)
+        self.sums.scatter_add_(1, assign.unsqueeze(-1).expand(-1, -1, self.dim), x.double())
+        self.counts.scatter_add_(1, assign, torch.ones_like(assign, dtype=self.counts.dtype))
+
+    def finish_init(self, mean: torch.Tensor | None = None, chol: torch.Tensor | None = None) -> None:
+        """Seed and refine the centroids on the buffered points (also called at end of fit)."""
+        if self.initialised or not self._buffer:
+            return
+        x = torch.cat(self._buffer, dim=1)
+        self._buffer = []
+        k = min(self.k, x.shape[1])
+        z = _transform(x, mean, chol)
+        idx = kmeans_plus_plus(z, k, self.generator)
+        centres = x.gather(1, idx.unsqueeze(-1).expand(-1, -1, self.dim)).double()
+        sums, counts = lloyd(x, centres, self.lloyd_iters, mean, chol)
+        if k < self.k:  # fewer points than clusters so far: pad with empty clusters
+            pad = self.k - k
+            sums = torch.cat([sums, sums[:, :1].expand(-1, pad, -1) * 0], dim=1)
+            counts = torch.cat([counts, torch.zeros(self.locations, pad, dtype=counts.dtype)], 1)
+        self.sums, self.counts = sums, counts
+
+    def centroids(self) -> torch.Tensor:
+        """(P, K, D) centroids in the original space; empty clusters are NaN-free zeros."""
+        assert self.sums is not None and self.counts is not None
+        return self.sums / self.counts.clamp_min(1e-12).unsqueeze(-1)
+
+    def merge(self, other: "OnlineKMeans", mean: torch.Tensor | None = None,
+              chol: torch.Tensor | None = None, iters: int = 10) -> "OnlineKMeans":
+        """Fold another shard's clusters in: weighted K-Means over both sets of centroids.
+
+        Unlike moments this is not exact (K-Means has no exact merge); it is the standard
+        weighted re-clustering of the 2K weighted centroids.
+        """
+        self.finish_init(mean, chol)
+        other.finish_init(mean, chol)
+        x = torch.cat([self.centroids(), other.centroids()], dim=1)
+        w = torch.cat([self.counts, other.counts], dim=1)
+        order = w.argsort(dim=1, descending=True)[:, : self.k]
+        start = x.gather(1, order.unsqueeze(-1).expand(-1, -1, self.dim))
+        self.sums, self.counts = lloyd(x, start, iters, mean, chol, weights=w)
+        return self

@@ -1,0 +1,296 @@
+"""The jobs the CLI runs, each one function call for a Python user.
+
+fit_run:      data folder -> fitted detector -> run folder
+evaluate_run: run folder + labelled data -> metrics, threshold.json, report
+predict_paths: run folder + image files -> score, decision and heatmap per image
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+from anomalyqc.data import ImageDataset, ImageTransform, make_loader, records_for
+from anomalyqc.data.io import IMAGE_EXTENSIONS, list_images, read_image
+from anomalyqc.errors import CalibrationError, DataError
+from anomalyqc.models.base import Detector, detector_class
+from anomalyqc.models.storage import (
+    THRESHOLD_FILE,
+    atomic_write_bytes,
+    atomic_write_json,
+    load_detector,
+)
+from anomalyqc.types import GOOD
+
+FIT_INFO_FILE = "fit_info.json"
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def transform_for(det: Detector) -> ImageTransform:
+    c = det.config
+    return ImageTransform(c.image_size, c.crop_size, c.channels)
+
+
+def dataset_for(det: Detector, data: str | Path, split: str, masks: bool = True) -> ImageDataset:
+    records = records_for(data, split, masks=masks)
+    return ImageDataset(records, transform_for(det), channels=det.config.channels)
+
+
+# ------------------------------------------------------------------------------------ fit
+def fit_run(detector: str, data: str | Path, out: str | Path, params: dict[str, Any] | None = None,
+            batch_size: int = 8, num_workers: int = 0, progress: bool = False) -> Detector:
+    """Fit a detector on the good training images of `data` and save it to `out`."""
+    det = detector_class(detector)(params or {})
+    records = records_for(data, "train")
+    good = [r for r in records if r.label == GOOD]
+    if not good:
+        raise DataError(f"{data} has no good training images")
+    dataset = ImageDataset(good, transform_for(det), channels=det.config.channels)
+    det.config.channels = dataset.channels
+    loader = make_loader(dataset, batch_size, shuffle=False, num_workers=num_workers)
+    started = time.perf_counter()
+    det.fit(_timed(loader, det), progress=progress)
+    fit_s = time.perf_counter() - started
+    det.save(out)
+    info = {
+        "detector": det.name,
+        "data": str(data),
+        "n_images": len(dataset),
+        "fit_seconds": round(fit_s, 3),
+        "data_loading_seconds": round(getattr(det, "_load_s", 0.0), 3),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        **{k: round(v, 3) for k, v in getattr(det, "fit_timings", {}).items()},
+    }
+    atomic_write_json(Path(out) / FIT_INFO_FILE, info)
+    return det
+
+
+def _timed(loader: Iterable, det: Detector) -> Iterable:
+    """Pass batches through, adding the time spent waiting on the loader to det._load_s."""
+    det._load_s = 0.0  # type: ignore[attr-defined]
+    it = iter(loader)
+    while True:
+        t = time.perf_counter()
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        det._load_s += time.perf_counter() - t  # type: ignore[attr-defined]
+        yield batch
+
+
+# ------------------------------------------------------------------------------- predict
+@dataclass
+class Results:
+    """Everything predicted over a dataset, kept compact (maps float16, images uint8)."""
+
+    paths: list[str] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    defect_types: list[str] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    maps: list[np.ndarray] = field(default_factory=list)
+    masks: list[np.ndarray | None] = field(default_factory=list)
+    images: list[np.ndarray] = field(default_factory=list)
+
+    def stacked_maps(self) -> np.ndarray:
+        return np.stack(self.maps).astype(np.float32)
+
+
+def predict_dataset(det: Detector, dataset: ImageDataset, batch_size: int = 8,
+                    keep_images: bool = True, progress: bool = False) -> Results:
+    res = Results()
+    loader = make_loader(dataset, batch_size)
+    if progress:
+        from rich.progress import track
+
+        loader = track(loader, description=f"{det.name}: predicting", total=len(loader))
+    for batch in loader:
+        pred = det.predict(batch)
+        for i in range(len(batch)):
+            res.paths.append(batch.path[i])
+            res.labels.append(int(batch.label[i]))
+            res.defect_types.append(batch.defect_type[i])
+            res.scores.append(float(pred.score[i]))
+            res.maps.append(pred.anomaly_map[i].numpy().astype(np.float16))
+            if batch.mask is not None:
+                res.masks.append(batch.mask[i].numpy().astype(np.uint8))
+            elif int(batch.label[i]) == GOOD:
+                res.masks.append(np.zeros((1, *det.input_size), dtype=np.uint8))
+            else:
+                res.masks.append(None)
+            if keep_images:
+                res.images.append((batch.image[i].numpy() * 255).round().astype(np.uint8))
+    return res
+
+
+# ------------------------------------------------------------------------------ evaluate
+def evaluate_run(run: str | Path, data: str | Path, report: str | Path | None = None,
+                 threshold_method: str = "f1", threshold_value: float | None = None,
+                 calibrate: bool | None = None, batch_size: int = 8,
+                 progress: bool = False, n_examples: int = 4) -> dict[str, Any]:
+    """Score the test split of `data`, compute every metric, write the report.
+
+    The decision threshold comes from the run's threshold.json when it exists and
+    `calibrate` is not True; otherwise it is chosen on this data by `threshold_method` and
+    saved to the run (an optimistic figure when the same data is then scored: say so).
+    """
+    from anomalyqc.evaluation import (
+        ThresholdChoice,
+        aupro,
+        image_auroc,
+        pixel_auroc,
+        select_threshold,
+        threshold_metrics,
+        write_report,
+    )
+
+    run = Path(run)
+    det = load_detector(run)
+    dataset = dataset_for(det, data, "test")
+    res = predict_dataset(det, dataset, batch_size, keep_images=True, progress=progress)
+    labels = np.asarray(res.labels)
+    scores = np.asarray(res.scores)
+    if labels.min() == labels.max():
+        kind = "defective" if labels[0] == GOOD else "good"
+        raise CalibrationError(f"the test split of {data} has no {kind} images: AUROC and "
+                               f"thresholds need both good and defective images")
+
+    threshold_path = run / THRESHOLD_FILE
+    if threshold_path.is_file() and not calibrate:
+        choice = ThresholdChoice.from_dict(json.loads(threshold_path.read_text())["image"])
+        source = f"from {threshold_path}"
+    else:
+        choice = select_threshold(labels, scores, threshold_method,
+                                  threshold_value if threshold_method == "fixed" else None)
+        source = f"chosen on {data} (test split) itself"
+        atomic_write_json(threshold_path, {"image": choice.to_dict(), "data": str(data)})
+
+    metrics: dict[str, Any] = {"image_auroc": image_auroc(labels, scores)}
+    with_mask = [i for i, m in enumerate(res.masks) if m is not None]
+    if any(labels[i] != GOOD for i in with_mask):
+        maps = np.stack([res.maps[i] for i in with_mask]).astype(np.float32)
+        masks = np.stack([res.masks[i] for i in with_mask])
+        metrics["pixel_auroc"] = pixel_auroc(masks, maps)
+        metrics["aupro"] = aupro(masks, maps, fpr_limit=0.3)
+        del maps
+    else:
+        metrics["pixel_auroc"] = None
+        metrics["aupro"] = None
+    at = threshold_metrics(labels, scores, choice.value)
+    metrics.update({k: at[k] for k in ("f1", "accuracy", "precision", "recall", "tpr", "tnr")})
+    metrics["threshold"] = choice.value
+    metrics["threshold_method"] = choice.method
+    metrics["threshold_source"] = source
+    metrics["n_good"] = int((labels == GOOD).sum())
+    metrics["n_defect"] = int((labels != GOOD).sum())
+    metrics["detector"] = det.name
+
+    report_dir = Path(report).parent if report else run / "report"
+    if report and Path(report).suffix.lower() == ".json":
+        atomic_write_json(Path(report), metrics)
+    images = np.stack(res.images).astype(np.float32) / 255.0
+    masks_full = np.stack([m if m is not None else np.zeros((1, *det.input_size), np.uint8)
+                           for m in res.masks])
+    html = write_report(report_dir, metrics, labels, scores, res.paths, images=images,
+                        masks=masks_full, maps=res.stacked_maps(), threshold=choice.value,
+                        n_examples=n_examples)
+    metrics["report_html"] = str(html)
+    return metrics
+
+
+# ------------------------------------------------------------------------------- predict
+def image_files(inputs: Iterable[str | Path]) -> list[Path]:
+    """Expand files and folders (non-recursive) into a list of image files."""
+    files: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = list_images(p)
+            if not found:
+                raise DataError(f"{p} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+            files.extend(found)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise DataError(f"{p} does not exist")
+    return files
+
+
+def load_threshold(run: str | Path) -> float | None:
+    path = Path(run) / THRESHOLD_FILE
+    if not path.is_file():
+        return None
+    try:
+        return float(json.loads(path.read_text())["image"]["value"])
+    except (ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
+        from anomalyqc.errors import ModelFileError
+
+        raise ModelFileError(f"{path} is corrupt ({exc}); rerun `anomalyqc evaluate` to "
+                             f"recalibrate") from exc
+
+
+def predict_paths(run: str | Path, inputs: Iterable[str | Path], out: str | Path,
+                  batch_size: int = 8, progress: bool = False) -> list[dict[str, Any]]:
+    """Score image files; write a heatmap overlay per image and predictions.json to `out`."""
+    det = load_detector(run)
+    threshold = load_threshold(run)
+    tf = transform_for(det)
+    files = image_files(inputs)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    chunks = [files[i:i + batch_size] for i in range(0, len(files), batch_size)]
+    if progress:
+        from rich.progress import track
+
+        chunks = track(chunks, description=f"{det.name}: predicting")
+    for chunk in chunks:
+        x = torch.stack([tf.image(read_image(f, det.config.channels)) for f in chunk])
+        pred = det.predict(x)
+        for i, f in enumerate(chunk):
+            score = float(pred.score[i])
+            heat = out / f"{f.stem}_heatmap.png"
+            atomic_write_bytes(heat, overlay_png(x[i], pred.anomaly_map[i, 0], threshold))
+            rows.append({
+                "path": str(f),
+                "score": score,
+                "decision": None if threshold is None else
+                ("defect" if score >= threshold else "good"),
+                "threshold": threshold,
+                "heatmap": str(heat),
+            })
+    atomic_write_json(out / "predictions.json", rows)
+    return rows
+
+
+def overlay_png(image: torch.Tensor, amap: torch.Tensor, threshold: float | None) -> bytes:
+    """Input with the anomaly map in jet over it; the decision contour when a threshold exists."""
+    import cv2
+
+    img = (image.clamp(0, 1) * 255).byte()
+    img = img.expand(3, -1, -1) if img.shape[0] == 1 else img
+    bgr = cv2.cvtColor(img.permute(1, 2, 0).numpy(), cv2.COLOR_RGB2BGR)
+    m = amap.float().numpy()
+    top = max(float(m.max()), threshold or 0.0, 1e-12)
+    norm = np.clip(m / top * 255, 0, 255).astype(np.uint8)
+    heat = cv2.applyColorMap(norm, cv2.COLORMAP_JET)
+    blend = cv2.addWeighted(bgr, 0.55, heat, 0.45, 0)
+    if threshold is not None:
+        contours, _ = cv2.findContours((m >= threshold).astype(np.uint8), cv2.RETR_EXTERNAL,
+                                       cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(blend, contours, -1, (255, 255, 255), 1)
+    ok, buf = cv2.imencode(".png", blend)
+    if not ok:  # pragma: no cover - cv2 failure
+        raise RuntimeError("could not encode heatmap PNG")
+    return buf.tobytes()
