@@ -23,8 +23,8 @@ from anomalyqc.stats.moments import OnlineMoments
 from anomalyqc.types import Batch
 
 S = 64  # image size -> 8 x 8 grid
-BASE = dict(image_size=S, allow_download=False)
-MHBC = dict(n_clusters=4, init_images=8)  # small K; K-Means seeds after 8 images, then streams
+BASE = {"image_size": S, "allow_download": False}
+MHBC = {"n_clusters": 4, "init_images": 8}  # small K; K-Means seeds after 8 images, then streams
 CLASSES = {"padim": Padim, "patchcore": Patchcore, "mhbc": Mhbc}
 DEFAULTS = {"padim": {}, "patchcore": {}, "mhbc": MHBC}
 BLOBS = [(40, 20), (36, 40)]  # (row, col) centres of the pasted dark blobs
@@ -454,13 +454,9 @@ def test_merge_needs_models_fitted_in_process(saved_run):
         fresh("mhbc", SHARD_B).merge(coreset)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Padim.merge/Mhbc.merge add moments without checking that both shards share one reduction:"
-    " with reduction='pca'/'srp' each shard fits its own reduction mean/matrix on its own "
-    "warm-up, so the merged moments mix two coordinate systems silently"))
 @pytest.mark.parametrize("reduction", ["pca", "srp"])
 def test_merge_refuses_shards_with_different_reductions(reduction):
-    params = dict(reduction=reduction, reduced_dim=24, pca_images=4)
+    params = {"reduction": reduction, "reduced_dim": 24, "pca_images": 4}
     a = fresh("padim", SHARD_A, **params)
     b = fresh("padim", SHARD_B, **params)
     assert not torch.equal(a.reduction_mean, b.reduction_mean)  # the shards disagree
@@ -480,9 +476,6 @@ def _toy_mhbc_shard(points: torch.Tensor, centres: torch.Tensor, counts: list[fl
     return det
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "mhbc/model.py Mhbc.merge always re-clusters with the Mahalanobis metric from "
-    "_metric(self.moments), also for the Euclidean ablation covariance='none'"))
 def test_mhbc_merge_euclidean_ablation_reclusters_in_euclidean_space():
     g = torch.Generator().manual_seed(0)
     pts = torch.stack([10 * torch.randn(50, generator=g), torch.randn(50, generator=g)], 1)
@@ -505,7 +498,7 @@ def test_mhbc_merge_euclidean_ablation_reclusters_in_euclidean_space():
 # -------------------------------------------------------------------------- streaming
 
 
-def tensors_held(obj, seen=None) -> dict[str, tuple[int, ...]]:
+def tensors_held(obj) -> dict[str, tuple[int, ...]]:
     """Every tensor reachable through the attributes of a detector (moments, kmeans, lists)."""
     out: dict[str, tuple[int, ...]] = {}
 
@@ -551,9 +544,6 @@ def test_patchcore_bank_grows_with_training_images():
 # ------------------------------------------------------------------ estimator contract
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Padim.fit/Mhbc.fit keep self.moments (and Mhbc's kmeans, the reduction) from a previous "
-    "fit, so a second fit() accumulates both datasets instead of refitting (sklearn contract)"))
 @pytest.mark.parametrize("name", ["padim", "mhbc"])
 def test_fitting_again_starts_from_scratch(name):
     det = fresh(name, SHARD_A)

@@ -6,7 +6,6 @@ Everything is checked against plain numpy / naive loops on small random data; no
 
 from __future__ import annotations
 
-import copy
 import math
 
 import numpy as np
@@ -109,10 +108,9 @@ def test_merge_equals_fitting_both_shards(split):
     assert merged.count == 40
     np.testing.assert_allclose(merged.mean().numpy(), joint.mean().numpy(), rtol=1e-7)
     _, cov = np_mean_cov(x)
-    # (a tighter bound fails today: see the xfail tests on the shift's float32 rounding)
-    np.testing.assert_allclose(merged.covariance().numpy(), cov, rtol=1e-4, atol=5e-5)
+    np.testing.assert_allclose(merged.covariance().numpy(), cov, rtol=1e-5, atol=5e-6)
     np.testing.assert_allclose(merged.covariance().numpy(), joint.covariance().numpy(),
-                               rtol=1e-4, atol=5e-5)
+                               rtol=1e-5, atol=5e-6)
 
 
 def test_merge_into_empty_and_of_empty():
@@ -142,21 +140,14 @@ def test_merge_shards_with_very_different_shifts_algebra():
     np.testing.assert_allclose(merged.covariance().numpy(), cov, rtol=1e-4, atol=1e-3)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "moments.py: update() subtracts shift.float() (float32-rounded) but the float64 shift is "
-    "used by mean() and merge()/pooled() deltas; the rounding (~3e-5 at 1e3) biases the mean "
-    "and makes merged covariances ~100x less accurate than a single fit"))
 def test_merge_with_different_shifts_is_as_accurate_as_a_single_fit():
     a = correlated(30, P, D, seed=5, offset=1000.0)
     b = correlated(20, P, D, seed=6, offset=1040.0, scale=2.0)
-    mean, cov = np_mean_cov(torch.cat([a, b]))
+    _, cov = np_mean_cov(torch.cat([a, b]))
     merged = fit_moments(a).merge(fit_moments(b))
     np.testing.assert_allclose(merged.covariance().numpy(), cov, rtol=0, atol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "moments.py: mean() adds the float64 shift to sums taken about shift.float(): the mean of "
-    "float32 data at offset 1e3 is off by up to half a float32 ulp (~3e-5) instead of ~1e-9"))
 def test_mean_of_float32_data_is_float64_accurate():
     x = correlated(40, P, D, seed=7)
     mean, _ = np_mean_cov(x)
@@ -326,9 +317,6 @@ def test_cholesky_refuses_an_indefinite_matrix():
         cholesky(torch.diag(torch.tensor([1.0, -5.0, 1.0], dtype=torch.float64)))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "whitening.cholesky adds the jitter to every matrix in the batch when any one fails, so "
-    "one degenerate location changes the factors of all others (and results depend on chunk)"))
 def test_cholesky_jitter_only_touches_the_failing_matrix():
     healthy = random_cov(D, 10)
     v = torch.randn(D, 1, generator=gen(11), dtype=torch.float64)

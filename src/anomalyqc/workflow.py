@@ -197,8 +197,6 @@ def evaluate_run(run: str | Path, data: str | Path, report: str | Path | None = 
     metrics["detector"] = det.name
 
     report_dir = Path(report).parent if report else run / "report"
-    if report and Path(report).suffix.lower() == ".json":
-        atomic_write_json(Path(report), metrics)
     images = np.stack(res.images).astype(np.float32) / 255.0
     masks_full = np.stack([m if m is not None else np.zeros((1, *det.input_size), np.uint8)
                            for m in res.masks])
@@ -206,6 +204,9 @@ def evaluate_run(run: str | Path, data: str | Path, report: str | Path | None = 
                         masks=masks_full, maps=res.stacked_maps(), threshold=choice.value,
                         n_examples=n_examples)
     metrics["report_html"] = str(html)
+    if report:  # flat figures at the top level, per-image rows beside them
+        per_image = json.loads((report_dir / "metrics.json").read_text()).get("images", [])
+        atomic_write_json(Path(report), {**metrics, "images": per_image})
     return metrics
 
 
@@ -250,6 +251,7 @@ def predict_paths(run: str | Path, inputs: Iterable[str | Path], out: str | Path
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
+    used: set[Path] = set()
     chunks = [files[i:i + batch_size] for i in range(0, len(files), batch_size)]
     if progress:
         from rich.progress import track
@@ -260,7 +262,7 @@ def predict_paths(run: str | Path, inputs: Iterable[str | Path], out: str | Path
         pred = det.predict(x)
         for i, f in enumerate(chunk):
             score = float(pred.score[i])
-            heat = out / f"{f.stem}_heatmap.png"
+            heat = _unique(out / f"{f.parent.name}_{f.stem}_heatmap.png", used)
             atomic_write_bytes(heat, overlay_png(x[i], pred.anomaly_map[i, 0], threshold))
             rows.append({
                 "path": str(f),
@@ -272,6 +274,16 @@ def predict_paths(run: str | Path, inputs: Iterable[str | Path], out: str | Path
             })
     atomic_write_json(out / "predictions.json", rows)
     return rows
+
+
+def _unique(path: Path, used: set[Path]) -> Path:
+    """A file name not yet used in this call (same-named images from different folders)."""
+    candidate, k = path, 1
+    while candidate in used:
+        candidate = path.with_name(f"{path.stem}_{k}{path.suffix}")
+        k += 1
+    used.add(candidate)
+    return candidate
 
 
 def overlay_png(image: torch.Tensor, amap: torch.Tensor, threshold: float | None) -> bytes:

@@ -43,6 +43,23 @@ class EmbeddingDetector(Detector):
         self.grid: tuple[int, int] | None = None
         self.fit_timings: dict[str, float] = {}
 
+    def reset(self) -> None:
+        """Forget everything learnt: a second fit starts from scratch (estimator contract)."""
+        self.fitted = False
+        self.reduction_mean = None
+        self.reduction_matrix = None
+
+    def check_same_reduction(self, other: "EmbeddingDetector") -> None:
+        """Shards can only merge when their embeddings live in the same coordinates."""
+        a, b = self.reduction_matrix, other.reduction_matrix
+        same = (a is None and b is None) or (
+            a is not None and b is not None and torch.equal(a, b)
+            and torch.equal(self.reduction_mean, other.reduction_mean))
+        if not same:
+            raise ConfigError("cannot merge shards fitted with different reductions; fit the "
+                              "reduction once and share it (or use reduction='none'/'srp' "
+                              "with the same seed and warm-up data)")
+
     # ---------------------------------------------------------------- features
     @property
     def extractor(self) -> FeatureExtractor:

@@ -40,7 +40,8 @@ class OnlineMoments:
             raise ValueError(f"expected embeddings (B, {self.locations}, {self.dim}), "
                              f"got {tuple(x.shape)}")
         if self.count == 0:
-            self.shift = x.to(self.sum.dtype).mean(dim=0)
+            # A shift float32 represents exactly, so update() and mean() agree on it.
+            self.shift = x.to(self.sum.dtype).mean(dim=0).float().to(self.sum.dtype)
         y = x.float() - self.shift.float()
         self.count += int(x.shape[0])
         self.sum += y.sum(dim=0).to(self.sum.dtype)

@@ -16,16 +16,26 @@ def cholesky(cov: torch.Tensor, jitter: float = 1e-6, tries: int = 6) -> torch.T
     A matrix that is not numerically positive definite gets a growing diagonal jitter
     (regularised Cholesky, D.3) rather than failing the whole fit.
     """
+    if cov.ndim == 2:
+        return cholesky(cov.unsqueeze(0), jitter, tries)[0]
     eye = torch.eye(cov.shape[-1], dtype=cov.dtype)
-    scale = cov.diagonal(dim1=-2, dim2=-1).mean().clamp_min(1e-12)
     factor, info = torch.linalg.cholesky_ex(cov)
+    bad = info > 0
     added = 0.0
     for _ in range(tries):
-        if not bool((info > 0).any()):
+        if not bool(bad.any()):
             return factor
+        # Only the failing matrices get jitter: one degenerate location must not change
+        # the factors of the others.
+        sub = cov[bad]
+        scale = sub.diagonal(dim1=-2, dim2=-1).mean().clamp_min(1e-12)
         added = jitter * float(scale) if added == 0.0 else added * 10
-        factor, info = torch.linalg.cholesky_ex(cov + added * eye)
-    if bool((info > 0).any()):
+        f, i = torch.linalg.cholesky_ex(sub + added * eye)
+        factor[bad] = f
+        info = info.clone()
+        info[bad] = i
+        bad = info > 0
+    if bool(bad.any()):
         raise ValueError("covariance is not positive definite even after regularisation; "
                          "raise the regularisation eps or reduce the embedding dimension")
     return factor

@@ -58,6 +58,7 @@ class Mhbc(EmbeddingDetector):
 
     # ------------------------------------------------------------------ fit
     def fit(self, batches: Iterable[Batch], progress: bool = False) -> "Mhbc":
+        self.reset()
         if self.config.clustering == "coreset":
             return self._fit_coreset(batches, progress)
         factor_at = 0
@@ -102,14 +103,21 @@ class Mhbc(EmbeddingDetector):
         self.fitted = True
         return self
 
+    def reset(self) -> None:
+        super().reset()
+        self.moments = self.kmeans = None
+        self.mean = self.chol = self.centroids = None
+
     def merge(self, other: "Mhbc") -> "Mhbc":
         """Fold in a model fitted on another shard: moments merge exactly; the K centroids are
         re-clustered from both shards' weighted centroids (K-Means has no exact merge)."""
         if self.moments is None or other.moments is None or self.kmeans is None \
                 or other.kmeans is None:
             raise ValueError("merge needs two models fitted with clustering='kmeans' in this process")
+        self.check_same_reduction(other)
         self.moments.merge(other.moments)
-        mean, chol = self._metric(self.moments)
+        mean, chol = (None, None) if self.config.covariance == "none" else \
+            self._metric(self.moments)
         self.kmeans.merge(other.kmeans, mean, chol)
         return self.finalise()
 

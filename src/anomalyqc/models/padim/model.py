@@ -37,6 +37,7 @@ class Padim(EmbeddingDetector):
         self.chol: torch.Tensor | None = None  # (P, D, D)
 
     def fit(self, batches: Iterable[Batch], progress: bool = False) -> "Padim":
+        self.reset()
         for x in self.stream_embeddings(batches, progress):
             if self.moments is None:
                 self.moments = OnlineMoments(x.shape[1], x.shape[2])
@@ -45,10 +46,16 @@ class Padim(EmbeddingDetector):
             raise DataError("PaDiM needs at least 2 training images")
         return self.finalise()
 
+    def reset(self) -> None:
+        super().reset()
+        self.moments = None
+        self.mean = self.chol = None
+
     def merge(self, other: "Padim") -> "Padim":
         """Add the statistics of a model fitted on another shard (exact: moments add up)."""
         if self.moments is None or other.moments is None:
             raise ValueError("merge needs two models fitted in this process")
+        self.check_same_reduction(other)
         self.moments.merge(other.moments)
         return self.finalise()
 

@@ -41,6 +41,7 @@ class Patchcore(EmbeddingDetector):
         self._nn: NearestNeighbour | None = None
 
     def fit(self, batches: Iterable[Batch], progress: bool = False) -> "Patchcore":
+        self.reset()
         chunks = [x.reshape(-1, x.shape[-1]) for x in self.stream_embeddings(batches, progress)]
         if not chunks:
             raise DataError("PatchCore needs at least 1 training image")

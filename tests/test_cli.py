@@ -1,0 +1,116 @@
+"""End to end through the CLI on a tiny generated vial dataset: synth -> fit -> evaluate ->
+predict -> benchmark, and the one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from anomalyqc.cli import app
+
+runner = CliRunner()
+SMALL = ["--image-size", "64", "--batch-size", "4"]
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def _json(output: str) -> dict:
+    return json.loads(output[output.index("{"): output.rindex("}") + 1])
+
+
+@pytest.fixture(scope="module")
+def vials(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "vials"
+    r = invoke("synth", "vials", "--out", out, "--n-train", 12, "--n-test-good", 4,
+               "--n-test-defect", 4, "--seed", 3)
+    assert r.exit_code == 0, r.output
+    return out
+
+
+@pytest.mark.parametrize("detector,extra", [
+    ("padim", []),
+    ("patchcore", ["--set", "coreset_ratio=0.05"]),
+    ("mhbc", ["--set", "n_clusters=4"]),
+])
+def test_fit_evaluate_predict_benchmark(vials: Path, tmp_path: Path, detector: str, extra):
+    run = tmp_path / "run"
+    r = invoke("fit", detector, "--data", vials, "--out", run, *SMALL, *extra)
+    assert r.exit_code == 0, r.output
+    info = _json(r.stdout)
+    assert info["n_images"] == 12 and info["detector"] == detector
+    assert (run / "weights.safetensors").is_file() and (run / "config.json").is_file()
+
+    report = tmp_path / "rep" / "metrics.json"
+    r = invoke("evaluate", run, "--data", vials, "--report", report)
+    assert r.exit_code == 0, r.output
+    m = _json(r.stdout)
+    for key in ("image_auroc", "pixel_auroc", "aupro", "f1", "accuracy", "precision", "recall",
+                "tpr", "tnr", "threshold"):
+        assert key in m and m[key] is not None, key
+    assert 0.0 <= m["image_auroc"] <= 1.0
+    assert json.loads(report.read_text())["image_auroc"] == m["image_auroc"]
+    assert (report.parent / "report.html").is_file() and (report.parent / "roc.png").is_file()
+    assert (run / "threshold.json").is_file()
+
+    # A second evaluation reuses the stored threshold and says so.
+    r = invoke("evaluate", run, "--data", vials)
+    assert r.exit_code == 0, r.output
+    m2 = _json(r.stdout)
+    assert m2["threshold"] == m["threshold"] and "threshold.json" in m2["threshold_source"]
+
+    preds = tmp_path / "pred"
+    r = invoke("predict", run, vials / "test" / "good", vials / "test" / "scratch", "--out", preds)
+    assert r.exit_code == 0, r.output
+    rows = json.loads((preds / "predictions.json").read_text())
+    assert len(rows) == 5  # 4 good + 1 scratch (4 defect strips over 4 types)
+    assert all(row["decision"] in ("good", "defect") for row in rows)
+    assert all(Path(row["heatmap"]).is_file() for row in rows)
+    assert len({row["heatmap"] for row in rows}) == 5  # same-named files don't collide
+
+    r = invoke("benchmark", run, "--data", vials, "--repeats", 3, "--batch-size", 4)
+    assert r.exit_code == 0, r.output
+    b = _json(r.stdout)
+    assert b["latency_batch1_end_to_end"]["median_ms"] > 0
+    assert b["latency_batch1_model_only"]["median_ms"] <= b["latency_batch1_end_to_end"]["p95_ms"]
+    assert b["fit"]["n_images"] == 12
+
+
+def test_errors_are_one_line_with_status_2(tmp_path: Path, vials: Path):
+    r = invoke("fit", "padim", "--data", tmp_path / "nowhere", "--out", tmp_path / "r", *SMALL)
+    assert r.exit_code == 2
+    assert "nowhere" in r.output and "Traceback" not in r.output
+
+    r = invoke("evaluate", tmp_path / "not_a_run", "--data", vials)
+    assert r.exit_code == 2 and "not_a_run" in r.output
+
+    bad_run = tmp_path / "bad_run"
+    bad_run.mkdir()
+    (bad_run / "config.json").write_text("{ not json")
+    r = invoke("predict", bad_run, vials / "test" / "good", "--out", tmp_path / "p")
+    assert r.exit_code == 2 and "config.json" in r.output
+
+    empty = tmp_path / "empty"
+    (empty / "train" / "good").mkdir(parents=True)
+    r = invoke("fit", "mhbc", "--data", empty, "--out", tmp_path / "r2", *SMALL)
+    assert r.exit_code == 2 and "good" in r.output
+
+    r = invoke("fit", "padim", "--data", vials, "--out", tmp_path / "r3", *SMALL,
+               "--set", "no_such_param=1")
+    assert r.exit_code == 2 and "no_such_param" in r.output
+
+
+def test_evaluate_refuses_single_class(tmp_path: Path, vials: Path):
+    run = tmp_path / "run"
+    assert invoke("fit", "padim", "--data", vials, "--out", run, *SMALL).exit_code == 0
+    only_good = tmp_path / "only_good"
+    (only_good / "train").mkdir(parents=True)
+    (only_good / "train" / "good").symlink_to(vials / "train" / "good")
+    (only_good / "test").mkdir()
+    (only_good / "test" / "good").symlink_to(vials / "test" / "good")
+    r = invoke("evaluate", run, "--data", only_good)
+    assert r.exit_code == 2 and "defective" in r.output
