@@ -55,8 +55,8 @@ def main() -> None:
     out = HERE / "results" / "bottle.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"| detector | image AUROC | pixel AUROC | AUPRO | fit s (backbone s) | "
-          f"fit peak RSS MB | e2e ms/img b1 (p95) | model-only ms b1 | throughput img/s |")
+    print("| detector | image AUROC | pixel AUROC | AUPRO | fit s (backbone s) | "
+          "fit peak RSS MB | e2e ms/img b1 (p95) | model-only ms b1 | throughput img/s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         m, f, b = r["metrics"], r["fit"], r["benchmark"]

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -89,7 +90,7 @@ def fit(
                                  help="efficientnet_lite0 | efficientnet_lite2 | resnet18 | "
                                       "wide_resnet50_2"),
     image_size: int = typer.Option(256, help="Images are resized to this square size."),
-    crop_size: Optional[int] = typer.Option(None, help="Optional centre crop after resizing."),
+    crop_size: int | None = typer.Option(None, help="Optional centre crop after resizing."),
     batch_size: int = typer.Option(8, help="Images per batch."),
     workers: int = typer.Option(0, help="Data-loading worker processes."),
     set_: list[str] = typer.Option([], "--set",
@@ -111,11 +112,11 @@ def fit(
 def evaluate(
     run: Path = typer.Argument(..., help="Run folder written by `anomalyqc fit`."),
     data: Path = typer.Option(..., "--data", help="Dataset with a labelled test split."),
-    report: Optional[Path] = typer.Option(None, help="Write the metrics JSON here (the HTML "
+    report: Path | None = typer.Option(None, help="Write the metrics JSON here (the HTML "
                                                      "report goes beside it)."),
     threshold_method: ThresholdMethod = typer.Option(ThresholdMethod.f1,
                                                      help="How to choose the threshold."),
-    threshold: Optional[float] = typer.Option(None, help="Threshold for --threshold-method "
+    threshold: float | None = typer.Option(None, help="Threshold for --threshold-method "
                                                          "fixed."),
     recalibrate: bool = typer.Option(False, help="Choose a new threshold even if the run "
                                                  "has one."),
@@ -153,14 +154,14 @@ def benchmark(
     data: Path = typer.Option(..., "--data", help="Dataset whose test images are timed."),
     batch_size: int = typer.Option(16, help="Batch size N for the batched figures."),
     repeats: int = typer.Option(50, help="Batch-1 timings taken (median and p95)."),
-    out: Optional[Path] = typer.Option(None, help="Also write the JSON here."),
+    out: Path | None = typer.Option(None, help="Also write the JSON here."),
 ) -> None:
     """Fit time and memory (from the fit), latency, throughput and peak RSS, as JSON."""
     from anomalyqc.benchmark import benchmark_run
 
     result = _run(lambda: benchmark_run(run, data, batch_size, repeats))
     if out:
-        from anomalyqc.models.storage import atomic_write_json
+        from anomalyqc.fileio import atomic_write_json
 
         atomic_write_json(out, result)
     _print_json(result)

@@ -41,7 +41,7 @@ class Batch:
         return int(self.image.shape[0])
 
     @classmethod
-    def collate(cls, samples: list[Sample]) -> "Batch":
+    def collate(cls, samples: list[Sample]) -> Batch:
         """torch DataLoader collate_fn: stacks images; a mask for a good image is all zeros."""
         if not samples:
             raise ValueError("cannot collate an empty list of samples")
@@ -69,7 +69,7 @@ class Batch:
         )
 
     @classmethod
-    def from_images(cls, images: torch.Tensor) -> "Batch":
+    def from_images(cls, images: torch.Tensor) -> Batch:
         """A batch of unlabelled images (labels set to GOOD), for inference from tensors."""
         if images.ndim == 3:
             images = images.unsqueeze(0)

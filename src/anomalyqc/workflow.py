@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import resource
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,13 +21,9 @@ import torch
 from anomalyqc.data import ImageDataset, ImageTransform, make_loader, records_for
 from anomalyqc.data.io import IMAGE_EXTENSIONS, list_images, read_image
 from anomalyqc.errors import CalibrationError, DataError
+from anomalyqc.fileio import atomic_write_bytes, atomic_write_json
 from anomalyqc.models.base import Detector, detector_class
-from anomalyqc.models.storage import (
-    THRESHOLD_FILE,
-    atomic_write_bytes,
-    atomic_write_json,
-    load_detector,
-)
+from anomalyqc.models.storage import THRESHOLD_FILE, load_detector
 from anomalyqc.types import GOOD
 
 FIT_INFO_FILE = "fit_info.json"

@@ -7,7 +7,7 @@ location, shape (B, D, h, w) with h = H / 8.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +44,7 @@ class FeatureExtractor(nn.Module):
         """Embedding dimension D (sum of the two layers' channels)."""
         return sum(self.channels)
 
-    def train(self, mode: bool = True) -> "FeatureExtractor":
+    def train(self, mode: bool = True) -> FeatureExtractor:
         # Batch-norm statistics stay frozen: the extractor is never trained.
         super().train(mode)
         self.body.eval()

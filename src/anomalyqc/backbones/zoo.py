@@ -7,9 +7,9 @@ when allowed and possible, and otherwise refused with a message that says what t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn

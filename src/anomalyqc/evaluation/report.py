@@ -14,7 +14,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,20 +21,9 @@ import numpy as np
 
 from anomalyqc.errors import CalibrationError
 from anomalyqc.evaluation.metrics import ArrayLike, _labels_scores, _to_numpy, roc_curve_points
+from anomalyqc.fileio import atomic_write_bytes
 
 _EXAMPLE_NAME = re.compile(r"^(worst|best)_(defect|good)_\d+_.*\.png$")
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write data to path via a temporary file in the same folder and os.replace."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _jsonable(x: Any) -> Any:
@@ -288,11 +276,11 @@ def write_report(
             for p, lab, sc, d in zip(paths, y.tolist(), s.tolist(), decisions)
         ],
     }
-    _atomic_write(
+    atomic_write_bytes(
         out / "metrics.json",
         json.dumps(record, indent=2, allow_nan=False).encode("utf-8"),
     )
-    _atomic_write(out / "roc.png", _roc_png(y, s))
+    atomic_write_bytes(out / "roc.png", _roc_png(y, s))
 
     examples: list[dict[str, Any]] = []
     ex_dir = out / "examples"
@@ -321,7 +309,7 @@ def write_report(
                 map_range,
                 title,
             )
-            _atomic_write(ex_dir / name, png)
+            atomic_write_bytes(ex_dir / name, png)
             written.add(name)
             examples.append(
                 {
@@ -340,7 +328,7 @@ def write_report(
                 old.unlink(missing_ok=True)
 
     page = out / "report.html"
-    _atomic_write(
+    atomic_write_bytes(
         page,
         _html(metrics_js, examples, threshold, n_good, n_defect).encode("utf-8"),
     )

@@ -8,8 +8,9 @@ to a run folder of safetensors + JSON (see models/storage.py).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -70,7 +71,7 @@ class Detector(ABC):
         return save_detector(self, run_dir)
 
     @classmethod
-    def load(cls, run_dir: str | Path) -> "Detector":
+    def load(cls, run_dir: str | Path) -> Detector:
         from anomalyqc.models.storage import load_detector
 
         det = load_detector(run_dir)

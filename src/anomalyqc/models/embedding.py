@@ -5,7 +5,8 @@ input checks, and turning a grid of patch scores into a smoothed map at input si
 from __future__ import annotations
 
 import time
-from typing import Iterable, Iterator, Literal
+from collections.abc import Iterable, Iterator
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +50,7 @@ class EmbeddingDetector(Detector):
         self.reduction_mean = None
         self.reduction_matrix = None
 
-    def check_same_reduction(self, other: "EmbeddingDetector") -> None:
+    def check_same_reduction(self, other: EmbeddingDetector) -> None:
         """Shards can only merge when their embeddings live in the same coordinates."""
         a, b = self.reduction_matrix, other.reduction_matrix
         same = (a is None and b is None) or (

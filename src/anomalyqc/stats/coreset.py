@@ -29,8 +29,8 @@ distinct points than n, the remaining picks are the lowest-indexed unchosen dupl
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
-from typing import Callable
 
 import numpy as np
 
@@ -302,6 +302,6 @@ def naive_greedy_coreset(features: np.ndarray, n: int, seed: int = 0) -> np.ndar
     for k in range(1, n):
         j = int(np.argmax(mind))
         out[k] = j
-        np.minimum(mind, ((x - x[j]) ** 2).sum(1), out=mind)
-        mind[out[:k + 1]] = -1.0
+        np.minimum(mind, ((x - x[j]) ** 2).sum(1), out=mind)  # chosen ones stay at -1
+        mind[j] = -1.0
     return out

@@ -146,8 +146,8 @@ class OnlineKMeans:
         assert self.sums is not None and self.counts is not None
         return self.sums / self.counts.clamp_min(1e-12).unsqueeze(-1)
 
-    def merge(self, other: "OnlineKMeans", mean: torch.Tensor | None = None,
-              chol: torch.Tensor | None = None, iters: int = 10) -> "OnlineKMeans":
+    def merge(self, other: OnlineKMeans, mean: torch.Tensor | None = None,
+              chol: torch.Tensor | None = None, iters: int = 10) -> OnlineKMeans:
         """Fold another shard's clusters in: weighted K-Means over both sets of centroids.
 
         Unlike moments this is not exact (K-Means has no exact merge); it is the standard

@@ -50,7 +50,7 @@ class OnlineMoments:
             part = yp[start : start + _CHUNK]
             self.outer[start : start + _CHUNK] += torch.bmm(part, part.transpose(1, 2))
 
-    def merge(self, other: "OnlineMoments") -> "OnlineMoments":
+    def merge(self, other: OnlineMoments) -> OnlineMoments:
         """Combine with moments of a disjoint shard, in place (exact)."""
         if other.sum.shape != self.sum.shape:
             raise ValueError(f"cannot merge moments of shape {tuple(other.sum.shape)} into "
@@ -84,7 +84,7 @@ class OnlineMoments:
             cov.diagonal(dim1=-2, dim2=-1).add_(eps)
         return cov
 
-    def pooled(self) -> "OnlineMoments":
+    def pooled(self) -> OnlineMoments:
         """All locations as one: the moments of a single global distribution (ablation)."""
         out = OnlineMoments(1, self.dim, self.sum.dtype)
         g = self.shift.mean(dim=0, keepdim=True)
@@ -107,7 +107,7 @@ class OnlineMoments:
         }
 
     @classmethod
-    def from_state(cls, tensors: dict[str, torch.Tensor], prefix: str = "moments") -> "OnlineMoments":
+    def from_state(cls, tensors: dict[str, torch.Tensor], prefix: str = "moments") -> OnlineMoments:
         s = tensors[f"{prefix}.sum"]
         out = cls(int(s.shape[0]), int(s.shape[1]), s.dtype)
         out.count = int(tensors[f"{prefix}.count"][0])

@@ -17,7 +17,8 @@ covariance="none" clusters raw embeddings with Euclidean K-Means (no whitening).
 
 from __future__ import annotations
 
-from typing import Iterable, Literal
+from collections.abc import Iterable
+from typing import Literal
 
 import torch
 
@@ -57,7 +58,7 @@ class Mhbc(EmbeddingDetector):
         self.centroids: torch.Tensor | None = None  # (P, K, D), whitened
 
     # ------------------------------------------------------------------ fit
-    def fit(self, batches: Iterable[Batch], progress: bool = False) -> "Mhbc":
+    def fit(self, batches: Iterable[Batch], progress: bool = False) -> Mhbc:
         self.reset()
         if self.config.clustering == "coreset":
             return self._fit_coreset(batches, progress)
@@ -84,7 +85,7 @@ class Mhbc(EmbeddingDetector):
             raise DataError("MhBC-PatchCore needs at least 2 training images")
         return self.finalise()
 
-    def _fit_coreset(self, batches: Iterable[Batch], progress: bool) -> "Mhbc":
+    def _fit_coreset(self, batches: Iterable[Batch], progress: bool) -> Mhbc:
         """Greedy coreset per location in whitened space: keeps all embeddings (not streaming)."""
         chunks = []
         for x in self.stream_embeddings(batches, progress):
@@ -108,7 +109,7 @@ class Mhbc(EmbeddingDetector):
         self.moments = self.kmeans = None
         self.mean = self.chol = self.centroids = None
 
-    def merge(self, other: "Mhbc") -> "Mhbc":
+    def merge(self, other: Mhbc) -> Mhbc:
         """Fold in a model fitted on another shard: moments merge exactly; the K centroids are
         re-clustered from both shards' weighted centroids (K-Means has no exact merge)."""
         if self.moments is None or other.moments is None or self.kmeans is None \
@@ -121,7 +122,7 @@ class Mhbc(EmbeddingDetector):
         self.kmeans.merge(other.kmeans, mean, chol)
         return self.finalise()
 
-    def finalise(self) -> "Mhbc":
+    def finalise(self) -> Mhbc:
         assert self.moments is not None and self.kmeans is not None
         if self.config.covariance == "none":
             self.mean, self.chol = None, None

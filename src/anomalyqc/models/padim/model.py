@@ -7,7 +7,7 @@ once, Sigma = L L^T, and the distance of phi is ||z|| with L z = phi - mu (appen
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
@@ -36,7 +36,7 @@ class Padim(EmbeddingDetector):
         self.mean: torch.Tensor | None = None  # (P, D)
         self.chol: torch.Tensor | None = None  # (P, D, D)
 
-    def fit(self, batches: Iterable[Batch], progress: bool = False) -> "Padim":
+    def fit(self, batches: Iterable[Batch], progress: bool = False) -> Padim:
         self.reset()
         for x in self.stream_embeddings(batches, progress):
             if self.moments is None:
@@ -51,7 +51,7 @@ class Padim(EmbeddingDetector):
         self.moments = None
         self.mean = self.chol = None
 
-    def merge(self, other: "Padim") -> "Padim":
+    def merge(self, other: Padim) -> Padim:
         """Add the statistics of a model fitted on another shard (exact: moments add up)."""
         if self.moments is None or other.moments is None:
             raise ValueError("merge needs two models fitted in this process")
@@ -59,7 +59,7 @@ class Padim(EmbeddingDetector):
         self.moments.merge(other.moments)
         return self.finalise()
 
-    def finalise(self) -> "Padim":
+    def finalise(self) -> Padim:
         assert self.moments is not None
         self.mean = self.moments.mean().float()
         self.chol = self.moments.cholesky(self.config.eps)

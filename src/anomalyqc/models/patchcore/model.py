@@ -8,7 +8,8 @@ chosen: its memory grows with the dataset (table 8.1).
 
 from __future__ import annotations
 
-from typing import Iterable, Literal
+from collections.abc import Iterable
+from typing import Literal
 
 import numpy as np
 import torch
@@ -40,7 +41,7 @@ class Patchcore(EmbeddingDetector):
         self.bank: torch.Tensor | None = None
         self._nn: NearestNeighbour | None = None
 
-    def fit(self, batches: Iterable[Batch], progress: bool = False) -> "Patchcore":
+    def fit(self, batches: Iterable[Batch], progress: bool = False) -> Patchcore:
         self.reset()
         chunks = [x.reshape(-1, x.shape[-1]) for x in self.stream_embeddings(batches, progress)]
         if not chunks:
