@@ -83,8 +83,36 @@ def test_seed_determinism():
     x = _blobs(2000)
     a = greedy_coreset(x, 300, seed=3)
     np.testing.assert_array_equal(a, greedy_coreset(x.copy(), 300, seed=3))
-    assert a[0] != greedy_coreset(x, 300, seed=4)[0] or not np.array_equal(
-        a, greedy_coreset(x, 300, seed=4))
+    assert a[0] == np.random.default_rng(3).integers(2000)
+    b = greedy_coreset(x, 300, seed=4)
+    assert b[0] == np.random.default_rng(4).integers(2000) and b[0] != a[0]
+
+
+def test_lattice_exact_ties_break_to_lowest_index():
+    # integer grid points: distances tie exactly all the time
+    rng = np.random.default_rng(11)
+    x = rng.integers(0, 6, size=(1200, 3)).astype(np.float32)
+    for params in (SMALL, {}):
+        for n in (50, 150):
+            np.testing.assert_array_equal(_greedy_coreset(x, n, seed=2, **params),
+                                          naive_greedy_coreset(x, n, seed=2))
+
+
+def test_far_offset_data_stays_exact():
+    # a far-away offset makes |x|^2 huge next to the distances (float32 cancellation)
+    rng = np.random.default_rng(12)
+    x = (rng.standard_normal((1500, 8)) * np.geomspace(1e-2, 1.0, 8) + 300.0).astype(np.float32)
+    np.testing.assert_array_equal(_greedy_coreset(x, 400, seed=0, **SMALL),
+                                  naive_greedy_coreset(x, 400, seed=0))
+
+
+def test_structure_is_exploited():
+    # regression guard for speed: on clustered data most of the N x n work is skipped
+    x = _blobs(20000, d=16, seed=13)
+    stats: dict = {}
+    _greedy_coreset(x, 2000, seed=0, stats=stats)
+    assert stats["gemm_flop"] < 0.25 * 2 * 20000 * 16 * 2000
+    assert stats["batches"] < 200
 
 
 def test_progress_reports_monotone_and_complete():
