@@ -18,10 +18,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "mvtec_ad" / "bottle"
 CLI = [sys.executable, "-m", "anomalyqc.cli"]
+# name in the table -> (detector, extra CLI options)
 DETECTORS = {
-    "patchcore": [],
-    "padim": [],
-    "mhbc": [],
+    "patchcore": ("patchcore", []),
+    "patchcore_hnsw": ("patchcore", ["--set", "index=hnsw"]),
+    "padim": ("padim", []),
+    "mhbc": ("mhbc", []),
 }
 
 
@@ -34,7 +36,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--work", type=Path, default=Path("/tmp/anomalyqc_bench"))
-    ap.add_argument("--only", nargs="*", default=list(DETECTORS))
+    ap.add_argument("--only", nargs="*", default=["patchcore", "padim", "mhbc"],
+                    help=f"any of {', '.join(DETECTORS)}")
     ap.add_argument("--image-size", type=int, default=256)
     args = ap.parse_args()
     if not (args.data / "train" / "good").is_dir():
@@ -43,8 +46,9 @@ def main() -> None:
     for name in args.only:
         run = args.work / name
         t = time.perf_counter()
-        fit = run_json(["fit", name, "--data", str(args.data), "--out", str(run),
-                        "--image-size", str(args.image_size), *DETECTORS[name]])
+        detector, extra = DETECTORS[name]
+        fit = run_json(["fit", detector, "--data", str(args.data), "--out", str(run),
+                        "--image-size", str(args.image_size), *extra])
         wall = time.perf_counter() - t
         metrics = run_json(["evaluate", str(run), "--data", str(args.data), "--recalibrate",
                             "--report", str(args.work / f"{name}_report" / "metrics.json")])

@@ -1,8 +1,9 @@
 """Mergeable online moments per grid location (thesis appendix C).
 
 Running count, sum and sum of outer products, in float64, so that the mean and covariance of
-any number of images take the memory of one: P x D x D. Two accumulators built on disjoint
-shards merge exactly (addition), which is what lets a fit run on many processes.
+any number of images take the memory of one: P x D(D+1)/2 (the outer products are symmetric,
+so only their upper triangle is stored). Two accumulators built on disjoint shards merge
+exactly (addition), which is what lets a fit run on many processes.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ class OnlineMoments:
         # products can be formed in fast float32 without cancellation, then added in float64.
         self.shift = torch.zeros(locations, dim, dtype=dtype)
         self.sum = torch.zeros(locations, dim, dtype=dtype)  # of (x - shift)
-        self.outer = torch.zeros(locations, dim, dim, dtype=dtype)  # of (x - shift)(x - shift)^T
+        self._iu = torch.triu_indices(dim, dim)
+        # Upper triangle (row-major, diagonal included) of sum (x - shift)(x - shift)^T.
+        self.packed = torch.zeros(locations, self._iu.shape[1], dtype=dtype)
 
     @property
     def locations(self) -> int:
@@ -48,7 +51,8 @@ class OnlineMoments:
         yp = y.permute(1, 2, 0).contiguous()  # (P, D, B)
         for start in range(0, self.locations, _CHUNK):  # bounded float32 temporaries
             part = yp[start : start + _CHUNK]
-            self.outer[start : start + _CHUNK] += torch.bmm(part, part.transpose(1, 2))
+            block = torch.bmm(part, part.transpose(1, 2))
+            self.packed[start : start + _CHUNK] += block[:, self._iu[0], self._iu[1]]
 
     def merge(self, other: OnlineMoments) -> OnlineMoments:
         """Combine with moments of a disjoint shard, in place (exact)."""
@@ -62,10 +66,26 @@ class OnlineMoments:
         n2 = other.count
         self.count += n2
         self.sum += other.sum + n2 * delta
-        self.outer += (other.outer + delta.unsqueeze(2) * other.sum.unsqueeze(1)
-                       + other.sum.unsqueeze(2) * delta.unsqueeze(1)
-                       + n2 * delta.unsqueeze(2) * delta.unsqueeze(1))
+        self.packed += other.packed + self._shift_term(delta, other.sum, n2)
         return self
+
+    def _shift_term(self, delta: torch.Tensor, s: torch.Tensor, n: int) -> torch.Tensor:
+        """Packed delta s^T + s delta^T + n delta delta^T: what moving the shift adds."""
+        i, j = self._iu
+        return delta[:, i] * s[:, j] + s[:, i] * delta[:, j] + n * delta[:, i] * delta[:, j]
+
+    def unpack(self, locations: slice | None = None) -> torch.Tensor:
+        """Full (P, D, D) sums of outer products (of a slice of locations)."""
+        part = self.packed[locations or slice(None)]
+        out = torch.empty(part.shape[0], self.dim, self.dim, dtype=part.dtype)
+        i, j = self._iu
+        out[:, i, j] = part
+        out[:, j, i] = part
+        return out
+
+    @property
+    def outer(self) -> torch.Tensor:
+        return self.unpack()
 
     def mean(self) -> torch.Tensor:
         self._need(1)
@@ -79,7 +99,7 @@ class OnlineMoments:
         self._need(2)
         sel = locations or slice(None)
         m = self.sum[sel] / self.count  # mean of the shifted data
-        cov = (self.outer[sel] - self.count * m.unsqueeze(2) * m.unsqueeze(1)) / (self.count - 1)
+        cov = (self.unpack(sel) - self.count * m.unsqueeze(2) * m.unsqueeze(1)) / (self.count - 1)
         if eps:
             cov.diagonal(dim1=-2, dim2=-1).add_(eps)
         return cov
@@ -93,9 +113,7 @@ class OnlineMoments:
         out.count = n * self.locations
         out.shift = g
         out.sum = (self.sum + n * delta).sum(dim=0, keepdim=True)
-        out.outer = (self.outer + delta.unsqueeze(2) * self.sum.unsqueeze(1)
-                     + self.sum.unsqueeze(2) * delta.unsqueeze(1)
-                     + n * delta.unsqueeze(2) * delta.unsqueeze(1)).sum(dim=0, keepdim=True)
+        out.packed = (self.packed + self._shift_term(delta, self.sum, n)).sum(dim=0, keepdim=True)
         return out
 
     def state(self, prefix: str = "moments") -> dict[str, torch.Tensor]:
@@ -103,7 +121,7 @@ class OnlineMoments:
             f"{prefix}.count": torch.tensor([self.count], dtype=torch.int64),
             f"{prefix}.shift": self.shift,
             f"{prefix}.sum": self.sum,
-            f"{prefix}.outer": self.outer,
+            f"{prefix}.outer": self.packed,
         }
 
     @classmethod
@@ -113,7 +131,11 @@ class OnlineMoments:
         out.count = int(tensors[f"{prefix}.count"][0])
         out.shift = tensors[f"{prefix}.shift"].clone()
         out.sum = s.clone()
-        out.outer = tensors[f"{prefix}.outer"].clone()
+        packed = tensors[f"{prefix}.outer"]
+        if packed.shape != out.packed.shape:
+            raise ValueError(f"{prefix}.outer has shape {tuple(packed.shape)}, expected "
+                             f"{tuple(out.packed.shape)} (packed upper triangle)")
+        out.packed = packed.clone()
         return out
 
     def cholesky(self, eps: float, chunk: int = 64) -> torch.Tensor:

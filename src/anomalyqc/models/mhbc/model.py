@@ -78,6 +78,7 @@ class Mhbc(EmbeddingDetector):
                 self.kmeans.buffered + x.shape[0] >= self.kmeans.init_size
             if assigns and self.config.covariance != "none" and self.moments.count >= 2 and (
                     self.moments.count >= factor_at * (1 + self.config.refresh_growth)):
+                mean = chol = None  # free the old factor before building the new one
                 mean, chol = self._metric(self.moments)
                 factor_at = self.moments.count
             self.kmeans.update(x, mean, chol)
@@ -124,9 +125,8 @@ class Mhbc(EmbeddingDetector):
 
     def finalise(self) -> Mhbc:
         assert self.moments is not None and self.kmeans is not None
-        if self.config.covariance == "none":
-            self.mean, self.chol = None, None
-        else:
+        self.mean = self.chol = None
+        if self.config.covariance != "none":
             self.mean, self.chol = self._metric(self.moments)
         self.kmeans.finish_init(self.mean, self.chol)
         raw = self.kmeans.centroids()  # (P, K, D) float64, original space

@@ -41,34 +41,49 @@ class Patchcore(EmbeddingDetector):
         self.bank: torch.Tensor | None = None
         self._nn: NearestNeighbour | None = None
 
-    def fit(self, batches: Iterable[Batch], progress: bool = False) -> Patchcore:
+    def fit(self, batches: Iterable[Batch], progress: bool = False) -> "Patchcore":
         self.reset()
-        chunks = [x.reshape(-1, x.shape[-1]) for x in self.stream_embeddings(batches, progress)]
+        chunks: list[np.ndarray] = []  # raw embeddings, one array per batch
+        for x in self.stream_embeddings(batches, progress):
+            chunks.append(x.reshape(-1, x.shape[-1]).numpy())
         if not chunks:
             raise DataError("PatchCore needs at least 1 training image")
-        features = torch.cat(chunks).numpy()
-        del chunks
-        n = max(1, int(round(self.config.coreset_ratio * features.shape[0])))
-        self.bank = torch.from_numpy(features[self.coreset_indices(features, n, progress)].copy())
+        total = sum(c.shape[0] for c in chunks)
+        n = max(1, int(round(self.config.coreset_ratio * total)))
+        # The coreset search runs on random projections (eq. 8.34), written into one
+        # preallocated array: no concatenated copy of the raw embeddings is ever made.
+        proj = self._projection(chunks[0].shape[1])
+        keys = np.empty((total, proj.shape[1] if proj.size else chunks[0].shape[1]), np.float32)
+        start = 0
+        for c in chunks:
+            keys[start : start + c.shape[0]] = c @ proj if proj.size else c
+            start += c.shape[0]
+        idx = np.sort(self.coreset_indices(keys, n, progress))
+        del keys
+        # Gather the chosen rows straight from the per-batch arrays: no full concatenated copy.
+        offsets = np.cumsum([0] + [c.shape[0] for c in chunks])
+        which = np.searchsorted(offsets, idx, side="right") - 1
+        self.bank = torch.from_numpy(np.stack([chunks[w][i - offsets[w]]
+                                               for w, i in zip(which, idx, strict=True)]))
         self._nn = None
         self.fitted = True
         return self
 
-    def coreset_indices(self, features: np.ndarray, n: int, progress: bool) -> np.ndarray:
-        if n >= features.shape[0]:
-            return np.arange(features.shape[0])
-        d = features.shape[1]
-        if self.config.coreset_dim and self.config.coreset_dim < d:
-            proj = gaussian_random_matrix(d, self.config.coreset_dim, self.config.seed).numpy()
-            search = features @ proj
-        else:
-            search = features
+    def _projection(self, dim: int) -> np.ndarray:
+        """Fixed random projection for the coreset search (eq. 8.34); empty = none."""
+        if self.config.coreset_dim and self.config.coreset_dim < dim:
+            return gaussian_random_matrix(dim, self.config.coreset_dim, self.config.seed).numpy()
+        return np.empty((0, 0), dtype=np.float32)
+
+    def coreset_indices(self, search: np.ndarray, n: int, progress: bool) -> np.ndarray:
+        if n >= search.shape[0]:
+            return np.arange(search.shape[0])
         if not progress:
             return greedy_coreset(search, n, seed=self.config.seed)
         from rich.progress import Progress
 
         with Progress(transient=False) as bar:
-            task = bar.add_task(f"{self.name}: coreset {n} of {features.shape[0]}", total=n)
+            task = bar.add_task(f"{self.name}: coreset {n} of {search.shape[0]}", total=n)
             return greedy_coreset(search, n, seed=self.config.seed,
                                   progress=lambda k: bar.update(task, completed=k))
 
