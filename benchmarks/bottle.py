@@ -22,6 +22,9 @@ CLI = [sys.executable, "-m", "anomalyqc.cli"]
 DETECTORS = {
     "patchcore": ("patchcore", []),
     "patchcore_hnsw": ("patchcore", ["--set", "index=hnsw"]),
+    "patchcore_d128": ("patchcore", ["--set", "coreset_dim=128"]),
+    "patchcore_1pct": ("patchcore", ["--set", "coreset_ratio=0.01"]),
+    "mhbc_pca48": ("mhbc", ["--set", "reduction=pca", "--set", "reduced_dim=48"]),
     "padim": ("padim", []),
     "mhbc": ("mhbc", []),
 }

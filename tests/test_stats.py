@@ -603,3 +603,29 @@ def test_nearest_neighbour_refuses_bad_input():
         NearestNeighbour(np.zeros((0, 4), dtype=np.float32))
     with pytest.raises(ValueError, match="unknown index kind"):
         NearestNeighbour(np.zeros((3, 4), dtype=np.float32), kind="ivf")
+
+
+def test_pruned_index_is_exact_and_mostly_avoids_brute_force():
+    rng = np.random.default_rng(5)
+    # Low-rank bank plus small noise (like CNN patch features), offset far from the origin.
+    bank = (rng.normal(size=(4000, 6)) @ rng.normal(size=(6, 40)) + 0.05 * rng.normal(size=(4000, 40))
+            + 100).astype(np.float32)
+    near = bank[rng.integers(0, 4000, 200)] + 0.05 * rng.normal(size=(200, 40))
+    far = 100 + 3 * rng.normal(size=(50, 40))  # off the bank's subspace: anomalies
+    queries = np.concatenate([near, far]).astype(np.float32)
+    exact = np.sqrt(((queries[:, None, :].astype(np.float64) - bank[None]) ** 2).sum(-1)).min(1)
+    nn = NearestNeighbour(bank, kind="pruned", pruned_dim=8, candidates=8, threads=1)
+    assert nn.kind == "pruned"
+    got = nn.distance(queries)
+    np.testing.assert_allclose(got, exact, rtol=1e-3, atol=1e-3)
+    assert nn.fallbacks < len(queries) // 2  # the certificate holds for most queries
+
+
+def test_pruned_index_falls_back_when_the_certificate_fails():
+    rng = np.random.default_rng(6)
+    bank = rng.normal(size=(300, 32)).astype(np.float32)  # isotropic: weak lower bounds
+    queries = rng.normal(size=(40, 32)).astype(np.float32)
+    exact = np.sqrt(((queries[:, None, :].astype(np.float64) - bank[None]) ** 2).sum(-1)).min(1)
+    nn = NearestNeighbour(bank, kind="pruned", pruned_dim=4, candidates=2, threads=1)
+    np.testing.assert_allclose(nn.distance(queries), exact, rtol=1e-3, atol=1e-3)
+    assert nn.fallbacks > 0

@@ -61,18 +61,22 @@ def lloyd(x: torch.Tensor, centres: torch.Tensor, iters: int, mean: torch.Tensor
     acc = torch.float64
     w = torch.ones(p, n, dtype=acc) if weights is None else weights.to(acc)
     zx = _transform(x, mean, chol)
+    zx_sq = (zx * zx).sum(-1, keepdim=True)  # once, not per iteration
     xw = x.to(acc) * w.unsqueeze(-1)
+    # Buffers reused across iterations: fewer large temporaries, less allocator churn.
     sums = torch.zeros(p, k, d, dtype=acc)
     counts = torch.zeros(p, k, dtype=acc)
+    centres = centres.to(acc).clone()
     for _ in range(max(1, iters)):
         zc = _transform(centres, mean, chol)
-        assign = pairwise_sqdist(zx, zc).argmin(-1)  # (P, N)
-        sums = torch.zeros(p, k, d, dtype=acc).scatter_add_(
-            1, assign.unsqueeze(-1).expand(-1, -1, d), xw)
-        counts = torch.zeros(p, k, dtype=acc).scatter_add_(1, assign, w)
-        filled = counts > 0
-        centres = torch.where(filled.unsqueeze(-1), sums / counts.clamp_min(1e-12).unsqueeze(-1),
-                              centres)
+        dist = torch.baddbmm(zx_sq, zx, zc.transpose(1, 2), alpha=-2.0)
+        dist += (zc * zc).sum(-1).unsqueeze(1)
+        assign = dist.argmin(-1)  # (P, N)
+        del dist, zc
+        sums.zero_().scatter_add_(1, assign.unsqueeze(-1).expand(-1, -1, d), xw)
+        counts.zero_().scatter_add_(1, assign, w)
+        filled = (counts > 0).unsqueeze(-1)
+        torch.where(filled, sums / counts.clamp_min(1e-12).unsqueeze(-1), centres, out=centres)
     return sums, counts
 
 

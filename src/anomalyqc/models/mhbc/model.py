@@ -84,6 +84,7 @@ class Mhbc(EmbeddingDetector):
             self.kmeans.update(x, mean, chol)
         if self.moments is None or self.moments.count < 2:
             raise DataError("MhBC-PatchCore needs at least 2 training images")
+        del mean, chol  # the streaming factor: finalise builds the final one
         return self.finalise()
 
     def _fit_coreset(self, batches: Iterable[Batch], progress: bool) -> Mhbc:

@@ -8,6 +8,7 @@ chosen: its memory grows with the dataset (table 8.1).
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterable
 from typing import Literal
 
@@ -26,8 +27,8 @@ from anomalyqc.types import Batch
 
 class PatchcoreConfig(EmbeddingConfig):
     coreset_ratio: float = 0.1
-    coreset_dim: int = 128  # random projection used only for the coreset search
-    index: Literal["flat", "hnsw"] = "flat"
+    coreset_dim: int = 128  # random projection (eq. 8.34) used only for the coreset search
+    index: Literal["flat", "pruned", "hnsw"] = "flat"  # flat and pruned are exact
 
 
 @register
@@ -41,7 +42,7 @@ class Patchcore(EmbeddingDetector):
         self.bank: torch.Tensor | None = None
         self._nn: NearestNeighbour | None = None
 
-    def fit(self, batches: Iterable[Batch], progress: bool = False) -> "Patchcore":
+    def fit(self, batches: Iterable[Batch], progress: bool = False) -> Patchcore:
         self.reset()
         chunks: list[np.ndarray] = []  # raw embeddings, one array per batch
         for x in self.stream_embeddings(batches, progress):
@@ -49,22 +50,25 @@ class Patchcore(EmbeddingDetector):
         if not chunks:
             raise DataError("PatchCore needs at least 1 training image")
         total = sum(c.shape[0] for c in chunks)
+        dim = chunks[0].shape[1]
         n = max(1, int(round(self.config.coreset_ratio * total)))
         # The coreset search runs on random projections (eq. 8.34), written into one
-        # preallocated array: no concatenated copy of the raw embeddings is ever made.
-        proj = self._projection(chunks[0].shape[1])
-        keys = np.empty((total, proj.shape[1] if proj.size else chunks[0].shape[1]), np.float32)
-        start = 0
-        for c in chunks:
-            keys[start : start + c.shape[0]] = c @ proj if proj.size else c
-            start += c.shape[0]
-        idx = np.sort(self.coreset_indices(keys, n, progress))
-        del keys
-        # Gather the chosen rows straight from the per-batch arrays: no full concatenated copy.
-        offsets = np.cumsum([0] + [c.shape[0] for c in chunks])
-        which = np.searchsorted(offsets, idx, side="right") - 1
-        self.bank = torch.from_numpy(np.stack([chunks[w][i - offsets[w]]
-                                               for w, i in zip(which, idx, strict=True)]))
+        # preallocated array; the raw embeddings wait in a temporary file meanwhile, so the
+        # search's working memory does not come on top of them.
+        proj = self._projection(dim)
+        keys = np.empty((total, proj.shape[1] if proj.size else dim), np.float32)
+        with tempfile.TemporaryFile(prefix="anomalyqc-patchcore-") as spill:
+            start = 0
+            for c in chunks:
+                keys[start : start + c.shape[0]] = c @ proj if proj.size else c
+                start += c.shape[0]
+                c.tofile(spill)
+            del chunks, c
+            idx = np.sort(self.coreset_indices(keys, n, progress))
+            del keys
+            raw = np.memmap(spill, dtype=np.float32, mode="r", shape=(total, dim))
+            self.bank = torch.from_numpy(np.ascontiguousarray(raw[idx]))
+            del raw
         self._nn = None
         self.fitted = True
         return self
