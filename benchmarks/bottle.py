@@ -61,7 +61,11 @@ def main() -> None:
         print(f"{name}: done", file=sys.stderr)
     out = HERE / "results" / "bottle.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    # Replace the rows of this run's detectors only, so that `--only X` keeps the others.
+    stored = json.loads(out.read_text()) if out.is_file() else {}
+    stored = {k: v for k, v in stored.items() if k in DETECTORS}
+    stored.update(results)
+    out.write_text(json.dumps(stored, indent=2) + "\n")
     print("| detector | image AUROC | pixel AUROC | AUPRO | fit s (backbone s) | "
           "fit peak RSS MB | e2e ms/img b1 (p95) | model-only ms b1 | throughput img/s |")
     print("|---|---|---|---|---|---|---|---|---|")
