@@ -16,6 +16,8 @@ import torch
 
 from anomalyqc.stats.whitening import whiten
 
+_INIT_BLOCK = 256  # locations seeded together
+
 
 def _transform(x: torch.Tensor, mean: torch.Tensor | None, chol: torch.Tensor | None) -> torch.Tensor:
     x = x.float()
@@ -135,10 +137,19 @@ class OnlineKMeans:
         x = torch.cat(self._buffer, dim=1)
         self._buffer = []
         k = min(self.k, x.shape[1])
-        z = _transform(x, mean, chol)
-        idx = kmeans_plus_plus(z, k, self.generator)
-        centres = x.gather(1, idx.unsqueeze(-1).expand(-1, -1, self.dim)).double()
-        sums, counts = lloyd(x, centres, self.lloyd_iters, mean, chol)
+        sums = torch.empty(self.locations, k, self.dim, dtype=torch.float64)
+        counts = torch.empty(self.locations, k, dtype=torch.float64)
+        # Locations are independent: seed them a block at a time, so the temporaries stay
+        # a fraction of the buffer's size.
+        for start in range(0, self.locations, _INIT_BLOCK):
+            sel = slice(start, start + _INIT_BLOCK)
+            m = None if mean is None else (mean if mean.shape[0] == 1 else mean[sel])
+            c = None if chol is None else (chol if chol.shape[0] == 1 else chol[sel])
+            xb = x[sel]
+            idx = kmeans_plus_plus(_transform(xb, m, c), k, self.generator)
+            centres = xb.gather(1, idx.unsqueeze(-1).expand(-1, -1, self.dim)).double()
+            sums[sel], counts[sel] = lloyd(xb, centres, self.lloyd_iters, m, c)
+        del x
         if k < self.k:  # fewer points than clusters so far: pad with empty clusters
             pad = self.k - k
             sums = torch.cat([sums, sums[:, :1].expand(-1, pad, -1) * 0], dim=1)
