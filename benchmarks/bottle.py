@@ -21,6 +21,7 @@ CLI = [sys.executable, "-m", "anomalyqc.cli"]
 # name in the table -> (detector, extra CLI options)
 DETECTORS = {
     "patchcore": ("patchcore", []),
+    "patchcore_flat": ("patchcore", ["--set", "index=flat"]),
     "patchcore_hnsw": ("patchcore", ["--set", "index=hnsw"]),
     "patchcore_d128": ("patchcore", ["--set", "coreset_dim=128"]),
     "patchcore_1pct": ("patchcore", ["--set", "coreset_ratio=0.01"]),

@@ -127,6 +127,30 @@ def test_read_image_16bit_alpha_bmp_tiff_and_non_ascii(tmp_path: Path) -> None:
     assert read_image(write(tmp_path / "Ampulle_geprüft_安瓿.png", rgb_image())).shape == (H, W, 3)
 
 
+@pytest.mark.parametrize("kind", ["gray8", "rgb8", "rgba8", "gray16", "rgb16", "gray_alpha", "palette"])
+def test_png_fast_path_agrees_with_opencv(tmp_path: Path, kind: str) -> None:
+    from PIL import Image
+
+    from anomalyqc.data import io
+
+    rng = np.random.default_rng(1)
+    shape = {"gray8": (H, W), "rgb8": (H, W, 3), "rgba8": (H, W, 4), "gray16": (H, W),
+             "rgb16": (H, W, 3), "gray_alpha": (H, W, 2), "palette": (H, W)}[kind]
+    dtype = np.uint16 if kind.endswith("16") else np.uint8
+    pixels = rng.integers(0, np.iinfo(dtype).max, shape, dtype=dtype, endpoint=True)
+    path = tmp_path / f"{kind}.png"
+    if kind in ("gray_alpha", "palette"):  # OpenCV cannot write these PNG colour types
+        Image.fromarray(pixels, "LA" if kind == "gray_alpha" else "L").convert(
+            "P" if kind == "palette" else "LA").save(path)
+    else:
+        write(path, pixels)
+    data = np.fromfile(path, np.uint8)
+    assert (io._decode_png8(data) is not None) == (kind in ("gray8", "rgb8", "rgba8"))
+    raw = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    expected = io._to_float(io._to_rgb_or_gray(raw, bgr=True), path)
+    np.testing.assert_array_equal(read_image(path), expected)
+
+
 def test_read_mask_binary_and_resized(tmp_path: Path) -> None:
     raw = defect_mask()
     raw[0, 0] = 1  # faint but nonzero still counts

@@ -2,8 +2,10 @@
 
 Everything that touches image files goes through here, so that every unreadable, truncated
 or oddly encoded file ends up as one DataError that names the file and says what to do.
-Files are read as bytes with np.fromfile and decoded with cv2.imdecode, which (unlike
-cv2.imread) works with non-ASCII paths on every platform.
+Files are read as bytes with np.fromfile (which, unlike cv2.imread, works with non-ASCII
+paths on every platform). 8-bit gray/RGB/RGBA PNGs, the common case on a line, are decoded
+by libspng (pyspng), about twice as fast as OpenCV's libpng on a 900x900 image; everything
+else, and anything libspng refuses, goes through cv2.imdecode.
 """
 
 from __future__ import annotations
@@ -12,6 +14,11 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+
+try:
+    import pyspng as spng
+except ImportError:  # optional speed-up: OpenCV decodes everything without it
+    spng = None
 
 from anomalyqc.data.transforms import check_channels, convert_channels, resize_mask
 from anomalyqc.errors import DataError
@@ -54,10 +61,10 @@ def read_image(path: str | Path, channels: int | None = None) -> np.ndarray:
     """
     check_channels(channels)
     path = Path(path)
-    raw = _decode(path, "image")
+    raw, bgr = _decode(path, "image")
     # Channel reordering on the integer pixels, then one float conversion: 2-3x cheaper on
     # large images than converting first (this is on the inline latency path).
-    img = _to_float(_to_rgb_or_gray(raw), path)
+    img = _to_float(_to_rgb_or_gray(raw, bgr), path)
     return convert_channels(img, channels) if channels is not None else img
 
 
@@ -68,7 +75,7 @@ def read_mask(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarr
     (H, W) is given the mask is resized with nearest neighbour so it stays binary.
     """
     path = Path(path)
-    raw = _decode(path, "mask")
+    raw, _ = _decode(path, "mask")
     if raw.ndim == 3:
         raw = raw[..., :3].max(axis=2) if raw.shape[2] >= 3 else raw[..., 0]
     mask = (raw > 0).astype(np.uint8)
@@ -77,8 +84,9 @@ def read_mask(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarr
     return mask
 
 
-def _decode(path: Path, kind: str) -> np.ndarray:
-    """Bytes -> array exactly as stored (any depth, any channels), or a DataError."""
+def _decode(path: Path, kind: str) -> tuple[np.ndarray, bool]:
+    """Bytes -> (array as stored: any depth, any channels; True if colour is in BGR order),
+    or a DataError."""
 
     def fail(reason: str) -> DataError:
         return DataError(f"cannot read {kind} {path}: {reason}; {_FIX_HINT}")
@@ -94,13 +102,30 @@ def _decode(path: Path, kind: str) -> np.ndarray:
     reason = _truncation_reason(data)
     if reason:
         raise fail(reason)
+    fast = _decode_png8(data)
+    if fast is not None:
+        return fast, False
     try:
         raw = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     except cv2.error as exc:
         raise fail(f"decoder error ({str(exc).strip().splitlines()[-1]})") from exc
     if raw is None or raw.size == 0:
         raise fail("not a supported image format or corrupt data")
-    return raw
+    return raw, True
+
+
+def _decode_png8(data: np.ndarray) -> np.ndarray | None:
+    """libspng for 8-bit gray (colour type 0), RGB (2) and RGBA (6) PNGs, in RGB order; None
+    for anything else (16-bit, palette, gray+alpha) or when libspng refuses the file."""
+    if spng is None or data.size < 26 or data[:8].tobytes() != _PNG_SIGNATURE:
+        return None
+    if data[24] != 8 or data[25] not in (0, 2, 6):  # IHDR bit depth and colour type
+        return None
+    try:
+        img = spng.load(data.tobytes())
+    except (RuntimeError, ValueError):
+        return None
+    return img if img.ndim == 2 or img.shape[2] in (3, 4) else None
 
 
 def _truncation_reason(data: np.ndarray) -> str | None:
@@ -136,8 +161,8 @@ def _to_float(raw: np.ndarray, path: Path) -> np.ndarray:
     )
 
 
-def _to_rgb_or_gray(img: np.ndarray) -> np.ndarray:
-    """(H, W) / BGR / BGRA / gray+alpha -> (H, W, 1) gray or (H, W, 3) RGB."""
+def _to_rgb_or_gray(img: np.ndarray, bgr: bool = True) -> np.ndarray:
+    """(H, W) / BGR(A) or RGB(A) / gray+alpha -> (H, W, 1) gray or (H, W, 3) RGB."""
     if img.ndim == 2:
         return img[..., None]
     c = img.shape[2]
@@ -145,6 +170,8 @@ def _to_rgb_or_gray(img: np.ndarray) -> np.ndarray:
         return img
     if c == 2:  # gray + alpha
         return np.ascontiguousarray(img[..., :1])
+    if not bgr:
+        return img if c == 3 else np.ascontiguousarray(img[..., :3])
     if img.dtype in (np.uint8, np.uint16, np.float32):
         return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB if c == 4 else cv2.COLOR_BGR2RGB)
     return np.ascontiguousarray(img[..., 2::-1])  # BGR(A) -> RGB, alpha dropped

@@ -28,7 +28,8 @@ from anomalyqc.types import Batch
 class PatchcoreConfig(EmbeddingConfig):
     coreset_ratio: float = 0.1
     coreset_dim: int = 128  # random projection (eq. 8.34) used only for the coreset search
-    index: Literal["flat", "pruned", "hnsw"] = "flat"  # flat and pruned are exact
+    # clustered and flat are exact (clustered prunes by the triangle inequality); hnsw is not
+    index: Literal["clustered", "flat", "hnsw"] = "clustered"
 
 
 @register
@@ -94,7 +95,8 @@ class Patchcore(EmbeddingDetector):
     @property
     def nn(self) -> NearestNeighbour:
         if self._nn is None:
-            self._nn = NearestNeighbour(self.bank.numpy(), kind=self.config.index)
+            self._nn = NearestNeighbour(self.bank.numpy(), kind=self.config.index,
+                                        seed=self.config.seed)
         return self._nn
 
     def patch_scores(self, emb: torch.Tensor) -> torch.Tensor:
