@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import cv2
 import pytest
 from typer.testing import CliRunner
 
@@ -35,7 +36,8 @@ def vials(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("detector,extra", [
     ("padim", []),
     ("patchcore", ["--set", "coreset_ratio=0.05"]),
-    ("mhbc", ["--set", "n_clusters=4"]),
+    # the strips are 256x320: a rectangular size keeps their aspect ratio
+    ("mhbc", ["--set", "n_clusters=4", "--image-size", "64x80"]),
 ])
 def test_fit_evaluate_predict_benchmark(vials: Path, tmp_path: Path, detector: str, extra):
     run = tmp_path / "run"
@@ -71,6 +73,8 @@ def test_fit_evaluate_predict_benchmark(vials: Path, tmp_path: Path, detector: s
     assert all(row["decision"] in ("good", "defect") for row in rows)
     assert all(Path(row["heatmap"]).is_file() for row in rows)
     assert len({row["heatmap"] for row in rows}) == 5  # same-named files don't collide
+    heatmap = cv2.imread(rows[0]["heatmap"])
+    assert heatmap.shape[:2] == ((64, 80) if "64x80" in extra else (64, 64))
 
     r = invoke("benchmark", run, "--data", vials, "--repeats", 3, "--batch-size", 4)
     assert r.exit_code == 0, r.output
@@ -102,6 +106,10 @@ def test_errors_are_one_line_with_status_2(tmp_path: Path, vials: Path):
     r = invoke("fit", "padim", "--data", vials, "--out", tmp_path / "r3", *SMALL,
                "--set", "no_such_param=1")
     assert r.exit_code == 2 and "no_such_param" in r.output
+
+    for bad_size in ("64x", "0", "64x80x3", "big"):
+        r = invoke("fit", "padim", "--data", vials, "--out", tmp_path / "r4", "--image-size", bad_size)
+        assert r.exit_code == 2 and "256x320" in r.output, r.output
 
 
 def test_evaluate_refuses_single_class(tmp_path: Path, vials: Path):

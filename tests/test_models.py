@@ -286,6 +286,28 @@ def test_wrong_input_is_a_data_error_naming_what_is_expected(name):
         det.predict(torch.rand(3, S, S))
 
 
+def test_rectangular_input_size_fits_predicts_and_round_trips(tmp_path):
+    wide = torch.nn.functional.interpolate(TRAIN[:8], size=(64, 96), mode="bilinear")
+    det = fresh("padim", wide, image_size=(64, 96))
+    assert det.input_size == (64, 96)
+    pred = det.predict(wide[:2])
+    assert pred.anomaly_map.shape == (2, 1, 64, 96)
+    with pytest.raises(DataError, match="64x96"):
+        det.predict(TRAIN[:1])  # a 64x64 image
+    det.save(tmp_path / "run")
+    back = load_detector(tmp_path / "run")
+    assert back.input_size == (64, 96)
+    torch.testing.assert_close(back.predict(wide[:2]).score, pred.score)
+
+
+def test_sizes_normalise_and_bad_sizes_are_config_errors():
+    assert Padim(image_size=[128, 128]).config.image_size == 128  # a square pair is an int
+    assert Padim(image_size=[64, 96], crop_size=[32, 48]).input_size == (32, 48)
+    for bad in (0, (64,), (64, -1), "big", True):
+        with pytest.raises(ConfigError, match="image_size"):
+            Padim(image_size=bad)
+
+
 def test_fit_on_wrong_size_is_a_data_error():
     with pytest.raises(DataError, match="64x64"):
         Padim(**BASE).fit(batches(torch.rand(4, 3, 32, 32)))

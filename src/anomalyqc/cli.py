@@ -59,6 +59,15 @@ def _parse_sets(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def _parse_size(text: str, option: str) -> int | tuple[int, int]:
+    """'256' -> 256 (a square); '256x320' -> (256, 320), height first."""
+    parts = text.lower().replace(" ", "").split("x")
+    if len(parts) in (1, 2) and all(p.isdigit() and int(p) > 0 for p in parts):
+        return int(parts[0]) if len(parts) == 1 else (int(parts[0]), int(parts[1]))
+    raise typer.BadParameter(f"expected a size like 256 or 256x320 (height x width), got {text!r}",
+                             param_hint=option)
+
+
 def _print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
 
@@ -89,8 +98,10 @@ def fit(
     backbone: str = typer.Option("efficientnet_lite0",
                                  help="efficientnet_lite0 | efficientnet_lite2 | resnet18 | "
                                       "wide_resnet50_2"),
-    image_size: int = typer.Option(256, help="Images are resized to this square size."),
-    crop_size: int | None = typer.Option(None, help="Optional centre crop after resizing."),
+    image_size: str = typer.Option("256", help="Resize images to this size: 256 for a square, "
+                                                 "HxW (e.g. 256x320) otherwise."),
+    crop_size: str | None = typer.Option(None, help="Optional centre crop after resizing "
+                                                    "(same format)."),
     batch_size: int = typer.Option(8, help="Images per batch."),
     workers: int = typer.Option(0, help="Data-loading worker processes."),
     set_: list[str] = typer.Option([], "--set",
@@ -100,7 +111,8 @@ def fit(
     """Fit a detector on the good training images and save it to a run folder."""
     from anomalyqc.workflow import fit_run
 
-    params = {"backbone": backbone, "image_size": image_size, "crop_size": crop_size,
+    params = {"backbone": backbone, "image_size": _parse_size(image_size, "--image-size"),
+              "crop_size": _parse_size(crop_size, "--crop-size") if crop_size else None,
               **_parse_sets(set_)}
     _run(lambda: fit_run(detector.value, data, out, params, batch_size, workers, progress=True))
     info = json.loads((out / "fit_info.json").read_text())

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
+from anomalyqc.data.transforms import as_hw
 from anomalyqc.errors import ConfigError
 from anomalyqc.types import Batch, Prediction
 
@@ -25,9 +26,20 @@ class DetectorConfig(BaseModel):
     """Parameters every detector has: the input it expects."""
 
     model_config = ConfigDict(extra="forbid")
-    image_size: int = 256
-    crop_size: int | None = None
+    image_size: int | tuple[int, int] = 256  # an int is a square, a pair is (height, width)
+    crop_size: int | tuple[int, int] | None = None
     channels: int | None = None  # fixed at fit time from the data when left unset
+
+    @field_validator("image_size", "crop_size", mode="before")
+    @classmethod
+    def _positive_size(cls, v: Any) -> int | tuple[int, int] | None:
+        if v is None:
+            return v
+        try:
+            h, w = as_hw(tuple(v) if isinstance(v, list) else v)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return h if h == w else (h, w)
 
 
 class Detector(ABC):
@@ -46,8 +58,7 @@ class Detector(ABC):
     @property
     def input_size(self) -> tuple[int, int]:
         """(H, W) of the images the detector takes, after resize and optional crop."""
-        s = self.config.crop_size or self.config.image_size
-        return (s, s)
+        return as_hw(self.config.crop_size or self.config.image_size)
 
     @abstractmethod
     def fit(self: D, batches: Iterable[Batch], progress: bool = False) -> D:
