@@ -4,6 +4,7 @@ predict -> benchmark, and the one-line errors for bad input."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import cv2
@@ -59,11 +60,12 @@ def test_fit_evaluate_predict_benchmark(vials: Path, tmp_path: Path, detector: s
     assert (report.parent / "report.html").is_file() and (report.parent / "roc.png").is_file()
     assert (run / "threshold.json").is_file()
 
-    # A second evaluation reuses the stored threshold and says so.
+    # A second evaluation reuses the stored threshold and says it was chosen on this data.
     r = invoke("evaluate", run, "--data", vials)
     assert r.exit_code == 0, r.output
     m2 = _json(r.stdout)
     assert m2["threshold"] == m["threshold"] and "threshold.json" in m2["threshold_source"]
+    assert "optimistic" in m2["threshold_source"]
 
     preds = tmp_path / "pred"
     r = invoke("predict", run, vials / "test" / "good", vials / "test" / "scratch", "--out", preds)
@@ -82,6 +84,38 @@ def test_fit_evaluate_predict_benchmark(vials: Path, tmp_path: Path, detector: s
     assert b["latency_batch1_end_to_end"]["median_ms"] > 0
     assert b["latency_batch1_model_only"]["median_ms"] <= b["latency_batch1_end_to_end"]["p95_ms"]
     assert b["fit"]["n_images"] == 12
+
+
+def test_calibrate_on_validation_data_then_evaluate(vials: Path, tmp_path: Path):
+    val = tmp_path / "val"  # another seed, no training images: a validation set
+    r = invoke("synth", "vials", "--out", val, "--n-train", 0, "--n-test-good", 4,
+               "--n-test-defect", 4, "--seed", 9)
+    assert r.exit_code == 0, r.output
+    run = tmp_path / "run"
+    assert invoke("fit", "padim", "--data", vials, "--out", run, *SMALL).exit_code == 0
+    r = invoke("predict", run, vials / "test" / "good", "--out", tmp_path / "p0")
+    assert "uncalibrated" in r.output
+
+    r = invoke("calibrate", run, "--data", val, "--threshold-method", "youden")
+    assert r.exit_code == 0, r.output
+    c = _json(r.stdout)
+    assert c["threshold_method"] == "youden" and c["n_good"] == 4 and c["n_defect"] == 4
+    stored = json.loads((run / "threshold.json").read_text())
+    assert stored["image"]["value"] == c["threshold"] and stored["data"] == str(val)
+
+    r = invoke("evaluate", run, "--data", vials)
+    assert r.exit_code == 0, r.output
+    m = _json(r.stdout)
+    assert m["threshold"] == c["threshold"]
+    assert str(val) in m["threshold_source"] and "optimistic" not in m["threshold_source"]
+    r = invoke("predict", run, vials / "test" / "good", "--out", tmp_path / "p1")
+    rows = json.loads((tmp_path / "p1" / "predictions.json").read_text())
+    assert all(row["threshold"] == c["threshold"] for row in rows)
+
+    only_good = tmp_path / "only_good"  # folder layout with good images only
+    shutil.copytree(vials / "test" / "good", only_good / "good")
+    r = invoke("calibrate", run, "--data", only_good)
+    assert r.exit_code == 2 and "no defective images" in r.output, r.output
 
 
 def test_errors_are_one_line_with_status_2(tmp_path: Path, vials: Path):

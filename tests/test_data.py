@@ -230,6 +230,17 @@ def test_mvtec_records(tmp_path: Path) -> None:
     assert all(r.mask_path is None for r in mvtec_records(root, "test", masks=False))
 
 
+def test_mvtec_layout_with_only_a_test_split_is_a_validation_set(tmp_path: Path) -> None:
+    import shutil
+
+    root = make_mvtec(tmp_path / "val")
+    shutil.rmtree(root / "train")
+    assert detect_layout(root) == "mvtec"
+    assert len(records_for(root, "test")) == 5
+    msg = raises_naming(DataError, records_for, root, "train")
+    assert "val" in msg and "train/good" in msg
+
+
 def test_folder_records_with_masks_and_roi(tmp_path: Path) -> None:
     root = make_folder(tmp_path / "vials")
     assert detect_layout(root) == "folder"

@@ -145,6 +145,26 @@ def evaluate(
 
 
 @app.command()
+def calibrate(
+    run: Path = typer.Argument(..., help="Run folder written by `anomalyqc fit`."),
+    data: Path = typer.Option(..., "--data", help="Labelled validation data (its test split: "
+                                                 "good and defective images), not the data "
+                                                 "you will evaluate on."),
+    threshold_method: ThresholdMethod = typer.Option(ThresholdMethod.f1,
+                                                     help="How to choose the threshold."),
+    threshold: float | None = typer.Option(None, help="Threshold for --threshold-method "
+                                                         "fixed."),
+    batch_size: int = typer.Option(8),
+) -> None:
+    """Choose the decision threshold on validation data and store it in the run."""
+    from anomalyqc.workflow import calibrate_run
+
+    result = _run(lambda: calibrate_run(run, data, threshold_method.value, threshold,
+                                        batch_size, progress=True))
+    _print_json(result)
+
+
+@app.command()
 def predict(
     run: Path = typer.Argument(..., help="Run folder."),
     inputs: list[Path] = typer.Argument(..., help="Image files or folders."),
@@ -156,7 +176,7 @@ def predict(
 
     rows = _run(lambda: predict_paths(run, inputs, out, batch_size, progress=len(inputs) > 0))
     for r in rows:
-        decision = r["decision"] or "uncalibrated (run `anomalyqc evaluate` first)"
+        decision = r["decision"] or "uncalibrated (run `anomalyqc calibrate` first)"
         sys.stdout.write(f"{r['path']}\t{r['score']:.4f}\t{decision}\t{r['heatmap']}\n")
 
 

@@ -1,6 +1,7 @@
 """The jobs the CLI runs, each one function call for a Python user.
 
 fit_run:      data folder -> fitted detector -> run folder
+calibrate_run: run folder + labelled validation data -> threshold.json
 evaluate_run: run folder + labelled data -> metrics, threshold.json, report
 predict_paths: run folder + image files -> score, decision and heatmap per image
 """
@@ -131,6 +132,43 @@ def predict_dataset(det: Detector, dataset: ImageDataset, batch_size: int = 8,
     return res
 
 
+# ----------------------------------------------------------------------------- calibrate
+def _check_both_classes(labels: np.ndarray, data: str | Path, what: str) -> None:
+    if labels.size == 0 or labels.min() == labels.max():
+        kind = "good and defective" if labels.size == 0 else (
+            "defective" if labels[0] == GOOD else "good")
+        raise CalibrationError(f"the test split of {data} has no {kind} images: {what} need "
+                               f"both good and defective images")
+
+
+def calibrate_run(run: str | Path, data: str | Path, threshold_method: str = "f1",
+                  threshold_value: float | None = None, batch_size: int = 8,
+                  progress: bool = False) -> dict[str, Any]:
+    """Choose the decision threshold on labelled validation data and store it in the run.
+
+    Use data the run will not be evaluated on: `evaluate` then reports honest figures at a
+    threshold it did not pick.
+    """
+    from anomalyqc.evaluation import select_threshold, threshold_metrics
+
+    run = Path(run)
+    det = load_detector(run)
+    res = predict_dataset(det, dataset_for(det, data, "test", masks=False), batch_size,
+                          keep_images=False, progress=progress)
+    labels, scores = np.asarray(res.labels), np.asarray(res.scores)
+    if threshold_method != "fixed":
+        _check_both_classes(labels, data, "thresholds")
+    choice = select_threshold(labels, scores, threshold_method,
+                              threshold_value if threshold_method == "fixed" else None)
+    atomic_write_json(run / THRESHOLD_FILE, {"image": choice.to_dict(), "data": str(data)})
+    at = threshold_metrics(labels, scores, choice.value)
+    return {"threshold": choice.value, "threshold_method": choice.method,
+            "calibration_data": str(data), "n_good": int((labels == GOOD).sum()),
+            "n_defect": int((labels != GOOD).sum()),
+            **{f"calibration_{k}": at[k] for k in ("f1", "accuracy", "tpr", "tnr")},
+            "threshold_file": str(run / THRESHOLD_FILE)}
+
+
 # ------------------------------------------------------------------------------ evaluate
 def evaluate_run(run: str | Path, data: str | Path, report: str | Path | None = None,
                  threshold_method: str = "f1", threshold_value: float | None = None,
@@ -158,15 +196,15 @@ def evaluate_run(run: str | Path, data: str | Path, report: str | Path | None = 
     res = predict_dataset(det, dataset, batch_size, keep_images=True, progress=progress)
     labels = np.asarray(res.labels)
     scores = np.asarray(res.scores)
-    if labels.min() == labels.max():
-        kind = "defective" if labels[0] == GOOD else "good"
-        raise CalibrationError(f"the test split of {data} has no {kind} images: AUROC and "
-                               f"thresholds need both good and defective images")
+    _check_both_classes(labels, data, "AUROC and thresholds")
 
     threshold_path = run / THRESHOLD_FILE
     if threshold_path.is_file() and not calibrate:
-        choice = ThresholdChoice.from_dict(json.loads(threshold_path.read_text())["image"])
-        source = f"from {threshold_path}"
+        stored = json.loads(threshold_path.read_text())
+        choice = ThresholdChoice.from_dict(stored["image"])
+        same = Path(str(stored.get("data", ""))).resolve() == Path(data).resolve()
+        source = (f"from {threshold_path}, chosen on {stored.get('data')}"
+                  + (" (this same data: optimistic figures)" if same else ""))
     else:
         choice = select_threshold(labels, scores, threshold_method,
                                   threshold_value if threshold_method == "fixed" else None)

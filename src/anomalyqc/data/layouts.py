@@ -74,8 +74,9 @@ def mvtec_records(root: str | Path, split: Split = "train", masks: bool = True) 
     """
     root = _existing_root(root)
     _check_split(split)
-    if not (root / "train" / GOOD_TYPE).is_dir():
-        raise DataError(f"{root} has no train/good folder; {MVTEC_LAYOUT}")
+    if split == "train" and not (root / "train" / GOOD_TYPE).is_dir():
+        raise DataError(f"{root} has no train/good folder (training needs good images); "
+                        f"{MVTEC_LAYOUT}")
     split_dir = root / split
     if not split_dir.is_dir():
         raise DataError(f"{root} has no {split}/ folder ({split_dir}); {MVTEC_LAYOUT}")
@@ -161,9 +162,12 @@ def _optional_subdir(root: Path, name: str | None, option: str) -> Path | None:
 
 
 def detect_layout(root: str | Path, good_dir: str = GOOD_TYPE) -> Layout:
-    """'mvtec' when ROOT/train/good exists, 'folder' when ROOT/<good_dir> exists."""
+    """'mvtec' when ROOT/train/good exists (or only ROOT/test: a validation set with no
+    training images), 'folder' when ROOT/<good_dir> exists."""
     root = _existing_root(root)
     if (root / "train" / GOOD_TYPE).is_dir():
+        return "mvtec"
+    if (root / "test").is_dir() and not (root / good_dir).is_dir():
         return "mvtec"
     if (root / good_dir).is_dir():
         return "folder"
