@@ -5,7 +5,8 @@ its centre c and radius R (largest member distance). A query first searches the 
 its nearest centre, which gives an upper bound U on its nearest-neighbour distance; by the
 triangle inequality a cluster with |q - c| - R >= U cannot hold anything closer, so only the
 remaining clusters are searched, each as one matrix product over the queries that need it.
-On PatchCore banks about 5-10% of the (query, bank) pairs are computed.
+On the MVTec bottle PatchCore bank (21,402 x 152) about 11% of the (query, bank) pairs are
+computed, and a search is 2.5-3x faster than brute force.
 kind="flat": exact brute force with faiss (one GEMM), best for small banks.
 kind="hnsw": a faiss graph index, approximate: the image score is a max over patches, so
 approximate distances can change it; benchmark before using it.
@@ -41,7 +42,6 @@ class NearestNeighbour:
         if threads:
             faiss.omp_set_num_threads(threads)
         self.kind = kind
-        self.bank = bank
         dim = bank.shape[1]
         if kind == "clustered" and (bank.shape[0] >= MIN_CLUSTERED_BANK or n_clusters):
             self.clusters = ClusteredBank(bank, n_clusters or default_clusters(len(bank)), seed)
@@ -68,7 +68,7 @@ class NearestNeighbour:
 
 def default_clusters(n: int) -> int:
     """About sqrt(N)/2 clusters: fewer means bigger clusters searched in vain, more means
-    more per-cluster steps; measured best on PatchCore banks of 2k-50k vectors."""
+    more per-cluster steps (on the 21k-vector bottle bank, 48-73 clusters beat 32 and 128)."""
     return max(1, min(n // 64, round(math.sqrt(n) / 2)))
 
 
