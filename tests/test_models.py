@@ -153,6 +153,18 @@ def test_patchcore_bank_is_a_coreset_and_scores_are_exact_nearest_neighbour():
     torch.testing.assert_close(det.patch_scores(emb).double(), ref, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("coreset_dim", [0, 32])  # 0: searched on the raw embeddings
+def test_patchcore_bank_is_the_greedy_coreset_of_the_training_embeddings(coreset_dim):
+    from anomalyqc.stats.coreset import greedy_coreset
+
+    det = fresh("patchcore", TRAIN[:8], coreset_dim=coreset_dim)
+    emb = det.embed(TRAIN[:8]).reshape(-1, 152).numpy()
+    keys = emb @ det._projection(152) if coreset_dim else emb
+    assert keys.shape[1] == (coreset_dim or 152)
+    idx = np.sort(greedy_coreset(keys, det.bank.shape[0], seed=0))
+    np.testing.assert_allclose(det.bank.numpy(), emb[idx], rtol=1e-4, atol=1e-4)
+
+
 def regularised_gaussian(moments: OnlineMoments, eps: float, pooled: bool = False):
     """float64 mean (P|1, D) and explicit inverse of Sigma + eps I, straight from the moments."""
     m = moments.pooled() if pooled else moments

