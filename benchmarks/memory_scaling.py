@@ -50,8 +50,12 @@ def main() -> None:
         row["growth_percent"] = round(100 * growth, 1)
         results[name] = row
         print(f"{name}: {row}", file=sys.stderr)
-    (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "memory_scaling.json").write_text(json.dumps(results, indent=2) + "\n")
+    out = HERE / "results" / "memory_scaling.json"
+    out.parent.mkdir(exist_ok=True)
+    # Replace the rows of this run's detectors only, so that `--only X` keeps the others.
+    stored = json.loads(out.read_text()) if out.is_file() else {}
+    stored.update(results)
+    out.write_text(json.dumps(stored, indent=2) + "\n")
     print(f"| detector | peak RSS MB @ {args.small} | peak RSS MB @ {args.large} | growth |")
     print("|---|---|---|---|")
     for name, r in results.items():

@@ -2,8 +2,9 @@
 k-center coreset (eq. 8.39) searched in a fixed random projection (eq. 8.34); the anomaly score
 of a patch is its distance to the nearest bank entry (eq. 8.18).
 
-Unlike PaDiM and MhBC-PatchCore, the fit keeps every training embedding until the coreset is
-chosen: its memory grows with the dataset (table 8.1).
+Unlike PaDiM and MhBC-PatchCore, the fit needs every training embedding before the coreset can
+be chosen (table 8.1): they wait on disk, but their projections are searched in memory, so the
+fit's memory grows with the dataset (about 1 GB per 2M patches at coreset_dim 128).
 """
 
 from __future__ import annotations
