@@ -101,7 +101,7 @@ def test_calibrate_on_validation_data_then_evaluate(vials: Path, tmp_path: Path)
     c = _json(r.stdout)
     assert c["threshold_method"] == "youden" and c["n_good"] == 4 and c["n_defect"] == 4
     stored = json.loads((run / "threshold.json").read_text())
-    assert stored["image"]["value"] == c["threshold"] and stored["data"] == str(val)
+    assert stored["image"]["value"] == c["threshold"] and Path(stored["data"]) == val.resolve()
 
     r = invoke("evaluate", run, "--data", vials)
     assert r.exit_code == 0, r.output

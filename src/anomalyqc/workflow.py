@@ -160,7 +160,7 @@ def calibrate_run(run: str | Path, data: str | Path, threshold_method: str = "f1
         _check_both_classes(labels, data, "thresholds")
     choice = select_threshold(labels, scores, threshold_method,
                               threshold_value if threshold_method == "fixed" else None)
-    atomic_write_json(run / THRESHOLD_FILE, {"image": choice.to_dict(), "data": str(data)})
+    atomic_write_json(run / THRESHOLD_FILE, {"image": choice.to_dict(), "data": str(Path(data).resolve())})
     at = threshold_metrics(labels, scores, choice.value)
     return {"threshold": choice.value, "threshold_method": choice.method,
             "calibration_data": str(data), "n_good": int((labels == GOOD).sum()),
@@ -209,7 +209,7 @@ def evaluate_run(run: str | Path, data: str | Path, report: str | Path | None = 
         choice = select_threshold(labels, scores, threshold_method,
                                   threshold_value if threshold_method == "fixed" else None)
         source = f"chosen on {data} (test split) itself"
-        atomic_write_json(threshold_path, {"image": choice.to_dict(), "data": str(data)})
+        atomic_write_json(threshold_path, {"image": choice.to_dict(), "data": str(Path(data).resolve())})
 
     metrics: dict[str, Any] = {"image_auroc": image_auroc(labels, scores)}
     with_mask = [i for i, m in enumerate(res.masks) if m is not None]
