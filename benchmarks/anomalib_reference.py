@@ -67,13 +67,19 @@ def log(msg: str) -> None:
 
 
 # ------------------------------------------------------------------------------ processes
+JOBS: list[dict[str, Any]] = []  # every job of this run: log, wall time, machine load
+
+
 def run_json(cmd: list[str], logfile: Path) -> tuple[dict[str, Any], float]:
     """Run a job in its own process; its stdout ends with one JSON object. (result, wall s)"""
     logfile.parent.mkdir(parents=True, exist_ok=True)
+    load_before = os.getloadavg()[0]
     started = time.perf_counter()
     with open(logfile, "w") as err:
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
     wall = time.perf_counter() - started
+    JOBS.append({"job": logfile.stem, "wall_s": round(wall, 2),
+                 "load_1m_before": load_before, "load_1m_after": os.getloadavg()[0]})
     if proc.returncode != 0:
         tail = logfile.read_text()[-2000:]
         sys.exit(f"{' '.join(cmd[:4])} ... failed (exit {proc.returncode}); "
@@ -343,6 +349,8 @@ def main() -> None:
                      "anomalib_seed": args.seed, "anomalib_coreset_ratio": args.coreset_ratio,
                      "anomalib_loader_workers": args.workers, "aupro_fpr_limit": 0.3},
         "ours": {}, "anomalib": {}, "ratios": {},
+        # Other work on the machine slows every timing: "jobs" says how busy it was.
+        "jobs": JOBS,
     }
     if anomalib_models:
         python = ensure_venv(args.venv, not args.no_install)
