@@ -311,6 +311,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=HERE / "results" / "anomalib_reference.json")
     ap.add_argument("--ours", nargs="*", default=list(OURS), choices=list(OURS),
                     help="our detectors to run")
+    ap.add_argument("--anomalib", nargs="*", default=["padim"], choices=["padim", "patchcore"],
+                    help="anomalib models to run")
     ap.add_argument("--with-patchcore", action="store_true",
                     help="also anomalib's PatchCore (its greedy coreset is slow on CPU)")
     ap.add_argument("--ours-only", action="store_true", help="skip anomalib")
@@ -337,8 +339,8 @@ def main() -> None:
     from anomalyqc.provenance import provenance
 
     work = args.work
-    anomalib_models = [] if args.ours_only else ["padim"] + (
-        ["patchcore"] if args.with_patchcore else [])
+    wanted = args.anomalib + (["patchcore"] if args.with_patchcore else [])
+    anomalib_models = [] if args.ours_only else list(dict.fromkeys(wanted))
     result: dict[str, Any] = {
         "provenance": provenance(packages=OURS_PACKAGES, repo=REPO),
         "settings": {"data": str(args.data), "image_size": IMAGE_SIZE,
