@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import cv2
@@ -365,11 +366,23 @@ def test_missing_mask(tmp_path: Path) -> None:
     (root / "ground_truth/scratch/000_mask.png").unlink()
     msg = raises_naming(DataError, mvtec_records, root, "test")
     assert "scratch" in msg and "000.png" in msg and "000_mask.png" in msg
-    assert "masks=False" in msg
+    assert "masks=False" in msg and "--no-masks" in msg and "2 of the 3" in msg
+    assert all(r.mask_path is None for r in mvtec_records(root, "test", masks=False))
     folder = make_folder(tmp_path / "vials")
     (folder / "masks/dent/d1_mask.png").unlink()
     msg = raises_naming(DataError, folder_records, folder, mask_dir="masks")
     assert "d1.png" in msg and "d1_mask.png" in msg
+
+
+def test_no_ground_truth_folder_reads_image_labels_only(tmp_path: Path) -> None:
+    root = make_mvtec(tmp_path / "bottle")
+    shutil.rmtree(root / "ground_truth")
+    test = records_for(root, "test")
+    assert [r.label for r in test] == [DEFECT, DEFECT, GOOD, GOOD, DEFECT]
+    assert all(r.mask_path is None for r in test)
+    # an empty ground_truth/ folder means the same: no defect image has a mask
+    (root / "ground_truth" / "crack").mkdir(parents=True)
+    assert all(r.mask_path is None for r in records_for(root, "test"))
 
 
 def test_mask_of_wrong_size(tmp_path: Path) -> None:
