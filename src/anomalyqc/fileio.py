@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -72,8 +73,12 @@ def atomic_path(path: str | Path, durable: bool = True) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _new_temp(path.parent, path.name)
+    umask_mode = stat.S_IMODE(tmp.stat().st_mode)
     try:
         yield tmp
+        # Some writers replace the file they are given (safetensors makes it 0600).
+        if stat.S_IMODE(tmp.stat().st_mode) != umask_mode:
+            os.chmod(tmp, umask_mode)
         if durable:
             _fsync_file(tmp)
         os.replace(tmp, path)
