@@ -116,6 +116,18 @@ class OnlineMoments:
         out.packed = (self.packed + self._shift_term(delta, self.sum, n)).sum(dim=0, keepdim=True)
         return out
 
+    def within_covariance(self, eps: float = 0.0, chunk: int = 64) -> torch.Tensor:
+        """(1, D, D) pooled within-location covariance: the mean of the per-location
+        covariances, each about its own location's mean, plus eps * I. Unlike pooled(), the
+        spread of the location means does not enter it."""
+        total = torch.zeros(self.dim, self.dim, dtype=self.sum.dtype)
+        for start in range(0, self.locations, chunk):
+            total += self.covariance(0.0, slice(start, start + chunk)).sum(dim=0)
+        cov = total / self.locations
+        if eps:
+            cov.diagonal().add_(eps)
+        return cov.unsqueeze(0)
+
     def state(self, prefix: str = "moments") -> dict[str, torch.Tensor]:
         return {
             f"{prefix}.count": torch.tensor([self.count], dtype=torch.int64),
