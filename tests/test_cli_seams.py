@@ -109,12 +109,9 @@ def test_run_and_report_files_get_the_users_umask(tiny_vials: Path, tmp_path: Pa
         assert invoke("evaluate", run, "--data", tiny_vials,
                       "--report", rep / "metrics.json").exit_code == 0
         assert invoke("predict", run, tiny_vials / "test" / "good", "--out", pred).exit_code == 0
-        assert invoke("benchmark", run, "--data", tiny_vials, "--repeats", 1,
-                      "--out", tmp_path / "bench.json").exit_code == 0
     finally:
         os.umask(old)
     files = [p for d in (run, rep, pred) for p in d.rglob("*") if p.is_file()]
-    files.append(tmp_path / "bench.json")
     names = {p.name for p in files}
     assert {"weights.safetensors", "config.json", "fit_info.json", "threshold.json",
             "metrics.json", "report.html", "roc.png", "predictions.json"} <= names
@@ -144,6 +141,10 @@ def test_metrics_json_has_one_schema_written_once(run_copy: Path, tiny_vials: Pa
     assert len(rows) == printed["n_good"] + printed["n_defect"] == 8
     assert all(row["decision"] == ("defect" if row["score"] >= printed["threshold"] else "good")
                for row in rows)
+
+    # a name that would overwrite the report page is refused, before anything is scored
+    r = invoke("evaluate", run_copy, "--data", tiny_vials, "--report", tmp_path / "report.html")
+    _one_line_error(r, "report.html", "metrics.json")
 
     # without --report the same schema goes to RUN/report/metrics.json
     r = invoke("evaluate", run_copy, "--data", tiny_vials)

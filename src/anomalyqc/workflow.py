@@ -206,12 +206,14 @@ def evaluate_run(run: str | Path, data: str | Path, report: str | Path | None = 
         threshold_metrics,
         write_report,
     )
+    from anomalyqc.evaluation.report import check_metrics_file
     from anomalyqc.evaluation.threshold_file import read_threshold, write_threshold
     from anomalyqc.evaluation.thresholds import check_threshold_options
 
     run = Path(run)
     det = load_detector(run)
     report_json = Path(report) if report else run / "report" / METRICS_FILE
+    check_metrics_file(report_json.name)
     dataset = dataset_for(det, data, "test", masks=masks)
     _check_both_classes(dataset, data, "AUROC and thresholds")
     stored = None if calibrate else read_threshold(run)  # a corrupt file fails before scoring

@@ -248,6 +248,14 @@ img {{ max-width: 100%; }}
 """
 
 
+def check_metrics_file(name: str) -> None:
+    """Refuse a metrics file name that would overwrite another file of the report."""
+    if name in ("report.html", "roc.png", "examples") or Path(name).name != name:
+        raise ConfigError(f"the metrics file name {name!r} clashes with the report's own "
+                          "files (report.html, roc.png, examples/); choose another name, "
+                          "e.g. metrics.json")
+
+
 def write_report(
     out_dir: str | os.PathLike[str],
     metrics: dict[str, Any],
@@ -280,9 +288,7 @@ def write_report(
     are written as null.
     """
     out = Path(out_dir)
-    if metrics_file in ("report.html", "roc.png") or Path(metrics_file).name != metrics_file:
-        raise ConfigError(f"the metrics file name {metrics_file!r} clashes with the report's "
-                          "own files; choose another name, e.g. metrics.json")
+    check_metrics_file(metrics_file)
     out.mkdir(parents=True, exist_ok=True)
     y, s = _labels_scores(labels, scores)
     paths = [str(p) for p in paths]
