@@ -238,3 +238,19 @@ def test_channels_given_by_the_user_are_kept_on_refit():
     det.fit(batches(TRAIN[:4]))
     det.reset()
     assert det.config.channels == 3
+
+
+def test_two_pass_fit_through_the_workflow_reads_the_folder_twice(tmp_path):
+    import cv2
+
+    from anomalyqc.workflow import fit_run
+
+    (tmp_path / "data" / "good").mkdir(parents=True)
+    for i, img in enumerate(normal_images(10, seed=5)):
+        cv2.imwrite(str(tmp_path / "data" / "good" / f"{i}.png"),
+                    (img.permute(1, 2, 0).numpy()[..., ::-1] * 255).round().astype("uint8"))
+    det = fit_run("mhbc", tmp_path / "data", tmp_path / "run",
+                  {**BASE, **MHBC, "passes": 2}, batch_size=4)
+    assert det.moments.count == 10  # pass 1 saw every image once
+    assert int(det.kmeans.counts.sum(1)[0]) == 10  # and so did pass 2
+    assert det.fit_timings["backbone_seconds"] > 0

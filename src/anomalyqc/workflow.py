@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import resource
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,7 +57,7 @@ def fit_run(detector: str, data: str | Path, out: str | Path, params: dict[str, 
     det.config.channels = dataset.channels
     loader = make_loader(dataset, batch_size, shuffle=False, num_workers=num_workers)
     started = time.perf_counter()
-    det.fit(_timed(loader, det), progress=progress)
+    det.fit(_Timed(loader, det), progress=progress)
     fit_s = time.perf_counter() - started
     det.save(out)
     info = {
@@ -73,18 +73,27 @@ def fit_run(detector: str, data: str | Path, out: str | Path, params: dict[str, 
     return det
 
 
-def _timed(loader: Iterable, det: Detector) -> Iterable:
-    """Pass batches through, adding the time spent waiting on the loader to det._load_s."""
-    det._load_s = 0.0  # type: ignore[attr-defined]
-    it = iter(loader)
-    while True:
-        t = time.perf_counter()
-        try:
-            batch = next(it)
-        except StopIteration:
-            return
-        det._load_s += time.perf_counter() - t  # type: ignore[attr-defined]
-        yield batch
+class _Timed:
+    """Batches of a loader, adding the time spent waiting on it to det._load_s. Re-iterable,
+    like the loader itself, so detectors that read the data twice (MhBC passes=2) can."""
+
+    def __init__(self, loader: Iterable, det: Detector) -> None:
+        self.loader, self.det = loader, det
+        det._load_s = 0.0  # type: ignore[attr-defined]
+
+    def __len__(self) -> int:
+        return len(self.loader)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator:
+        it = iter(self.loader)
+        while True:
+            t = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            self.det._load_s += time.perf_counter() - t  # type: ignore[attr-defined]
+            yield batch
 
 
 # ------------------------------------------------------------------------------- predict

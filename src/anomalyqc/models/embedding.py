@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +48,8 @@ class EmbeddingDetector(Detector):
     config_cls = EmbeddingConfig
     config: EmbeddingConfig
 
-    def __init__(self, config=None, **params) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, config: DetectorConfig | dict[str, Any] | None = None,
+                 **params: Any) -> None:
         super().__init__(config, **params)
         self._extractor: FeatureExtractor | None = None
         self.reduction_mean: torch.Tensor | None = None  # (D,)

@@ -26,13 +26,13 @@ Ablations (table 8.3), each in both readings the text allows:
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
 
 from anomalyqc.errors import ConfigError, DataError
-from anomalyqc.models.base import register
+from anomalyqc.models.base import DetectorConfig, register
 from anomalyqc.models.embedding import EmbeddingConfig, EmbeddingDetector
 from anomalyqc.models.storage import tensor
 from anomalyqc.stats.kmeans import OnlineKMeans, pairwise_sqdist
@@ -64,7 +64,8 @@ class Mhbc(EmbeddingDetector):
     config_cls = MhbcConfig
     config: MhbcConfig
 
-    def __init__(self, config=None, **params) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, config: DetectorConfig | dict[str, Any] | None = None,
+                 **params: Any) -> None:
         super().__init__(config, **params)
         self.moments: OnlineMoments | None = None
         self.kmeans: OnlineKMeans | None = None

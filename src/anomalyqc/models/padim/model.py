@@ -8,12 +8,13 @@ once, Sigma = L L^T, and the distance of phi is ||z|| with L z = phi - mu (appen
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from pydantic import Field
 
 from anomalyqc.errors import DataError
-from anomalyqc.models.base import register
+from anomalyqc.models.base import DetectorConfig, register
 from anomalyqc.models.embedding import EmbeddingConfig, EmbeddingDetector
 from anomalyqc.models.storage import tensor
 from anomalyqc.stats.moments import OnlineMoments
@@ -36,7 +37,8 @@ class Padim(EmbeddingDetector):
     config_cls = PadimConfig
     config: PadimConfig
 
-    def __init__(self, config=None, **params) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, config: DetectorConfig | dict[str, Any] | None = None,
+                 **params: Any) -> None:
         super().__init__(config, **params)
         self.moments: OnlineMoments | None = None
         self.mean: torch.Tensor | None = None  # (P, D)

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Iterable
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from pydantic import Field
 
 from anomalyqc.errors import DataError
-from anomalyqc.models.base import register
+from anomalyqc.models.base import DetectorConfig, register
 from anomalyqc.models.embedding import EmbeddingConfig, EmbeddingDetector
 from anomalyqc.models.storage import tensor
 from anomalyqc.stats.coreset import greedy_coreset
@@ -48,7 +48,8 @@ class Patchcore(EmbeddingDetector):
     config_cls = PatchcoreConfig
     config: PatchcoreConfig
 
-    def __init__(self, config=None, **params) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, config: DetectorConfig | dict[str, Any] | None = None,
+                 **params: Any) -> None:
         super().__init__(config, **params)
         self.bank: torch.Tensor | None = None
         self._nn: NearestNeighbour | None = None
