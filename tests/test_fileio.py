@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,7 +15,7 @@ from anomalyqc.fileio import atomic_path, atomic_write_bytes, atomic_write_json,
 
 
 @pytest.fixture
-def umask() -> Iterator[callable]:
+def umask() -> Iterator[Callable[[int], int]]:
     old = os.umask(0o022)
     try:
         yield os.umask
@@ -28,8 +29,6 @@ def mode(path: Path) -> int:
 
 @pytest.mark.parametrize("mask,expected", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
 def test_files_follow_the_umask(tmp_path: Path, umask, mask: int, expected: int) -> None:
-    import numpy as np
-
     umask(mask)
     atomic_write_bytes(tmp_path / "a.bin", b"x")
     atomic_write_json(tmp_path / "sub" / "b.json", {"k": 1})
