@@ -35,7 +35,8 @@ def layouts(tiny_vials: Path, tmp_path_factory) -> dict[str, Path]:
 def _evaluate(run: Path, data: Path, report: Path, *extra: str) -> tuple[dict, dict, str]:
     r = invoke("evaluate", run, "--data", data, "--report", report, *extra)
     assert r.exit_code == 0, r.output
-    return stdout_json(r.stdout), json.loads(report.read_text()), r.output
+    printed = json.loads(r.stdout)  # stdout is the JSON alone: progress and notes go to stderr
+    return printed, json.loads(report.read_text()), r.output
 
 
 def _scores(record: dict) -> dict[str, tuple[int, float]]:

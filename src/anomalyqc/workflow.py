@@ -118,9 +118,11 @@ def predict_dataset(det: Detector, dataset: ImageDataset, batch_size: int = 8,
     res = Results()
     loader = make_loader(dataset, batch_size)
     if progress:
+        from rich.console import Console
         from rich.progress import track
 
-        loader = track(loader, description=f"{det.name}: predicting", total=len(loader))
+        loader = track(loader, description=f"{det.name}: predicting", total=len(loader),
+                       console=Console(stderr=True))  # stdout carries the JSON
     for batch in loader:
         pred = det.predict(batch)
         for i in range(len(batch)):
@@ -317,9 +319,11 @@ def predict_paths(run: str | Path, inputs: Iterable[str | Path], out: str | Path
     used: set[Path] = set()
     chunks = [files[i:i + batch_size] for i in range(0, len(files), batch_size)]
     if progress:
+        from rich.console import Console
         from rich.progress import track
 
-        chunks = track(chunks, description=f"{det.name}: predicting")
+        chunks = track(chunks, description=f"{det.name}: predicting",
+                       console=Console(stderr=True))
     for chunk in chunks:
         x = torch.stack([tf.image(read_image(f, det.config.channels)) for f in chunk])
         pred = det.predict(x)

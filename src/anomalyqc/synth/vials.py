@@ -467,9 +467,11 @@ def generate_vial_dataset(
     writer = _Writer(out, cfg, patches, digits)
     steps: Iterable[tuple[str, str, int]] = jobs
     if progress:
+        from rich.console import Console
         from rich.progress import track
 
-        steps = track(jobs, description="Generating vial strips")
+        steps = track(jobs, description="Generating vial strips",
+                      console=Console(stderr=True))  # stdout carries the summary JSON
     for split, kind, index in steps:
         sample = render_strip(
             _image_rng(int(seed), split, kind, index), cfg, None if kind == "good" else kind
