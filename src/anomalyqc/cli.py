@@ -132,16 +132,25 @@ def evaluate(
                                                          "fixed."),
     recalibrate: bool = typer.Option(False, help="Choose a new threshold even if the run "
                                                  "has one."),
+    no_masks: bool = typer.Option(False, "--no-masks",
+                                  help="Ignore ground-truth masks: image metrics only (for a "
+                                       "dataset where only some defect images have masks)."),
     batch_size: int = typer.Option(8),
 ) -> None:
-    """Metrics on a test split: AUROCs, AUPRO, and accuracy/F1/... at the threshold."""
+    """Metrics on a test split: AUROCs, AUPRO, and accuracy/F1/... at the threshold.
+
+    Without ground-truth masks (no ground_truth/ folder, or --no-masks) pixel_auroc and
+    aupro are null and the report has no ground-truth column.
+    """
     from anomalyqc.workflow import evaluate_run
 
     metrics = _run(lambda: evaluate_run(run, data, report, threshold_method.value, threshold,
                                         recalibrate or threshold_method.value == "fixed",
-                                        batch_size, progress=True))
+                                        batch_size, progress=True, masks=not no_masks))
     _print_json(metrics)
-    console.print(f"report: {metrics['report_html']}")
+    for note in metrics["notes"]:
+        console.print(f"note: {note}", highlight=False, soft_wrap=True)
+    console.print(f"report: {metrics['report_html']}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -154,14 +163,25 @@ def calibrate(
                                                      help="How to choose the threshold."),
     threshold: float | None = typer.Option(None, help="Threshold for --threshold-method "
                                                          "fixed."),
+    no_masks: bool = typer.Option(False, "--no-masks",
+                                  help="Accepted as on `evaluate`; calibration uses image "
+                                       "labels only and never reads masks, so any dataset "
+                                       "works with or without it."),
     batch_size: int = typer.Option(8),
 ) -> None:
-    """Choose the decision threshold on validation data and store it in the run."""
+    """Choose the decision threshold on validation data and store it in the run.
+
+    Only the image labels (good/defective) are used: datasets without masks are fine.
+    """
     from anomalyqc.workflow import calibrate_run
 
+    del no_masks  # calibration never reads masks (see the option's help)
     result = _run(lambda: calibrate_run(run, data, threshold_method.value, threshold,
                                         batch_size, progress=True))
     _print_json(result)
+    console.print(f"threshold {result['threshold']:.6g} ({result['threshold_method']}) chosen "
+                  f"by `anomalyqc calibrate` on {data}, saved to {result['threshold_file']}",
+                  highlight=False, soft_wrap=True)
 
 
 @app.command()

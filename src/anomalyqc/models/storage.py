@@ -3,14 +3,13 @@
     run/
       config.json          format, package version, detector name, parameters
       weights.safetensors  tensors only
-      threshold.json       written by calibration (evaluation), optional
+      threshold.json       written by `calibrate` (or `evaluate` without one), optional;
+                           read and written only by anomalyqc.evaluation.threshold_file
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from anomalyqc import __version__
 from anomalyqc.errors import ConfigError, ModelFileError
-from anomalyqc.fileio import atomic_write_json
+from anomalyqc.fileio import atomic_path, atomic_write_json
 
 FORMAT = "anomalyqc-run"
 FORMAT_VERSION = 1
@@ -35,14 +34,8 @@ def save_detector(detector: Any, run_dir: str | Path) -> Path:
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in detector.state_tensors().items()}
-    fd, tmp = tempfile.mkstemp(dir=run, prefix=f".{WEIGHTS_FILE}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(run / WEIGHTS_FILE) as tmp:
         save_file(tensors, tmp, metadata={"format": FORMAT, "detector": detector.name})
-        os.replace(tmp, run / WEIGHTS_FILE)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     atomic_write_json(run / CONFIG_FILE, {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
