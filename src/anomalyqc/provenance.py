@@ -136,5 +136,5 @@ def provenance(
         "python": versions["python"],
         "packages": versions["packages"],
         "machine": machine(),
-        "utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
