@@ -80,12 +80,26 @@ def synth_vials(
     n_test_good: int = typer.Option(40, help="Good test strips."),
     n_test_defect: int = typer.Option(40, help="Defective test strips (split over the types)."),
     patches: bool = typer.Option(False, help="Write per-vial, per-region patches."),
+    regions: str = typer.Option("0,1,2,3", help="With --patches: the regions to write, e.g. 1 "
+                                                "for the shoulder patches (meniscus) only."),
+    meniscus_levels: str | None = typer.Option(
+        None, help="Distinct fill levels as fractions of the strip height, e.g. 0.36,0.46,0.56: "
+                   "each vial draws one, so normal appearance is multi-modal at a location."),
 ) -> None:
     """Synthetic Blow-Fill-Seal vial strips (5 vials x 4 regions) with defects and masks."""
-    from anomalyqc.synth.vials import generate_vial_dataset
+    from anomalyqc.synth.vials import VialStripConfig, generate_vial_dataset
 
-    summary = _run(lambda: generate_vial_dataset(out, seed, n_train, n_test_good,
-                                                 n_test_defect, patches, progress=True))
+    def job() -> dict:
+        try:
+            region_ids = tuple(int(r) for r in regions.split(","))
+            levels = tuple(float(v) for v in meniscus_levels.split(",")) if meniscus_levels else ()
+        except ValueError:
+            raise typer.BadParameter("expected comma-separated numbers, e.g. 1,2 or 0.4,0.5")
+        cfg = VialStripConfig(regions=region_ids, meniscus_levels=levels)
+        return generate_vial_dataset(out, seed, n_train, n_test_good, n_test_defect, patches,
+                                     cfg=cfg, progress=True)
+
+    summary = _run(job)
     summary = {k: v for k, v in summary.items() if k != "paths"}
     _print_json(summary)
 

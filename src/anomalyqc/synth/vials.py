@@ -68,6 +68,9 @@ class VialStripConfig:
     emboss_depth: float = 14.0
     # nuisances
     meniscus_level: float = 0.50
+    # Distinct fill levels (fractions of height), each vial drawing one: a normal appearance
+    # that is multi-modal at a fixed location. Empty = every vial around meniscus_level.
+    meniscus_levels: tuple[float, ...] = ()
     meniscus_jitter: float = 0.022
     meniscus_curvature: Range = (2.0, 8.0)
     bubbles_per_vial: float = 1.5
@@ -97,6 +100,7 @@ class VialStripConfig:
     # outputs
     roi_margin: int = 2  # px the ROI extends past the plastic (keeps dents inside it)
     patch_size: int = 64
+    regions: tuple[int, ...] = (0, 1, 2, 3)  # region patches written in patch mode
     keep_clean_patches_of_defective: bool = False  # else they are dropped
 
     def __post_init__(self) -> None:
@@ -126,6 +130,9 @@ class VialStripConfig:
             ),
             (0.0 <= self.second_defect_prob <= 1.0, "second_defect_prob must be in [0, 1]"),
             (self.patch_size >= 8, "patch_size must be >= 8"),
+            (all(0 < f < 1 for f in self.meniscus_levels), "meniscus_levels must be in (0, 1)"),
+            (bool(self.regions) and set(self.regions) <= {0, 1, 2, 3},
+             "regions must be a non-empty subset of 0, 1, 2, 3"),
             (self.roi_margin >= 0, "roi_margin must be >= 0"),
         ]
         for ok, msg in checks:
@@ -422,6 +429,8 @@ class _Writer:
                 }  # fmt: skip
             return
         for p in cut_patches(s, self.cfg.patch_size):
+            if p.region not in self.cfg.regions:
+                continue
             pstem = f"{stem}_v{p.vial}_r{p.region}"
             defective = bool(p.mask.any())
             if kind != "good" and not defective:
