@@ -62,6 +62,7 @@ def main() -> None:
     ap.add_argument("--name", default="bottle", help="results file benchmarks/results/NAME.json")
     ap.add_argument("--no-latency", action="store_true", help="skip `anomalyqc benchmark`")
     args = ap.parse_args()
+    started = provenance()  # at the start: the commit the figures come from
     if not (args.data / "train" / "good").is_dir() and not (args.data / "good").is_dir():
         sys.exit(f"no dataset at {args.data}: pass --data")
     only = [n for o in args.only for n in (VARIANTS if o == "variants" else [o])]
@@ -83,7 +84,7 @@ def main() -> None:
         print(f"{name}: done", file=sys.stderr)
     out = HERE / "results" / f"{args.name}.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"provenance": provenance(), "data": str(args.data),
+    out.write_text(json.dumps({"provenance": started, "data": str(args.data),
                                "image_size": args.image_size, "results": results},
                               indent=2) + "\n")
     print("| detector | image AUROC | pixel AUROC | AUPRO | fit s (backbone s) | "

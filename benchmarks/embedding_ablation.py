@@ -147,6 +147,7 @@ def main() -> None:
     ap.add_argument("--bottle", type=Path, default=BOTTLE)
     ap.add_argument("--work", type=Path, default=Path("/tmp/anomalyqc_ablation"))
     args = ap.parse_args()
+    started = provenance()  # at the start: the commit the figures come from
     sets = {"bottle": (args.bottle, (256, 256)),
             "vials": (None, (256, 320)), "patches": (None, (128, 128))}
     results: dict[str, dict] = {}
@@ -165,7 +166,7 @@ def main() -> None:
                          "rows": {v: evaluate(spec, train, test) for v, spec in VARIANTS.items()}}
     out = HERE / "results" / "embedding_ablation.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"provenance": provenance(), "results": results}, indent=2) + "\n")
+    out.write_text(json.dumps({"provenance": started, "results": results}, indent=2) + "\n")
     names = list(results)
     print("| PaDiM variant | " + " | ".join(f"{n} img / pix / AUPRO" for n in names) + " |")
     print("|---|" + "---|" * len(names))
