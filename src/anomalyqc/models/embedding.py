@@ -5,7 +5,7 @@ input checks, and turning a grid of patch scores into a smoothed map at input si
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Literal
 
 import torch
@@ -43,6 +43,9 @@ class EmbeddingDetector(Detector):
         self.reduction_matrix: torch.Tensor | None = None  # (D, D')
         self.grid: tuple[int, int] | None = None
         self.fit_timings: dict[str, float] = {}
+        # Called right after the reduction is fitted: a sharded fit replaces it with rank 0's,
+        # so that every shard's embeddings live in the same coordinates.
+        self.reduction_sync: Callable[[EmbeddingDetector], None] | None = None
 
     def reset(self) -> None:
         """Forget everything learnt: a second fit starts from scratch (estimator contract)."""
@@ -139,6 +142,8 @@ class EmbeddingDetector(Detector):
             self.reduction_matrix = pca_matrix(moments.covariance()[0], out)
         else:
             self.reduction_matrix = sparse_random_matrix(d, out, self.config.seed)
+        if self.reduction_sync is not None:
+            self.reduction_sync(self)
         for x in warm:
             yield (x - self.reduction_mean) @ self.reduction_matrix
 
