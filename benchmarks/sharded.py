@@ -80,7 +80,7 @@ def gaussian_difference(run1: Path, run2: Path) -> dict:
         out["moments_count"] = [a.moments.count, b.moments.count]
         out["max_abs_moment_mean_diff"] = float((a.moments.mean() - b.moments.mean()).abs().max())
         ca, cb = a.moments.covariance(), b.moments.covariance()
-        out["max_rel_covariance_diff"] = float(((ca - cb).abs().max() / ca.abs().max()))
+        out["max_rel_covariance_diff"] = float((ca - cb).abs().max() / ca.abs().max())
     if a.name == "mhbc":
         out["max_abs_centroid_diff"] = float((a.centroids - b.centroids).abs().max())
         out["typical_centroid_norm"] = float(a.centroids.norm(dim=-1).median())

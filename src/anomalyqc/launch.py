@@ -13,7 +13,6 @@ import sys
 import tempfile
 from enum import Enum
 from pathlib import Path
-
 from typing import Any
 
 from rich.console import Console
