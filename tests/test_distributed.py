@@ -261,3 +261,21 @@ def test_merge_all_of_one_is_merge_and_counts_add_up():
     torch.testing.assert_close(pair.sums, same.sums)
     three = clone(states[0]).merge_all([clone(states[1]), clone(states[2])])
     assert torch.equal(three.counts.sum(1), torch.full((2,), 30.0, dtype=torch.float64))
+
+
+def test_two_process_reduction_is_rank_0s_on_every_shard(data, tmp_path):
+    """pca fitted on rank 0's warm-up (its first 4 images: files 0, 2, 4, 6) and broadcast:
+    the saved mean is then the mean of every image's embedding in those coordinates."""
+    out = tmp_path / "pca"
+    r = _cli("fit", "padim", "--data", data["whole"], "--out", out, *COMMON, "--set",
+             "reduction=pca", "--set", "reduced_dim=16", "--set", "pca_images=4", "--nproc", 2)
+    assert r.exit_code == 0, r.output
+    det = load_detector(out)
+    train = dataset_for(det, data["whole"], "train")
+    images = torch.stack([train[i].image for i in range(len(train))])
+    raw = det.extractor(images)
+    raw = raw.permute(0, 2, 3, 1).reshape(len(train), -1, raw.shape[1])
+    warm = raw[[0, 2, 4, 6]].reshape(-1, raw.shape[-1]).double()
+    torch.testing.assert_close(det.reduction_mean.double(), warm.mean(0), rtol=1e-4, atol=1e-4)
+    reduced = (raw - det.reduction_mean) @ det.reduction_matrix
+    torch.testing.assert_close(det.mean, reduced.mean(0), rtol=1e-4, atol=1e-4)
