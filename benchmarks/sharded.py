@@ -72,7 +72,7 @@ def patchcore_distance(run1: Path, run2: Path, data: Path) -> dict:
 def gaussian_difference(run1: Path, run2: Path) -> dict:
     from anomalyqc.models.storage import load_detector
 
-    a, b = load_detector(run1), load_detector(run2)
+    a, b = load_detector(run1, merge_state=True), load_detector(run2, merge_state=True)
     out = {"max_abs_mean_diff": float((a.mean - b.mean).abs().max()),
            "max_abs_chol_diff": float((a.chol - b.chol).abs().max()),
            "max_abs_chol": float(a.chol.abs().max())}

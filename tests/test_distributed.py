@@ -132,7 +132,7 @@ def test_two_process_padim_equals_one_process(data):
 def test_two_process_mhbc_moments_equal_and_centroids_are_the_merge_of_the_shards(data):
     run2 = two_processes("mhbc", data)
     assert_same_moments(moments_of(run2), moments_of(one_process("mhbc", data)))
-    two = load_detector(run2)
+    two = load_detector(run2, merge_state=True)
     assert two.config.n_clusters == 4  # the --set options reached the workers
     # the shards are the two halves: the documented merge of their runs is the 2-process fit
     merged = merge_runs([one_process("mhbc", data, "half_0"), one_process("mhbc", data, "half_1")],

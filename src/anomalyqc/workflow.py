@@ -124,7 +124,7 @@ def merge_runs(runs: Sequence[str | Path], out: str | Path) -> Detector:
         if diff:
             raise ConfigError(f"cannot merge {run} with {first}: they were fitted with different "
                               f"{'; '.join(diff)}; refit one of them with the other's settings")
-    dets = [load_detector(r) for r in runs]
+    dets = [load_detector(r, merge_state=True) for r in runs]
     for run, det in zip(runs, dets, strict=True):
         if det.name in ("padim", "mhbc") and getattr(det, "moments", None) is None:
             if getattr(det.config, "clustering", "kmeans") != "kmeans":
