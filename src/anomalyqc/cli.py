@@ -106,6 +106,7 @@ def synth_vials(
 
 @app.command()
 def fit(
+    ctx: typer.Context,
     detector: DetectorName = typer.Argument(..., help="Which detector."),
     data: Path = typer.Option(..., "--data", help="Dataset folder (MVTec or folder layout)."),
     out: Path = typer.Option(..., "--out", help="Run folder to write the model to."),
@@ -121,6 +122,9 @@ def fit(
     set_: list[str] = typer.Option([], "--set",
                                    help="Detector parameter KEY=VALUE (repeatable), e.g. "
                                         "--set coreset_ratio=0.01 --set n_clusters=8"),
+    nproc: int = typer.Option(1, "--nproc", min=1,
+                              help="Processes to shard the training images over (launches "
+                                   "torchrun; gloo on CPU, NCCL with CUDA)."),
 ) -> None:
     """Fit a detector on the good training images and save it to a run folder."""
     from anomalyqc.workflow import fit_run
@@ -128,10 +132,33 @@ def fit(
     params = {"backbone": backbone, "image_size": _parse_size(image_size, "--image-size"),
               "crop_size": _parse_size(crop_size, "--crop-size") if crop_size else None,
               **_parse_sets(set_)}
+    if nproc > 1:
+        from anomalyqc.launch import relaunch_with_torchrun
+
+        raise typer.Exit(relaunch_with_torchrun(ctx, nproc, console))
     _run(lambda: fit_run(detector.value, data, out, params, batch_size, workers, progress=True))
+    from anomalyqc.distributed import world_from_env
+
+    if world_from_env()[0] != 0:  # a torchrun worker other than rank 0: rank 0 reports
+        return
     info = json.loads((out / "fit_info.json").read_text())
     _print_json(info)
     console.print(f"model saved to {out}")
+
+
+@app.command()
+def merge(
+    runs: list[Path] = typer.Argument(..., help="Run folders fitted on disjoint data (two or "
+                                                "more)."),
+    out: Path = typer.Option(..., "--out", help="Run folder to write the merged model to."),
+) -> None:
+    """Combine runs fitted on different machines or days into one (PaDiM and MhBC-PatchCore
+    exactly up to K-Means re-clustering; PatchCore as the union of the banks)."""
+    from anomalyqc.workflow import merge_runs
+
+    _run(lambda: merge_runs(runs, out))
+    _print_json(json.loads((out / "fit_info.json").read_text()))
+    console.print(f"merged model saved to {out}")
 
 
 @app.command()

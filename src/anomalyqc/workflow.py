@@ -1,6 +1,7 @@
 """The jobs the CLI runs, each one function call for a Python user.
 
-fit_run:      data folder -> fitted detector -> run folder
+fit_run:      data folder -> fitted detector -> run folder (sharded under torchrun)
+merge_runs:   run folders fitted on disjoint data -> one run folder
 calibrate_run: run folder + labelled validation data -> threshold.json
 evaluate_run: run folder + labelled data -> metrics, report (and threshold.json if none)
 predict_paths: run folder + image files -> score, decision and heatmap per image
@@ -8,9 +9,10 @@ predict_paths: run folder + image files -> score, decision and heatmap per image
 
 from __future__ import annotations
 
+import json
 import resource
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ import torch
 
 from anomalyqc.data import ImageDataset, ImageTransform, make_loader, records_for
 from anomalyqc.data.io import IMAGE_EXTENSIONS, list_images, read_image
-from anomalyqc.errors import CalibrationError, DataError
+from anomalyqc.errors import CalibrationError, ConfigError, DataError, ModelFileError
 from anomalyqc.fileio import atomic_write_bytes, atomic_write_json
 from anomalyqc.models.base import Detector, detector_class
 from anomalyqc.models.storage import load_detector
@@ -47,30 +49,123 @@ def dataset_for(det: Detector, data: str | Path, split: str, masks: bool = True)
 # ------------------------------------------------------------------------------------ fit
 def fit_run(detector: str, data: str | Path, out: str | Path, params: dict[str, Any] | None = None,
             batch_size: int = 8, num_workers: int = 0, progress: bool = False) -> Detector:
-    """Fit a detector on the good training images of `data` and save it to `out`."""
+    """Fit a detector on the good training images of `data` and save it to `out`.
+
+    Under torchrun (WORLD_SIZE > 1) each process fits a disjoint shard of the images and
+    rank 0 saves the combined model (see anomalyqc.distributed).
+    """
+    from anomalyqc import distributed
+
     det = detector_class(detector)(params or {})
     records = records_for(data, "train")
     good = [r for r in records if r.label == GOOD]
     if not good:
         raise DataError(f"{data} has no good training images")
-    dataset = ImageDataset(good, transform_for(det), channels=det.config.channels)
-    det.config.channels = dataset.channels
-    loader = make_loader(dataset, batch_size, shuffle=False, num_workers=num_workers)
-    started = time.perf_counter()
-    det.fit(_Timed(loader, det), progress=progress)
-    fit_s = time.perf_counter() - started
-    det.save(out)
+    rank, world = distributed.world_from_env()
+    if world > 1 and len(good) < 2 * world:
+        raise DataError(f"{data} has {len(good)} good training images: too few for {world} "
+                        f"processes (each needs at least 2); use fewer processes")
+    owns_group = distributed.init_from_env() if world > 1 else False
+    try:
+        shard = distributed.shard(good, rank, world)
+        dataset = ImageDataset(shard, transform_for(det), channels=det.config.channels)
+        det.config.channels = dataset.channels
+        loader = make_loader(dataset, batch_size, shuffle=False, num_workers=num_workers)
+        started = time.perf_counter()
+        distributed.fit_sharded(det, _Timed(loader, det), progress=progress and rank == 0)
+        fit_s = time.perf_counter() - started
+        if rank == 0:
+            det.save(out)
+        fit_s_all = distributed.gather_floats(fit_s)
+        rss_all = distributed.gather_floats(peak_rss_mb())
+        backbone_all = distributed.gather_floats(det.fit_timings.get("backbone_seconds", 0.0)
+                                                 if hasattr(det, "fit_timings") else 0.0)
+    finally:
+        if owns_group:
+            distributed.dist.destroy_process_group()
+    if rank != 0:
+        return det
     info = {
         "detector": det.name,
         "data": str(data),
-        "n_images": len(dataset),
+        "n_images": len(good),
         "fit_seconds": round(fit_s, 3),
         "data_loading_seconds": round(getattr(det, "_load_s", 0.0), 3),
         "peak_rss_mb": round(peak_rss_mb(), 1),
         **{k: round(v, 3) for k, v in getattr(det, "fit_timings", {}).items()},
     }
+    if world > 1:
+        info.update(processes=world,
+                    fit_seconds_per_process=[round(v, 3) for v in fit_s_all],
+                    peak_rss_mb_per_process=[round(v, 1) for v in rss_all],
+                    backbone_seconds_per_process=[round(v, 3) for v in backbone_all])
     atomic_write_json(Path(out) / FIT_INFO_FILE, info)
     return det
+
+
+def merge_runs(runs: Sequence[str | Path], out: str | Path) -> Detector:
+    """Combine run folders fitted on disjoint data into one run at `out`.
+
+    PaDiM and MhBC-PatchCore merge their saved moments (exact) and K-Means states (weighted
+    re-clustering); PatchCore keeps the union of the banks (approximate). Runs must agree on
+    everything that fixes the embedding (detector, backbone, size, channels, reduction...).
+    """
+    from anomalyqc.models.storage import read_run_config
+
+    if len(runs) < 2:
+        raise ConfigError("merge needs at least two run folders")
+    configs = [read_run_config(r) for r in runs]
+    first, base = Path(runs[0]), configs[0]
+    for run, cfg in zip(runs[1:], configs[1:], strict=True):
+        if cfg.get("detector") != base.get("detector"):
+            raise ConfigError(f"cannot merge {run} (a {cfg.get('detector')} model) with {first} "
+                              f"(a {base.get('detector')} model): merge runs of one detector")
+        diff = _param_differences(base.get("params") or {}, cfg.get("params") or {})
+        if diff:
+            raise ConfigError(f"cannot merge {run} with {first}: they were fitted with different "
+                              f"{'; '.join(diff)}; refit one of them with the other's settings")
+    dets = [load_detector(r, merge_state=True) for r in runs]
+    for run, det in zip(runs, dets, strict=True):
+        if det.name in ("padim", "mhbc") and getattr(det, "moments", None) is None:
+            if getattr(det.config, "clustering", "kmeans") != "kmeans":
+                raise ModelFileError(f"{run} cannot be merged: it was fitted with "
+                                     f"clustering='coreset'; refit it with clustering='kmeans'")
+            raise ModelFileError(f"{run} cannot be merged: it was saved without its moments "
+                                 f"(keep_moments=false, or written before runs kept them); it "
+                                 f"still predicts, but refit it with keep_moments=true to merge")
+    try:
+        merged = dets[0].merge(*dets[1:])  # type: ignore[attr-defined]
+    except ValueError as exc:
+        raise ConfigError(f"cannot merge {', '.join(map(str, runs))}: {exc}") from exc
+    merged.save(out)
+    infos = [_read_fit_info(r) for r in runs]
+    n_images = [i.get("n_images") for i in infos]
+    atomic_write_json(Path(out) / FIT_INFO_FILE, {
+        "detector": merged.name,
+        "merged_from": [str(Path(r).resolve()) for r in runs],
+        "data": [i.get("data") for i in infos],
+        "n_images": sum(n_images) if all(isinstance(n, int) for n in n_images) else None,
+    })
+    return merged
+
+
+# Parameters that only steer how a fit streams (or how weights are found), not what it
+# learns, so runs that differ in them can still merge.
+_MERGE_FREE = {"allow_download", "keep_moments", "init_images", "refresh_growth", "pca_images",
+               "seed"}
+
+
+def _param_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    keys = sorted((set(a) | set(b)) - _MERGE_FREE)
+    return [f"{k} ({a.get(k)!r} vs {b.get(k)!r})" for k in keys if a.get(k) != b.get(k)]
+
+
+def _read_fit_info(run: str | Path) -> dict[str, Any]:
+    try:
+        info = json.loads((Path(run) / FIT_INFO_FILE).read_text())
+        return info if isinstance(info, dict) else {}
+    except (OSError, ValueError):
+        return {}
 
 
 class _Timed:

@@ -5,7 +5,7 @@ input checks, and turning a grid of patch scores into a smoothed map at input si
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal
 
 import torch
@@ -58,6 +58,9 @@ class EmbeddingDetector(Detector):
         self.fit_timings: dict[str, float] = {}
         # Channels the user fixed in the constructor stay; ones learnt from data are re-learnt.
         self._channels_given = self.config.channels is not None
+        # Called right after the reduction is fitted: a sharded fit replaces it with rank 0's,
+        # so that every shard's embeddings live in the same coordinates.
+        self.reduction_sync: Callable[[EmbeddingDetector], None] | None = None
 
     def reset(self) -> None:
         """Forget everything learnt: a second fit starts from scratch (estimator contract)."""
@@ -182,6 +185,8 @@ class EmbeddingDetector(Detector):
             self.reduction_matrix = pca_matrix(moments.covariance()[0], out)
         else:
             self.reduction_matrix = sparse_random_matrix(d, out, self.config.seed)
+        if self.reduction_sync is not None:
+            self.reduction_sync(self)
         for x in warm:
             yield (x - self.reduction_mean) @ self.reduction_matrix
 

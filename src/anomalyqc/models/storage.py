@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from anomalyqc import __version__
@@ -71,7 +71,13 @@ def read_run_config(run_dir: str | Path) -> dict[str, Any]:
     return cfg
 
 
-def load_detector(run_dir: str | Path) -> Any:
+# Tensors only a merge needs (moments, K-Means sums): as large as the model itself for
+# PaDiM, so predicting never reads them.
+MERGE_STATE_PREFIXES = ("moments.", "kmeans.")
+
+
+def load_detector(run_dir: str | Path, merge_state: bool = False) -> Any:
+    """The detector saved in a run folder; merge_state=True also reads what `merge` needs."""
     from anomalyqc.models.base import detector_class
 
     run = Path(run_dir)
@@ -81,7 +87,12 @@ def load_detector(run_dir: str | Path) -> Any:
     if not weights.is_file():
         raise ModelFileError(f"{weights} is missing; the run folder is incomplete: retrain")
     try:
-        tensors = load_file(weights)
+        if merge_state:
+            tensors = load_file(weights)
+        else:
+            with safe_open(str(weights), framework="pt") as f:
+                tensors = {k: f.get_tensor(k) for k in f.keys()
+                           if not k.startswith(MERGE_STATE_PREFIXES)}
     except (SafetensorError, OSError, ValueError) as exc:
         raise ModelFileError(f"{weights} is corrupt or not a safetensors file ({exc}); "
                              f"retrain or restore the run") from exc

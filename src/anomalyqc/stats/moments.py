@@ -69,6 +69,22 @@ class OnlineMoments:
         self.packed += other.packed + self._shift_term(delta, other.sum, n2)
         return self
 
+    def recentre(self, shift: torch.Tensor) -> OnlineMoments:
+        """Re-express the moments about another shift, in place (exact up to rounding).
+
+        Accumulators that share a shift add up term by term, which is what an all-reduce
+        across processes does: broadcast one shift, recentre, then sum count, sum, packed.
+        """
+        shift = shift.to(self.sum.dtype)
+        if shift.shape != self.shift.shape:
+            raise ValueError(f"shift of shape {tuple(shift.shape)} for moments of shape "
+                             f"{tuple(self.shift.shape)}")
+        delta = self.shift - shift  # y about the new shift = y + delta
+        self.packed += self._shift_term(delta, self.sum, self.count)
+        self.sum += self.count * delta
+        self.shift = shift.clone()
+        return self
+
     def _shift_term(self, delta: torch.Tensor, s: torch.Tensor, n: int) -> torch.Tensor:
         """Packed delta s^T + s delta^T + n delta delta^T: what moving the shift adds."""
         i, j = self._iu

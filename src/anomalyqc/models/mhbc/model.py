@@ -56,6 +56,9 @@ class MhbcConfig(EmbeddingConfig):
     init_images: int = 32  # images buffered to seed K-Means (bounded memory)
     refresh_growth: float = 1.0  # refactorise when the image count grew by this fraction
     coreset_ratio: float = 0.1  # clustering="coreset": fraction of images kept per location
+    # Save the running moments and K-Means sums/counts so that runs can be merged later
+    # (`anomalyqc merge`); the moments are as large as the Cholesky factors.
+    keep_moments: bool = True
 
 
 @register
@@ -153,17 +156,29 @@ class Mhbc(EmbeddingDetector):
         self.moments = self.kmeans = None
         self.mean = self.chol = self.centroids = None
 
-    def merge(self, other: Mhbc) -> Mhbc:
-        """Fold in a model fitted on another shard: moments merge exactly; the K centroids are
-        re-clustered from both shards' weighted centroids (K-Means has no exact merge)."""
-        if self.moments is None or other.moments is None or self.kmeans is None \
-                or other.kmeans is None:
-            raise ValueError("merge needs two models fitted with clustering='kmeans' in this process")
-        self.check_same_reduction(other)
-        self.moments.merge(other.moments)
+    def merge(self, *others: Mhbc) -> Mhbc:
+        """Fold in models fitted on other shards: moments merge exactly; the K centroids are
+        re-clustered from all shards' weighted centroids, in the merged metric (K-Means has
+        no exact merge; see OnlineKMeans.merge_all)."""
+        for det in (self, *others):
+            if det.moments is None or det.kmeans is None:
+                raise ValueError("merge needs models fitted with clustering='kmeans' that kept "
+                                 "their moments: fitted in this process, or saved with "
+                                 "keep_moments=true")
+        for other in others:
+            self.check_same_reduction(other)
+        assert self.moments is not None and self.kmeans is not None
+        for other in others:
+            self.moments.merge(other.moments)  # type: ignore[arg-type]
+        return self.merge_clusters([o.kmeans for o in others])  # type: ignore[misc]
+
+    def merge_clusters(self, others: list[OnlineKMeans]) -> Mhbc:
+        """Re-cluster this model's and other shards' K-Means states in the metric of the
+        (already merged) moments; shared by `merge` and the sharded fit."""
+        assert self.moments is not None and self.kmeans is not None
         mean, chol = (None, None) if self.config.covariance == "none" else \
             self._metric(self.moments)
-        self.kmeans.merge(other.kmeans, mean, chol)
+        self.kmeans.merge_all(others, mean, chol)
         return self.finalise()
 
     def finalise(self) -> Mhbc:
@@ -207,6 +222,10 @@ class Mhbc(EmbeddingDetector):
         out = {**self.base_state(), "centroids": self.centroids}
         if self.chol is not None:
             out.update(mean=self.mean, chol=self.chol)
+        if self.config.keep_moments and self.moments is not None and self.kmeans is not None \
+                and self.kmeans.initialised:
+            out.update(self.moments.state())
+            out.update(self.kmeans.state())
         return out
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -219,3 +238,8 @@ class Mhbc(EmbeddingDetector):
             self.chol = tensor(tensors, "chol").float()
         if self.centroids.ndim != 3:
             raise ValueError(f"centroids have shape {tuple(self.centroids.shape)}")
+        # Runs saved without moments still predict; they just cannot be merged.
+        self.moments = self.kmeans = None
+        if "moments.count" in tensors and "kmeans.sums" in tensors:
+            self.moments = OnlineMoments.from_state(tensors)
+            self.kmeans = OnlineKMeans.from_state(tensors, seed=self.config.seed)

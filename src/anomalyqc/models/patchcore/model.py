@@ -129,6 +129,31 @@ class Patchcore(EmbeddingDetector):
             return greedy_coreset(search, n, seed=self.config.seed,
                                   progress=lambda k: bar.update(task, completed=k))
 
+    def merge(self, *others: Patchcore, size: int | None = None) -> Patchcore:
+        """Fold in models fitted on other shards: a greedy coreset of the union of the banks.
+
+        Approximate: each bank is a coreset of its own shard, and a coreset of their union is
+        not the coreset one fit on all the images would pick (measured in benchmarks/README.md,
+        "Sharded fits"). `size` is the bank size wanted; by default the union is kept whole,
+        which is as large as the banks together, i.e. coreset_ratio of all the shards' patches.
+        """
+        for other in others:
+            self.check_same_reduction(other)
+            if other.bank is None or self.bank is None or other.bank.shape[1] != self.bank.shape[1]:
+                raise ValueError("cannot merge PatchCore banks of different embedding sizes")
+        union = torch.cat([self.bank, *(o.bank for o in others)])  # type: ignore[misc]
+        n = union.shape[0] if size is None else max(1, min(size, union.shape[0]))
+        if n < union.shape[0]:
+            c = union.numpy()
+            proj = self._projection(c.shape[1])
+            keys = np.ascontiguousarray(c @ proj if proj.size else c, dtype=np.float32)
+            idx = np.sort(self.coreset_indices(keys, n, progress=False))
+            union = union[torch.from_numpy(idx)]
+        self.bank = union.contiguous()
+        self._nn = None
+        self.fitted = True
+        return self
+
     @property
     def nn(self) -> NearestNeighbour:
         if self._nn is None:
