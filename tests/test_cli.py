@@ -9,9 +9,11 @@ from pathlib import Path
 
 import cv2
 import pytest
+from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
 from anomalyqc.cli import app
+from anomalyqc.evaluation import threshold_metrics
 
 runner = CliRunner()
 SMALL = ["--image-size", "64", "--batch-size", "4"]
@@ -55,7 +57,10 @@ def test_fit_evaluate_predict_benchmark(vials: Path, tmp_path: Path, detector: s
     for key in ("image_auroc", "pixel_auroc", "aupro", "f1", "accuracy", "precision", "recall",
                 "tpr", "tnr", "threshold"):
         assert key in m and m[key] is not None, key
-    assert 0.0 <= m["image_auroc"] <= 1.0
+    rows = json.loads(report.read_text())["images"]
+    labels, scores = [r["label"] for r in rows], [r["score"] for r in rows]
+    assert m["image_auroc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+    assert m["f1"] == pytest.approx(threshold_metrics(labels, scores, m["threshold"])["f1"])
     assert json.loads(report.read_text())["image_auroc"] == m["image_auroc"]
     assert (report.parent / "report.html").is_file() and (report.parent / "roc.png").is_file()
     assert (run / "threshold.json").is_file()

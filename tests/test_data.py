@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import cv2
@@ -128,10 +129,8 @@ def test_read_image_16bit_alpha_bmp_tiff_and_non_ascii(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("kind", ["gray8", "rgb8", "rgba8", "gray16", "rgb16", "gray_alpha", "palette"])
-def test_png_fast_path_agrees_with_opencv(tmp_path: Path, kind: str) -> None:
+def test_every_png_type_reads_to_its_pixels(tmp_path: Path, kind: str) -> None:
     from PIL import Image
-
-    from anomalyqc.data import io
 
     rng = np.random.default_rng(1)
     shape = {"gray8": (H, W), "rgb8": (H, W, 3), "rgba8": (H, W, 4), "gray16": (H, W),
@@ -143,12 +142,19 @@ def test_png_fast_path_agrees_with_opencv(tmp_path: Path, kind: str) -> None:
         Image.fromarray(pixels, "LA" if kind == "gray_alpha" else "L").convert(
             "P" if kind == "palette" else "LA").save(path)
     else:
-        write(path, pixels)
-    data = np.fromfile(path, np.uint8)
-    assert (io._decode_png8(data) is not None) == (kind in ("gray8", "rgb8", "rgba8"))
-    raw = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
-    expected = io._to_float(io._to_rgb_or_gray(raw, bgr=True), path)
-    np.testing.assert_array_equal(read_image(path), expected)
+        write(path, pixels)  # OpenCV: colour stored from BGR(A)
+    scale = np.float32(1.0 / np.iinfo(dtype).max)
+    if kind == "palette":  # the colours the palette maps to, decoded by Pillow
+        expected = np.asarray(Image.open(path).convert("RGB"), np.float32) * np.float32(1 / 255)
+    elif pixels.ndim == 2:
+        expected = pixels[..., None].astype(np.float32) * scale
+    elif kind == "gray_alpha":
+        expected = pixels[..., :1].astype(np.float32) * scale
+    else:  # RGB order, alpha dropped
+        expected = pixels[..., 2::-1].astype(np.float32) * scale
+    got = read_image(path)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-7)
 
 
 def test_read_mask_binary_and_resized(tmp_path: Path) -> None:
@@ -365,11 +371,23 @@ def test_missing_mask(tmp_path: Path) -> None:
     (root / "ground_truth/scratch/000_mask.png").unlink()
     msg = raises_naming(DataError, mvtec_records, root, "test")
     assert "scratch" in msg and "000.png" in msg and "000_mask.png" in msg
-    assert "masks=False" in msg
+    assert "masks=False" in msg and "--no-masks" in msg and "2 of the 3" in msg
+    assert all(r.mask_path is None for r in mvtec_records(root, "test", masks=False))
     folder = make_folder(tmp_path / "vials")
     (folder / "masks/dent/d1_mask.png").unlink()
     msg = raises_naming(DataError, folder_records, folder, mask_dir="masks")
     assert "d1.png" in msg and "d1_mask.png" in msg
+
+
+def test_no_ground_truth_folder_reads_image_labels_only(tmp_path: Path) -> None:
+    root = make_mvtec(tmp_path / "bottle")
+    shutil.rmtree(root / "ground_truth")
+    test = records_for(root, "test")
+    assert [r.label for r in test] == [DEFECT, DEFECT, GOOD, GOOD, DEFECT]
+    assert all(r.mask_path is None for r in test)
+    # an empty ground_truth/ folder means the same: no defect image has a mask
+    (root / "ground_truth" / "crack").mkdir(parents=True)
+    assert all(r.mask_path is None for r in records_for(root, "test"))
 
 
 def test_mask_of_wrong_size(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ import math
 import warnings
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -299,7 +300,7 @@ def test_write_report_writes_everything(tmp_path: Path) -> None:
     metrics = {
         "image_auroc": image_auroc(labels, scores),
         "aupro": np.float32(0.5),
-        "threshold": ThresholdChoice(0.6, "f1", 0.9, 5, 5),
+        "threshold_choice": ThresholdChoice(0.6, "f1", 0.9, 5, 5),
         "undefined": float("nan"),
     }
     out = tmp_path / "report"
@@ -312,11 +313,12 @@ def test_write_report_writes_everything(tmp_path: Path) -> None:
     assert (out / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     record = json.loads((out / "metrics.json").read_text())
-    assert record["metrics"]["image_auroc"] == pytest.approx(metrics["image_auroc"])
-    assert record["metrics"]["aupro"] == pytest.approx(0.5)
-    assert ThresholdChoice.from_dict(record["metrics"]["threshold"]) == metrics["threshold"]
-    assert record["metrics"]["undefined"] is None
-    assert record["image_threshold"] == 0.6
+    assert record["schema"] == "anomalyqc-metrics/1"
+    assert record["image_auroc"] == pytest.approx(metrics["image_auroc"])
+    assert record["aupro"] == pytest.approx(0.5)
+    assert ThresholdChoice.from_dict(record["threshold_choice"]) == metrics["threshold_choice"]
+    assert record["undefined"] is None
+    assert record["threshold"] == 0.6 and (record["n_good"], record["n_defect"]) == (5, 5)
     assert [r["path"] for r in record["images"]] == paths
     assert [r["decision"] for r in record["images"]] == [
         "defect" if s >= 0.6 else "good" for s in scores
@@ -368,10 +370,40 @@ def test_write_report_without_images_and_grey_tensors(tmp_path: Path) -> None:
     )
     assert len(list((tmp_path / "b" / "examples").glob("*.png"))) == 4
     record = json.loads((tmp_path / "b" / "metrics.json").read_text())
-    assert record["image_threshold"] is None and record["images"][0]["decision"] is None
+    assert record["threshold"] is None and record["images"][0]["decision"] is None
 
 
 def test_write_report_single_class_still_writes_roc(tmp_path: Path) -> None:
     page = write_report(tmp_path, {}, [0, 0], [0.1, 0.2], ["a.png", "b.png"])
     assert page.is_file() and (tmp_path / "roc.png").is_file()
     assert math.isclose(json.loads((tmp_path / "metrics.json").read_text())["n_good"], 2)
+
+
+def test_write_report_without_masks_has_no_ground_truth_column(tmp_path: Path) -> None:
+    labels, scores, paths, images, masks, maps = _report_inputs()
+    with_gt = write_report(tmp_path / "gt", {}, labels, scores, paths, images, masks, maps,
+                           threshold=0.6, n_examples=1)
+    without = write_report(tmp_path / "labels", {"notes": ["no masks here"]}, labels, scores,
+                           paths, images, None, maps, threshold=0.6, n_examples=1)
+    assert "ground truth" in with_gt.read_text()
+    text = without.read_text()
+    assert "ground truth" not in text and "Note: no masks here" in text
+    # the example figures lose a panel: three quarters of the width
+    w_gt = cv2.imread(str(next((tmp_path / "gt" / "examples").glob("*.png")))).shape[1]
+    w = cv2.imread(str(next((tmp_path / "labels" / "examples").glob("*.png")))).shape[1]
+    assert w == pytest.approx(w_gt * 3 / 4, abs=2)
+
+
+def test_write_report_metrics_file_is_one_flat_json(tmp_path: Path) -> None:
+    labels, scores, paths, *_ = _report_inputs()
+    write_report(tmp_path, {"image_auroc": 0.9, "threshold": 0.6}, labels, scores, paths,
+                 threshold=0.6, metrics_file="results.json")
+    assert not (tmp_path / "metrics.json").exists()
+    record = json.loads((tmp_path / "results.json").read_text())
+    assert record["image_auroc"] == 0.9 and len(record["images"]) == len(paths)
+    with pytest.raises(ValueError, match="threshold"):  # disagreeing duplicate
+        write_report(tmp_path, {"threshold": 0.5}, labels, scores, paths, threshold=0.6)
+    with pytest.raises(ValueError, match="images"):
+        write_report(tmp_path, {"images": []}, labels, scores, paths)
+    with pytest.raises(ConfigError, match="report.html"):
+        write_report(tmp_path, {}, labels, scores, paths, metrics_file="report.html")

@@ -241,12 +241,15 @@ def test_save_load_gives_identical_predictions(tmp_path, name, params):
     for key, value in params.items():
         assert cfg["params"][key] == value
 
-    loaded = load_detector(run)
+    loaded = load_detector(run, merge_state=True)
     assert type(loaded) is type(det) and loaded.fitted
     assert loaded.config == det.config
     assert type(det).load(run).config == det.config  # the class method too
     got = state_shapes(loaded)
     assert got == state_shapes(det)
+    # a plain load (what predict uses) leaves out only the tensors a merge needs
+    lean = state_shapes(load_detector(run))
+    assert lean == {k: v for k, v in got.items() if not k.startswith(("moments.", "kmeans."))}
     if params.get("reduction", "none") != "none":
         assert loaded.reduction_matrix.shape == (152, 24)
     after = loaded.predict(TEST_BAD)
@@ -479,9 +482,28 @@ def test_mhbc_merge_moments_exact_scores_close():
     assert b.score[3:].min() > b.score[:3].max()
 
 
-def test_merge_needs_models_fitted_in_process(saved_run):
-    loaded = load_detector(saved_run)
-    with pytest.raises(ValueError, match="merge"):
+@pytest.mark.parametrize("name", ["padim", "mhbc"])
+def test_merge_of_saved_runs_equals_merge_in_process(name, tmp_path):
+    """The run folder keeps the moments (and K-Means state), so a merge after save/load is
+    the same as a merge of the models still in memory."""
+    in_memory = fresh(name, SHARD_A).merge(fresh(name, SHARD_B))
+    a = load_detector(fresh(name, SHARD_A).save(tmp_path / "a"), merge_state=True)
+    b = load_detector(fresh(name, SHARD_B).save(tmp_path / "b"), merge_state=True)
+    # predicting never needs (or reads) the moments
+    assert load_detector(tmp_path / "a").moments is None
+    merged = a.merge(b)
+    assert merged.moments.count == 16
+    torch.testing.assert_close(merged.mean, in_memory.mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(merged.chol, in_memory.chol, rtol=1e-4, atol=1e-4)
+    if name == "mhbc":
+        torch.testing.assert_close(merged.centroids, in_memory.centroids, rtol=1e-4, atol=1e-4)
+
+
+def test_merge_needs_models_that_kept_their_moments(tmp_path):
+    run = fresh("padim", SHARD_B, keep_moments=False).save(tmp_path / "run")
+    loaded = load_detector(run, merge_state=True)
+    assert loaded.moments is None and loaded.predict(TEST_GOOD[:1]).score.shape == (1,)
+    with pytest.raises(ValueError, match="keep_moments"):
         fresh("padim", SHARD_A).merge(loaded)
     coreset = fresh("mhbc", SHARD_A, clustering="coreset")
     with pytest.raises(ValueError, match="kmeans"):
@@ -563,7 +585,6 @@ def test_memory_does_not_grow_with_training_images(name, params):
     assert tensors_held(small) == tensors_held(large)
     assert state_shapes(small) == state_shapes(large)
     if name == "mhbc":
-        assert small.kmeans._buffer == [] and large.kmeans._buffer == []
         assert float(large.kmeans.counts.sum(1)[0]) == 24.0  # all images went through K-Means
         assert large.moments.count == 24
 

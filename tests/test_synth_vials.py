@@ -272,3 +272,32 @@ def test_cut_patches_keep_every_defect_pixel() -> None:
     assert (d.vial, d.region) in {(p.vial, p.region) for p in hit}
     good = cut_patches(_strip(4), patch_size=48)
     assert not any(p.mask.any() for p in good)
+
+
+def test_meniscus_levels_make_the_fill_height_multimodal() -> None:
+    from anomalyqc.synth._render import make_geometry, sample_scene
+
+    levels = (0.36, 0.56)
+    cfg = VialStripConfig(meniscus_levels=levels)
+    geo = make_geometry(cfg)
+    rng = np.random.default_rng(0)
+    y = np.concatenate([sample_scene(rng, cfg, geo).meniscus_y for _ in range(40)]) / cfg.height
+    near = [np.abs(y - f) < 2.5 * cfg.meniscus_jitter + 1e-6 for f in levels]
+    assert (near[0] | near[1]).all()  # every vial at one of the levels
+    assert near[0].mean() > 0.3 and near[1].mean() > 0.3  # and both levels drawn
+    default = np.concatenate([sample_scene(rng, CFG, make_geometry(CFG)).meniscus_y
+                              for _ in range(40)]) / CFG.height
+    assert np.abs(default - CFG.meniscus_level).max() < 2.5 * CFG.meniscus_jitter + 1e-6
+    with pytest.raises(ConfigError, match="meniscus_levels"):
+        VialStripConfig(meniscus_levels=(1.2,))
+
+
+def test_regions_option_writes_only_those_region_patches(tmp_path: Path) -> None:
+    out = tmp_path / "p"
+    cfg = VialStripConfig(regions=(1,))
+    generate_vial_dataset(out, seed=2, n_train=2, n_test_good=1, n_test_defect=0, patches=True,
+                          cfg=cfg)
+    names = [p.name for p in (out / "train" / "good").iterdir()]
+    assert len(names) == 2 * 5 and all(n.endswith("_r1.png") for n in names)
+    with pytest.raises(ConfigError, match="regions"):
+        VialStripConfig(regions=(4,))

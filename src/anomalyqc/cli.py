@@ -80,18 +80,33 @@ def synth_vials(
     n_test_good: int = typer.Option(40, help="Good test strips."),
     n_test_defect: int = typer.Option(40, help="Defective test strips (split over the types)."),
     patches: bool = typer.Option(False, help="Write per-vial, per-region patches."),
+    regions: str = typer.Option("0,1,2,3", help="With --patches: the regions to write, e.g. 1 "
+                                                "for the shoulder patches (meniscus) only."),
+    meniscus_levels: str | None = typer.Option(
+        None, help="Distinct fill levels as fractions of the strip height, e.g. 0.36,0.46,0.56: "
+                   "each vial draws one, so normal appearance is multi-modal at a location."),
 ) -> None:
     """Synthetic Blow-Fill-Seal vial strips (5 vials x 4 regions) with defects and masks."""
-    from anomalyqc.synth.vials import generate_vial_dataset
+    from anomalyqc.synth.vials import VialStripConfig, generate_vial_dataset
 
-    summary = _run(lambda: generate_vial_dataset(out, seed, n_train, n_test_good,
-                                                 n_test_defect, patches, progress=True))
+    def job() -> dict:
+        try:
+            region_ids = tuple(int(r) for r in regions.split(","))
+            levels = tuple(float(v) for v in meniscus_levels.split(",")) if meniscus_levels else ()
+        except ValueError:
+            raise typer.BadParameter("expected comma-separated numbers, e.g. 1,2 or 0.4,0.5")
+        cfg = VialStripConfig(regions=region_ids, meniscus_levels=levels)
+        return generate_vial_dataset(out, seed, n_train, n_test_good, n_test_defect, patches,
+                                     cfg=cfg, progress=True)
+
+    summary = _run(job)
     summary = {k: v for k, v in summary.items() if k != "paths"}
     _print_json(summary)
 
 
 @app.command()
 def fit(
+    ctx: typer.Context,
     detector: DetectorName = typer.Argument(..., help="Which detector."),
     data: Path = typer.Option(..., "--data", help="Dataset folder (MVTec or folder layout)."),
     out: Path = typer.Option(..., "--out", help="Run folder to write the model to."),
@@ -107,6 +122,9 @@ def fit(
     set_: list[str] = typer.Option([], "--set",
                                    help="Detector parameter KEY=VALUE (repeatable), e.g. "
                                         "--set coreset_ratio=0.01 --set n_clusters=8"),
+    nproc: int = typer.Option(1, "--nproc", min=1,
+                              help="Processes to shard the training images over (launches "
+                                   "torchrun; gloo on CPU, NCCL with CUDA)."),
 ) -> None:
     """Fit a detector on the good training images and save it to a run folder."""
     from anomalyqc.workflow import fit_run
@@ -114,10 +132,33 @@ def fit(
     params = {"backbone": backbone, "image_size": _parse_size(image_size, "--image-size"),
               "crop_size": _parse_size(crop_size, "--crop-size") if crop_size else None,
               **_parse_sets(set_)}
+    if nproc > 1:
+        from anomalyqc.launch import relaunch_with_torchrun
+
+        raise typer.Exit(relaunch_with_torchrun(ctx, nproc, console))
     _run(lambda: fit_run(detector.value, data, out, params, batch_size, workers, progress=True))
+    from anomalyqc.distributed import world_from_env
+
+    if world_from_env()[0] != 0:  # a torchrun worker other than rank 0: rank 0 reports
+        return
     info = json.loads((out / "fit_info.json").read_text())
     _print_json(info)
     console.print(f"model saved to {out}")
+
+
+@app.command()
+def merge(
+    runs: list[Path] = typer.Argument(..., help="Run folders fitted on disjoint data (two or "
+                                                "more)."),
+    out: Path = typer.Option(..., "--out", help="Run folder to write the merged model to."),
+) -> None:
+    """Combine runs fitted on different machines or days into one (PaDiM and MhBC-PatchCore
+    exactly up to K-Means re-clustering; PatchCore as the union of the banks)."""
+    from anomalyqc.workflow import merge_runs
+
+    _run(lambda: merge_runs(runs, out))
+    _print_json(json.loads((out / "fit_info.json").read_text()))
+    console.print(f"merged model saved to {out}")
 
 
 @app.command()
@@ -132,16 +173,25 @@ def evaluate(
                                                          "fixed."),
     recalibrate: bool = typer.Option(False, help="Choose a new threshold even if the run "
                                                  "has one."),
+    no_masks: bool = typer.Option(False, "--no-masks",
+                                  help="Ignore ground-truth masks: image metrics only (for a "
+                                       "dataset where only some defect images have masks)."),
     batch_size: int = typer.Option(8),
 ) -> None:
-    """Metrics on a test split: AUROCs, AUPRO, and accuracy/F1/... at the threshold."""
+    """Metrics on a test split: AUROCs, AUPRO, and accuracy/F1/... at the threshold.
+
+    Without ground-truth masks (no ground_truth/ folder, or --no-masks) pixel_auroc and
+    aupro are null and the report has no ground-truth column.
+    """
     from anomalyqc.workflow import evaluate_run
 
     metrics = _run(lambda: evaluate_run(run, data, report, threshold_method.value, threshold,
                                         recalibrate or threshold_method.value == "fixed",
-                                        batch_size, progress=True))
+                                        batch_size, progress=True, masks=not no_masks))
     _print_json(metrics)
-    console.print(f"report: {metrics['report_html']}")
+    for note in metrics["notes"]:
+        console.print(f"note: {note}", highlight=False, soft_wrap=True)
+    console.print(f"report: {metrics['report_html']}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -154,14 +204,25 @@ def calibrate(
                                                      help="How to choose the threshold."),
     threshold: float | None = typer.Option(None, help="Threshold for --threshold-method "
                                                          "fixed."),
+    no_masks: bool = typer.Option(False, "--no-masks",
+                                  help="Accepted as on `evaluate`; calibration uses image "
+                                       "labels only and never reads masks, so any dataset "
+                                       "works with or without it."),
     batch_size: int = typer.Option(8),
 ) -> None:
-    """Choose the decision threshold on validation data and store it in the run."""
+    """Choose the decision threshold on validation data and store it in the run.
+
+    Only the image labels (good/defective) are used: datasets without masks are fine.
+    """
     from anomalyqc.workflow import calibrate_run
 
+    del no_masks  # calibration never reads masks (see the option's help)
     result = _run(lambda: calibrate_run(run, data, threshold_method.value, threshold,
                                         batch_size, progress=True))
     _print_json(result)
+    console.print(f"threshold {result['threshold']:.6g} ({result['threshold_method']}) chosen "
+                  f"by `anomalyqc calibrate` on {data}, saved to {result['threshold_file']}",
+                  highlight=False, soft_wrap=True)
 
 
 @app.command()

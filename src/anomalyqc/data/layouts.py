@@ -7,10 +7,14 @@ MVTec AD (detected when ROOT/train/good exists)::
     ROOT/train/good/*.png                   good training images
     ROOT/test/good/*.png                    good test images
     ROOT/test/<defect>/*.png                defect images, one folder per defect type
-    ROOT/ground_truth/<defect>/<stem>_mask.png   defect masks (required unless masks=False)
+    ROOT/ground_truth/<defect>/<stem>_mask.png   defect masks, optional (see below)
     ROOT/roi/<split>/<type>/<stem>_roi.png  optional regions of interest (our extension)
 
   Every subfolder of a split is a type; "good" is label 0, anything else label 1.
+  Masks are all or nothing: a split where no defect image has a mask (no ground_truth/
+  folder) is read with image labels only, and pixel metrics are then not computed; a split
+  where some defect images have masks and others not is an error naming the first image
+  without one (a forgotten mask would silently drop that image from the pixel metrics).
 
 Plain folders (detected when ROOT/good exists)::
 
@@ -69,8 +73,9 @@ class Record:
 def mvtec_records(root: str | Path, split: Split = "train", masks: bool = True) -> list[Record]:
     """Records of one split of an MVTec AD style dataset, sorted by type then name.
 
-    masks=False reads defect images without masks (for datasets that have none); with the
-    default, a defect image without a mask is an error rather than silently unscored.
+    masks=True reads the masks the split has: all defect images' or none (image labels
+    only); masks for some but not all is an error. masks=False ignores masks altogether
+    (image-level evaluation of a partly annotated dataset).
     """
     root = _existing_root(root)
     _check_split(split)
@@ -91,10 +96,23 @@ def mvtec_records(root: str | Path, split: Split = "train", masks: bool = True) 
             ("_mask",),
             roi_folder,
             hint="add images or remove the folder",
+            require_masks=False,
         )
     if not records:
         raise DataError(f"split folder {split_dir} has no images; {MVTEC_LAYOUT}")
+    _check_all_or_no_masks(records, root)
     return records
+
+
+def _check_all_or_no_masks(records: list[Record], root: Path) -> None:
+    """Every defect image has a mask, or none has; name the first one without."""
+    defects = [r for r in records if r.label != GOOD]
+    with_mask = sum(r.mask_path is not None for r in defects)
+    if 0 < with_mask < len(defects):
+        first = next(r for r in defects if r.mask_path is None)
+        folder = root / "ground_truth" / first.defect_type
+        raise _missing_mask(first.path, folder, ("_mask",),
+                            f" ({with_mask} of the {len(defects)} defect images have one)")
 
 
 # ------------------------------------------------------------------------ plain folders
@@ -214,8 +232,13 @@ def _type_records(
     hint: str,
     roi_suffixes: tuple[str, ...] = ("_roi",),
     good_type: str = GOOD_TYPE,
+    require_masks: bool = True,
 ) -> list[Record]:
-    """Records of one type folder; a defect image without its mask is an error."""
+    """Records of one type folder.
+
+    With a mask folder and require_masks, a defect image without its mask is an error;
+    without require_masks its mask_path is left None (the caller checks the whole split).
+    """
     images = list_images(type_dir)
     if not images:
         exts = " ".join(sorted(IMAGE_EXTENSIONS))
@@ -229,18 +252,20 @@ def _type_records(
         mask = None
         if masks is not None:
             mask = _sidecar(masks, image.stem, mask_suffixes)
-            if mask is None:
+            if mask is None and require_masks:
                 raise _missing_mask(image, mask_folder, mask_suffixes)
         roi = _sidecar(rois, image.stem, roi_suffixes)
         records.append(Record(image, GOOD if is_good else DEFECT, defect_type, mask, roi))
     return records
 
 
-def _missing_mask(image: Path, folder: Path, suffixes: tuple[str, ...]) -> DataError:
+def _missing_mask(
+    image: Path, folder: Path, suffixes: tuple[str, ...], context: str = ""
+) -> DataError:
     expected = " or ".join(str(folder / f"{image.stem}{s}.png") for s in suffixes)
     return DataError(
-        f"defect image {image} has no mask: expected {expected}; add the mask, "
-        "or read the dataset without masks (masks=False)"
+        f"defect image {image} has no mask{context}: expected {expected}; add the mask, or "
+        "evaluate image-level only with --no-masks (masks=False in Python)"
     )
 
 

@@ -19,11 +19,16 @@ from typing import Any
 
 import numpy as np
 
-from anomalyqc.errors import CalibrationError
+from anomalyqc.errors import CalibrationError, ConfigError
 from anomalyqc.evaluation.metrics import ArrayLike, _labels_scores, _to_numpy, roc_curve_points
 from anomalyqc.fileio import atomic_write_bytes
 
 _EXAMPLE_NAME = re.compile(r"^(worst|best)_(defect|good)_\d+_.*\.png$")
+
+METRICS_SCHEMA = "anomalyqc-metrics/1"
+# Keys write_report fills in from its own arguments; a metrics dict may repeat them only
+# with the same value.
+_OWN_KEYS = ("schema", "n_good", "n_defect", "threshold", "pixel_threshold", "images")
 
 
 def _jsonable(x: Any) -> Any:
@@ -126,34 +131,40 @@ def _example_png(
     pixel_threshold: float | None,
     map_range: tuple[float, float],
     title: str,
+    ground_truth: bool = True,
 ) -> bytes:
-    """Four panels: input, ground truth, heatmap over the input, predicted mask."""
+    """Panels: input, ground truth (unless ground_truth=False), heatmap over the input,
+    predicted mask. A dataset without masks gets no ground-truth column at all, rather
+    than an empty one that reads as "no defect here"."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(12, 3.4), dpi=80)
-    axes = fig.subplots(1, 4)
+    n = 4 if ground_truth else 3
+    fig = Figure(figsize=(3 * n, 3.4), dpi=80)
+    axes = list(fig.subplots(1, n))
     img = _hwc(image)
     grey = {"cmap": "gray", "vmin": 0.0, "vmax": 1.0}
     axes[0].imshow(img, **(grey if img.ndim == 2 else {}))
     axes[0].set_title("input")
-    if mask is not None:
-        axes[1].imshow(mask[0], **grey)
-    else:
-        axes[1].text(0.5, 0.5, "no mask", ha="center", va="center")
-    axes[1].set_title("ground truth")
+    if ground_truth:
+        if mask is not None:
+            axes[1].imshow(mask[0], **grey)
+        else:
+            axes[1].text(0.5, 0.5, "no mask", ha="center", va="center")
+        axes[1].set_title("ground truth")
+    ax_map, ax_pred = axes[-2], axes[-1]
     if amap is not None:
-        axes[2].imshow(img, **(grey if img.ndim == 2 else {}))
-        im = axes[2].imshow(amap[0], cmap="jet", alpha=0.5, vmin=map_range[0], vmax=map_range[1])
-        fig.colorbar(im, ax=axes[2], fraction=0.046, pad=0.02)
+        ax_map.imshow(img, **(grey if img.ndim == 2 else {}))
+        im = ax_map.imshow(amap[0], cmap="jet", alpha=0.5, vmin=map_range[0], vmax=map_range[1])
+        fig.colorbar(im, ax=ax_map, fraction=0.046, pad=0.02)
     else:
-        axes[2].text(0.5, 0.5, "no anomaly map", ha="center", va="center")
-    axes[2].set_title("anomaly map")
+        ax_map.text(0.5, 0.5, "no anomaly map", ha="center", va="center")
+    ax_map.set_title("anomaly map")
     if amap is not None and pixel_threshold is not None:
-        axes[3].imshow((amap[0] >= pixel_threshold).astype(np.float32), **grey)
-        axes[3].set_title(f"predicted (map >= {pixel_threshold:.3g})")
+        ax_pred.imshow((amap[0] >= pixel_threshold).astype(np.float32), **grey)
+        ax_pred.set_title(f"predicted (map >= {pixel_threshold:.3g})")
     else:
-        axes[3].text(0.5, 0.5, "no threshold", ha="center", va="center")
-        axes[3].set_title("predicted")
+        ax_pred.text(0.5, 0.5, "no threshold", ha="center", va="center")
+        ax_pred.set_title("predicted")
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])
@@ -190,11 +201,17 @@ def _html(
     threshold: float | None,
     n_good: int,
     n_defect: int,
+    panels: list[str],
 ) -> str:
     e = html.escape
-    rows = "\n".join(f"<tr><th>{e(k)}</th><td>{e(_fmt(v))}</td></tr>" for k, v in _flatten(metrics))
+    notes = metrics.get("notes") or []
+    table = {k: v for k, v in metrics.items() if k != "notes"}
+    rows = "\n".join(f"<tr><th>{e(k)}</th><td>{e(_fmt(v))}</td></tr>" for k, v in _flatten(table))
     thr = "not set" if threshold is None else f"{threshold:.6g} (score &gt;= threshold is a defect)"
+    note_html = "".join(f'<p class="note">Note: {e(str(n))}</p>\n' for n in notes)
     sections = []
+    if examples:
+        sections.append(f'<p class="panels">Example panels: {e(" | ".join(panels))}</p>')
     for title, prefix in (("Worst cases", "worst_"), ("Best cases", "best_")):
         items = []
         for ex in (x for x in examples if x["kind"].startswith(prefix)):
@@ -215,11 +232,12 @@ table {{ border-collapse: collapse; }}
 th, td {{ border: 1px solid #ccc; padding: 0.25em 0.7em; text-align: left; }}
 figure {{ margin: 1em 0; padding: 0.5em; border-left: 6px solid #ccc; }}
 figure.ok {{ border-color: #3a3; }} figure.wrong {{ border-color: #c33; }}
+p.note {{ color: #a60; }}
 img {{ max-width: 100%; }}
 </style></head><body>
 <h1>anomalyqc evaluation report</h1>
 <p>{n_good} good and {n_defect} defective images; image threshold {thr}.</p>
-<h2>Metrics</h2>
+{note_html}<h2>Metrics</h2>
 <table>
 {rows}
 </table>
@@ -228,6 +246,14 @@ img {{ max-width: 100%; }}
 {chr(10).join(sections)}
 </body></html>
 """
+
+
+def check_metrics_file(name: str) -> None:
+    """Refuse a metrics file name that would overwrite another file of the report."""
+    if name in ("report.html", "roc.png", "examples") or Path(name).name != name:
+        raise ConfigError(f"the metrics file name {name!r} clashes with the report's own "
+                          "files (report.html, roc.png, examples/); choose another name, "
+                          "e.g. metrics.json")
 
 
 def write_report(
@@ -242,17 +268,27 @@ def write_report(
     threshold: float | None = None,
     n_examples: int = 4,
     pixel_threshold: float | None = None,
+    metrics_file: str = "metrics.json",
 ) -> Path:
-    """Write metrics.json, roc.png, examples/*.png and report.html to out_dir; return the html.
+    """Write the metrics JSON, roc.png, examples/*.png and report.html to out_dir; return the
+    html path.
 
     images (N, C, H, W) in [0, 1], masks and maps (N, 1, H, W); only the example images
     are converted, so memory stays at the size of the inputs. Without images, no examples
-    are drawn. Examples are up to n_examples each of worst defect, worst good, best defect
+    are drawn; without masks (a dataset with image labels only) they have no ground-truth
+    column. Examples are up to n_examples each of worst defect, worst good, best defect
     and best good (see _pick_examples). The predicted mask is map >= pixel_threshold; when
     that is None the image threshold is used, since our detectors' image score is the
     maximum of the map and so lives on the same scale.
+
+    The metrics JSON (out_dir/metrics_file, written once) is one flat object:
+    {"schema": "anomalyqc-metrics/1", **metrics, "n_good", "n_defect", "threshold" (the
+    image threshold or null), "pixel_threshold", "images": [{"path", "label" (0 good, 1
+    defect), "score", "decision" ("good" | "defect" | null)}]}. NaN and infinite figures
+    are written as null.
     """
     out = Path(out_dir)
+    check_metrics_file(metrics_file)
     out.mkdir(parents=True, exist_ok=True)
     y, s = _labels_scores(labels, scores)
     paths = [str(p) for p in paths]
@@ -265,20 +301,31 @@ def write_report(
     )
 
     metrics_js = _jsonable(metrics)
-    record = {
-        "metrics": metrics_js,
-        "image_threshold": _jsonable(threshold),
-        "pixel_threshold": _jsonable(pixel_threshold),
+    own = {
+        "schema": METRICS_SCHEMA,
         "n_good": n_good,
         "n_defect": n_defect,
+        "threshold": _jsonable(threshold),
+        "pixel_threshold": _jsonable(pixel_threshold),
+    }
+    for key in _OWN_KEYS:
+        if key in metrics_js and (key not in own or metrics_js[key] != own[key]):
+            raise ValueError(
+                f"metrics[{key!r}] = {metrics_js[key]!r} clashes with the report's own "
+                f"{key!r} ({own.get(key, 'reserved')!r})"
+            )
+    record = {
+        "schema": METRICS_SCHEMA,
+        **metrics_js,
+        **own,
         "images": [
             {"path": p, "label": int(lab), "score": float(sc), "decision": d}
             for p, lab, sc, d in zip(paths, y.tolist(), s.tolist(), decisions)
         ],
     }
     atomic_write_bytes(
-        out / "metrics.json",
-        json.dumps(record, indent=2, allow_nan=False).encode("utf-8"),
+        out / metrics_file,
+        (json.dumps(record, indent=2, allow_nan=False) + "\n").encode("utf-8"),
     )
     atomic_write_bytes(out / "roc.png", _roc_png(y, s))
 
@@ -308,6 +355,7 @@ def write_report(
                 pix_thr,
                 map_range,
                 title,
+                ground_truth=masks is not None,
             )
             atomic_write_bytes(ex_dir / name, png)
             written.add(name)
@@ -327,9 +375,11 @@ def write_report(
             if _EXAMPLE_NAME.match(old.name) and old.name not in written:
                 old.unlink(missing_ok=True)
 
+    panels = ["input", *(["ground truth"] if masks is not None else []), "anomaly map",
+              "predicted mask"]
     page = out / "report.html"
     atomic_write_bytes(
         page,
-        _html(metrics_js, examples, threshold, n_good, n_defect).encode("utf-8"),
+        _html(metrics_js, examples, threshold, n_good, n_defect, panels).encode("utf-8"),
     )
     return page

@@ -46,7 +46,7 @@ class ThresholdChoice:
         if missing:
             raise ModelFileError(
                 f"threshold record lacks {', '.join(missing)}; the run's threshold.json is "
-                "corrupt or was written by an incompatible version (re-run calibration)"
+                "corrupt or was written by an incompatible version (re-run `anomalyqc calibrate`)"
             )
         try:
             return cls(
@@ -59,7 +59,7 @@ class ThresholdChoice:
         except (TypeError, ValueError) as exc:
             raise ModelFileError(
                 f"threshold record has a value of the wrong type ({exc}); the run's "
-                "threshold.json is corrupt (re-run calibration)"
+                "threshold.json is corrupt (re-run `anomalyqc calibrate`)"
             ) from exc
 
     def explain(self) -> str:
@@ -84,6 +84,22 @@ def _candidate_metric(
     return tp / float(n_defect) - fp / float(n_good)  # youden: TPR - FPR
 
 
+def check_threshold_options(method: str, value: float | None) -> None:
+    """Refuse a method/value pair select_threshold cannot use; callers check before scoring."""
+    if method not in METHODS:
+        raise ConfigError(f"unknown threshold method {method!r}; use one of {', '.join(METHODS)}")
+    if method == "fixed":
+        if value is None or not math.isfinite(float(value)):
+            raise ConfigError(
+                "threshold method 'fixed' needs a finite value: pass --threshold VALUE"
+            )
+    elif value is not None:
+        raise ConfigError(
+            f"a threshold value was given with method {method!r}, which would ignore it; "
+            "use --threshold-method fixed to apply it, or drop --threshold"
+        )
+
+
 def select_threshold(
     labels: ArrayLike, scores: ArrayLike, method: str = "f1", value: float | None = None
 ) -> ThresholdChoice:
@@ -98,24 +114,15 @@ def select_threshold(
     and the next lower distinct score: the same decisions on the calibration set, but with
     a margin on both sides instead of sitting on a calibration sample, so it generalises.
     """
-    if method not in METHODS:
-        raise ConfigError(f"unknown threshold method {method!r}; use one of {', '.join(METHODS)}")
+    check_threshold_options(method, value)
     y, s = _labels_scores(labels, scores)
     n_defect = int(np.count_nonzero(y))
     n_good = int(y.size - n_defect)
 
     if method == "fixed":
-        if value is None or not math.isfinite(float(value)):
-            raise ConfigError(
-                "threshold method 'fixed' needs a finite value: pass --threshold VALUE"
-            )
+        assert value is not None  # checked above
         acc = threshold_metrics(y, s, float(value))["accuracy"] if y.size else 0.0
         return ThresholdChoice(float(value), "fixed", acc, n_good, n_defect)
-    if value is not None:
-        raise ConfigError(
-            f"a threshold value was given with method {method!r}, which would ignore it; "
-            "use --threshold-method fixed to apply it, or drop --threshold"
-        )
     if n_defect == 0 or n_good == 0:
         missing = "defective" if n_defect == 0 else "good"
         raise CalibrationError(

@@ -5,11 +5,12 @@ input checks, and turning a grid of patch scores into a smoothed map at input si
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
-from typing import Literal
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
 from anomalyqc.backbones import FeatureExtractor
 from anomalyqc.errors import ConfigError, DataError
@@ -21,13 +22,24 @@ from anomalyqc.types import Batch, Prediction
 
 class EmbeddingConfig(DetectorConfig):
     backbone: str = "efficientnet_lite0"
-    patch_size: int = 3  # neighbourhood p of eq. 8.21
-    reduction: Literal["none", "pca", "srp"] = "none"
-    reduced_dim: int = 100
-    pca_images: int = 32  # images whose embeddings fit the PCA (streaming: a bounded warm-up)
-    blur_sigma: float = 4.0  # Gaussian smoothing of the upsampled map, as PatchCore
+    # Neighbourhood p of eq. 8.21 (1 = none). PatchCore's locally aware features use 3; the
+    # Gaussian detectors default to 1 (see their configs and benchmarks/README.md).
+    patch_size: int = Field(3, ge=1)
+    # Final adaptive average pooling of the concatenated embedding over channels (thesis
+    # 8.3.5.2): None = the backbone's default (1024 for wide_resnet50_2, off otherwise), 0 = off.
+    channel_pool: int | None = Field(None, ge=0)
+    # "random" keeps a fixed, seeded subset of reduced_dim channels (PaDiM, thesis 8.3.2).
+    reduction: Literal["none", "pca", "srp", "random"] = "none"
+    reduced_dim: int = Field(100, ge=1)
+    pca_images: int = Field(32, ge=1)  # images that fit the PCA (streaming: a bounded warm-up)
+    blur_sigma: float = Field(4.0, ge=0)  # Gaussian smoothing of the upsampled map
+    # Image score: "map_max" = max of the smoothed map (default), "patch_max" = max of the raw
+    # patch scores (the PatchCore paper's s*); PatchCore adds "reweighted".
+    image_score: Literal["map_max", "patch_max"] = "map_max"
     seed: int = 0
     allow_download: bool = True  # torchvision weights not in the torch cache
+    # False builds the backbone with random weights: for tests of the plumbing only.
+    pretrained: bool = True
 
 
 class EmbeddingDetector(Detector):
@@ -36,19 +48,28 @@ class EmbeddingDetector(Detector):
     config_cls = EmbeddingConfig
     config: EmbeddingConfig
 
-    def __init__(self, config=None, **params) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, config: DetectorConfig | dict[str, Any] | None = None,
+                 **params: Any) -> None:
         super().__init__(config, **params)
         self._extractor: FeatureExtractor | None = None
         self.reduction_mean: torch.Tensor | None = None  # (D,)
         self.reduction_matrix: torch.Tensor | None = None  # (D, D')
         self.grid: tuple[int, int] | None = None
         self.fit_timings: dict[str, float] = {}
+        # Channels the user fixed in the constructor stay; ones learnt from data are re-learnt.
+        self._channels_given = self.config.channels is not None
+        # Called right after the reduction is fitted: a sharded fit replaces it with rank 0's,
+        # so that every shard's embeddings live in the same coordinates.
+        self.reduction_sync: Callable[[EmbeddingDetector], None] | None = None
 
     def reset(self) -> None:
         """Forget everything learnt: a second fit starts from scratch (estimator contract)."""
         self.fitted = False
         self.reduction_mean = None
         self.reduction_matrix = None
+        self.grid = None
+        if not self._channels_given:
+            self.config.channels = None
 
     def check_same_reduction(self, other: EmbeddingDetector) -> None:
         """Shards can only merge when their embeddings live in the same coordinates."""
@@ -66,7 +87,9 @@ class EmbeddingDetector(Detector):
     def extractor(self) -> FeatureExtractor:
         if self._extractor is None:
             self._extractor = FeatureExtractor(self.config.backbone, self.config.patch_size,
-                                               allow_download=self.config.allow_download)
+                                               allow_download=self.config.allow_download,
+                                               channel_pool=self.config.channel_pool,
+                                               pretrained=self.config.pretrained)
         return self._extractor
 
     def check_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -105,6 +128,14 @@ class EmbeddingDetector(Detector):
             for batch in it:
                 yield self._timed_embed(batch)
             return
+        if self.config.reduction == "random":
+            for batch in it:
+                x = self._timed_embed(batch)
+                if self.reduction_matrix is None:
+                    self._random_subset(x.shape[-1])
+                    x = x @ self.reduction_matrix
+                yield x
+            return
         warm: list[torch.Tensor] = []
         seen = 0
         for batch in it:
@@ -126,11 +157,26 @@ class EmbeddingDetector(Detector):
         self.fit_timings["backbone_seconds"] += time.perf_counter() - t
         return x
 
-    def _fit_reduction(self, warm: list[torch.Tensor]) -> Iterator[torch.Tensor]:
-        d = warm[0].shape[-1]
+    def _check_reduced_dim(self, d: int) -> int:
         out = self.config.reduced_dim
         if out >= d:
             raise ConfigError(f"reduced_dim {out} must be smaller than the embedding dim {d}")
+        return out
+
+    def _random_subset(self, d: int) -> None:
+        """A fixed, seeded subset of channels as a 0/1 selection matrix: exact, and stored
+        and merged like the other reductions."""
+        out = self._check_reduced_dim(d)
+        g = torch.Generator().manual_seed(self.config.seed)
+        keep = torch.randperm(d, generator=g)[:out].sort().values
+        matrix = torch.zeros(d, out)
+        matrix[keep, torch.arange(out)] = 1.0
+        self.reduction_mean = torch.zeros(d)
+        self.reduction_matrix = matrix
+
+    def _fit_reduction(self, warm: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+        d = warm[0].shape[-1]
+        out = self._check_reduced_dim(d)
         moments = OnlineMoments(1, d)
         for x in warm:
             moments.update(x.reshape(1, -1, d).transpose(0, 1))
@@ -139,6 +185,8 @@ class EmbeddingDetector(Detector):
             self.reduction_matrix = pca_matrix(moments.covariance()[0], out)
         else:
             self.reduction_matrix = sparse_random_matrix(d, out, self.config.seed)
+        if self.reduction_sync is not None:
+            self.reduction_sync(self)
         for x in warm:
             yield (x - self.reduction_mean) @ self.reduction_matrix
 
@@ -150,8 +198,10 @@ class EmbeddingDetector(Detector):
 
     # ---------------------------------------------------------------- maps
     def to_prediction(self, patch_scores: torch.Tensor, started: float,
-                      timings: dict[str, float]) -> Prediction:
-        """(B, h, w) patch distances -> map at input size, smoothed; score = max of the map."""
+                      timings: dict[str, float], image_score: torch.Tensor | None = None
+                      ) -> Prediction:
+        """(B, h, w) patch distances -> map at input size, smoothed; the image score is the
+        max of the map unless the caller gives one (config.image_score)."""
         m = F.interpolate(patch_scores.unsqueeze(1).float(), size=self.input_size,
                           mode="bilinear", align_corners=False)
         if self.config.blur_sigma > 0:
@@ -160,7 +210,7 @@ class EmbeddingDetector(Detector):
             s = self.config.blur_sigma
             k = 2 * int(4.0 * s + 0.5) + 1
             m = gaussian_blur2d(m, (k, k), (s, s), border_type="reflect")
-        score = m.flatten(1).amax(dim=1)
+        score = m.flatten(1).amax(dim=1) if image_score is None else image_score.float()
         timings["total_ms"] = (time.perf_counter() - started) * 1000
         return Prediction(score=score, anomaly_map=m, timings=timings)
 
@@ -173,15 +223,22 @@ class EmbeddingDetector(Detector):
             emb = self.embed(x)
             t_backbone = time.perf_counter()
             scores = self.patch_scores(emb)
+            image = self.image_scores(emb, scores)
             b = x.shape[0]
             h, w = self.grid  # type: ignore[misc]
             timings = {"backbone_ms": (t_backbone - started) * 1000,
                        "scoring_ms": (time.perf_counter() - t_backbone) * 1000}
-            return self.to_prediction(scores.reshape(b, h, w), started, timings)
+            return self.to_prediction(scores.reshape(b, h, w), started, timings, image)
 
     def patch_scores(self, emb: torch.Tensor) -> torch.Tensor:
         """(B, P, D') embeddings -> (B, P) anomaly score per location."""
         raise NotImplementedError
+
+    def image_scores(self, emb: torch.Tensor, scores: torch.Tensor) -> torch.Tensor | None:
+        """(B,) image scores from the raw patch scores, or None for the max of the map."""
+        if self.config.image_score == "patch_max":
+            return scores.amax(dim=1)
+        return None
 
     # ---------------------------------------------------------------- state
     def base_state(self) -> dict[str, torch.Tensor]:

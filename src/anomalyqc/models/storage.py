@@ -3,24 +3,23 @@
     run/
       config.json          format, package version, detector name, parameters
       weights.safetensors  tensors only
-      threshold.json       written by calibration (evaluation), optional
+      threshold.json       written by `calibrate` (or `evaluate` without one), optional;
+                           read and written only by anomalyqc.evaluation.threshold_file
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from anomalyqc import __version__
 from anomalyqc.errors import ConfigError, ModelFileError
-from anomalyqc.fileio import atomic_write_json
+from anomalyqc.fileio import atomic_path, atomic_write_json
 
 FORMAT = "anomalyqc-run"
 FORMAT_VERSION = 1
@@ -35,14 +34,8 @@ def save_detector(detector: Any, run_dir: str | Path) -> Path:
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in detector.state_tensors().items()}
-    fd, tmp = tempfile.mkstemp(dir=run, prefix=f".{WEIGHTS_FILE}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(run / WEIGHTS_FILE) as tmp:
         save_file(tensors, tmp, metadata={"format": FORMAT, "detector": detector.name})
-        os.replace(tmp, run / WEIGHTS_FILE)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     atomic_write_json(run / CONFIG_FILE, {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -78,7 +71,13 @@ def read_run_config(run_dir: str | Path) -> dict[str, Any]:
     return cfg
 
 
-def load_detector(run_dir: str | Path) -> Any:
+# Tensors only a merge needs (moments, K-Means sums): as large as the model itself for
+# PaDiM, so predicting never reads them.
+MERGE_STATE_PREFIXES = ("moments.", "kmeans.")
+
+
+def load_detector(run_dir: str | Path, merge_state: bool = False) -> Any:
+    """The detector saved in a run folder; merge_state=True also reads what `merge` needs."""
     from anomalyqc.models.base import detector_class
 
     run = Path(run_dir)
@@ -88,7 +87,12 @@ def load_detector(run_dir: str | Path) -> Any:
     if not weights.is_file():
         raise ModelFileError(f"{weights} is missing; the run folder is incomplete: retrain")
     try:
-        tensors = load_file(weights)
+        if merge_state:
+            tensors = load_file(weights)
+        else:
+            with safe_open(str(weights), framework="pt") as f:
+                tensors = {k: f.get_tensor(k) for k in f.keys()
+                           if not k.startswith(MERGE_STATE_PREFIXES)}
     except (SafetensorError, OSError, ValueError) as exc:
         raise ModelFileError(f"{weights} is corrupt or not a safetensors file ({exc}); "
                              f"retrain or restore the run") from exc

@@ -168,11 +168,41 @@ class OnlineKMeans:
         Unlike moments this is not exact (K-Means has no exact merge); it is the standard
         weighted re-clustering of the 2K weighted centroids.
         """
+        return self.merge_all([other], mean, chol, iters)
+
+    def merge_all(self, others: list[OnlineKMeans], mean: torch.Tensor | None = None,
+                  chol: torch.Tensor | None = None, iters: int = 10) -> OnlineKMeans:
+        """Fold any number of shards in at once: one weighted K-Means over all (1 + S) K
+        centroids, started from the K heaviest (for one other shard, exactly `merge`).
+
+        Doing it at once rather than pairwise makes the result independent of the order in
+        which shards arrive, up to ties in the starting weights.
+        """
         self.finish_init(mean, chol)
-        other.finish_init(mean, chol)
-        x = torch.cat([self.centroids(), other.centroids()], dim=1)
-        w = torch.cat([self.counts, other.counts], dim=1)
-        order = w.argsort(dim=1, descending=True)[:, : self.k]
+        for other in others:
+            other.finish_init(mean, chol)
+            if other.sums is None or other.sums.shape != self.sums.shape:  # type: ignore[union-attr]
+                raise ValueError("cannot merge K-Means states of different shapes")
+        x = torch.cat([self.centroids(), *(o.centroids() for o in others)], dim=1)
+        w = torch.cat([self.counts, *(o.counts for o in others)], dim=1)
+        order = w.argsort(dim=1, descending=True, stable=True)[:, : self.k]
         start = x.gather(1, order.unsqueeze(-1).expand(-1, -1, self.dim))
         self.sums, self.counts = lloyd(x, start, iters, mean, chol, weights=w)
         return self
+
+    def state(self, prefix: str = "kmeans") -> dict[str, torch.Tensor]:
+        """Running sums and counts: what a later merge needs (call finish_init first)."""
+        assert self.sums is not None and self.counts is not None
+        return {f"{prefix}.sums": self.sums, f"{prefix}.counts": self.counts}
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], prefix: str = "kmeans",
+                   seed: int = 0) -> OnlineKMeans:
+        sums, counts = tensors[f"{prefix}.sums"], tensors[f"{prefix}.counts"]
+        if sums.ndim != 3 or counts.shape != sums.shape[:2]:
+            raise ValueError(f"{prefix}.sums {tuple(sums.shape)} and {prefix}.counts "
+                             f"{tuple(counts.shape)} disagree")
+        p, k, d = sums.shape
+        out = cls(p, d, k, seed=seed)
+        out.sums, out.counts = sums.double().clone(), counts.double().clone()
+        return out

@@ -69,6 +69,22 @@ class OnlineMoments:
         self.packed += other.packed + self._shift_term(delta, other.sum, n2)
         return self
 
+    def recentre(self, shift: torch.Tensor) -> OnlineMoments:
+        """Re-express the moments about another shift, in place (exact up to rounding).
+
+        Accumulators that share a shift add up term by term, which is what an all-reduce
+        across processes does: broadcast one shift, recentre, then sum count, sum, packed.
+        """
+        shift = shift.to(self.sum.dtype)
+        if shift.shape != self.shift.shape:
+            raise ValueError(f"shift of shape {tuple(shift.shape)} for moments of shape "
+                             f"{tuple(self.shift.shape)}")
+        delta = self.shift - shift  # y about the new shift = y + delta
+        self.packed += self._shift_term(delta, self.sum, self.count)
+        self.sum += self.count * delta
+        self.shift = shift.clone()
+        return self
+
     def _shift_term(self, delta: torch.Tensor, s: torch.Tensor, n: int) -> torch.Tensor:
         """Packed delta s^T + s delta^T + n delta delta^T: what moving the shift adds."""
         i, j = self._iu
@@ -115,6 +131,18 @@ class OnlineMoments:
         out.sum = (self.sum + n * delta).sum(dim=0, keepdim=True)
         out.packed = (self.packed + self._shift_term(delta, self.sum, n)).sum(dim=0, keepdim=True)
         return out
+
+    def within_covariance(self, eps: float = 0.0, chunk: int = 64) -> torch.Tensor:
+        """(1, D, D) pooled within-location covariance: the mean of the per-location
+        covariances, each about its own location's mean, plus eps * I. Unlike pooled(), the
+        spread of the location means does not enter it."""
+        total = torch.zeros(self.dim, self.dim, dtype=self.sum.dtype)
+        for start in range(0, self.locations, chunk):
+            total += self.covariance(0.0, slice(start, start + chunk)).sum(dim=0)
+        cov = total / self.locations
+        if eps:
+            cov.diagonal().add_(eps)
+        return cov.unsqueeze(0)
 
     def state(self, prefix: str = "moments") -> dict[str, torch.Tensor]:
         return {

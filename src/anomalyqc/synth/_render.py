@@ -231,7 +231,10 @@ def sample_scene(rng: np.random.Generator, cfg: VialStripConfig, geo: Geometry) 
     shift = tuple(float(s) for s in rng.uniform(-cfg.max_shift, cfg.max_shift, 2))
     angle = float(rng.uniform(-cfg.max_rotation_deg, cfg.max_rotation_deg))
     sd = cfg.meniscus_jitter * geo.height
-    level = cfg.meniscus_level * geo.height + np.clip(rng.normal(0, 1, n), -2.5, 2.5) * sd
+    base = cfg.meniscus_level
+    if cfg.meniscus_levels:
+        base = np.asarray(cfg.meniscus_levels)[rng.integers(0, len(cfg.meniscus_levels), n)]
+    level = base * geo.height + np.clip(rng.normal(0, 1, n), -2.5, 2.5) * sd
     curv = rng.uniform(*cfg.meniscus_curvature, n)
     band = rng.uniform(1.8, 3.2, n)
     scene = Scene(

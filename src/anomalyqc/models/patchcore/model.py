@@ -11,24 +11,33 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Iterable
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from anomalyqc.errors import DataError
-from anomalyqc.models.base import register
+from anomalyqc.models.base import DetectorConfig, register
 from anomalyqc.models.embedding import EmbeddingConfig, EmbeddingDetector
 from anomalyqc.models.storage import tensor
 from anomalyqc.stats.coreset import greedy_coreset
+from anomalyqc.stats.kmeans import OnlineKMeans
 from anomalyqc.stats.knn import NearestNeighbour
 from anomalyqc.stats.projection import gaussian_random_matrix
 from anomalyqc.types import Batch
 
 
 class PatchcoreConfig(EmbeddingConfig):
-    coreset_ratio: float = 0.1
-    coreset_dim: int = 128  # random projection (eq. 8.34) used only for the coreset search
+    # "reweighted": the PatchCore paper's s* scaled by how dense the bank is around the nearest
+    # entry m* (1 - softmax of the distances to m*'s n_neighbors bank neighbours).
+    image_score: Literal["map_max", "patch_max", "reweighted"] = "map_max"
+    n_neighbors: int = Field(9, ge=1)
+    coreset_ratio: float = Field(0.1, gt=0, le=1)
+    # "greedy": k-center coreset (eq. 8.39). "kmeans": the bank is the centroids of a
+    # cumulative K-Means over all patch embeddings (thesis table 8.3's Euclidean ablation).
+    coreset: Literal["greedy", "kmeans"] = "greedy"
+    coreset_dim: int = Field(128, ge=0)  # random projection (eq. 8.34) for the greedy search
     # clustered and flat are exact (clustered prunes by the triangle inequality); hnsw is not
     index: Literal["clustered", "flat", "hnsw"] = "clustered"
 
@@ -39,10 +48,16 @@ class Patchcore(EmbeddingDetector):
     config_cls = PatchcoreConfig
     config: PatchcoreConfig
 
-    def __init__(self, config=None, **params) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, config: DetectorConfig | dict[str, Any] | None = None,
+                 **params: Any) -> None:
         super().__init__(config, **params)
         self.bank: torch.Tensor | None = None
         self._nn: NearestNeighbour | None = None
+
+    def reset(self) -> None:
+        super().reset()
+        self.bank = None
+        self._nn = None
 
     def fit(self, batches: Iterable[Batch], progress: bool = False) -> Patchcore:
         self.reset()
@@ -65,6 +80,10 @@ class Patchcore(EmbeddingDetector):
             if total == 0:
                 raise DataError("PatchCore needs at least 1 training image")
             n = max(1, int(round(self.config.coreset_ratio * total)))
+            if self.config.coreset == "kmeans":
+                self.bank = self._kmeans_bank(raw_file, total, dim, n)
+                self.fitted = True
+                return self
             keys = _read_floats(key_file if proj.size else raw_file, total)
             idx = np.sort(self.coreset_indices(keys, n, progress))
             del keys
@@ -75,6 +94,22 @@ class Patchcore(EmbeddingDetector):
         self._nn = None
         self.fitted = True
         return self
+
+    def _kmeans_bank(self, raw_file, total: int, dim: int, n: int) -> torch.Tensor:  # noqa: ANN001
+        """Cumulative K-Means with n centroids over the raw embeddings, read back in shuffled
+        chunks (a seeded order, so the seeding buffer is not one corner of the images)."""
+        raw_file.flush()
+        raw = np.memmap(raw_file, dtype=np.float32, mode="r", shape=(total, dim))
+        km = OnlineKMeans(1, dim, n, init_size=min(total, 4 * n), seed=self.config.seed)
+        order = np.random.default_rng(self.config.seed).permutation(total)
+        step = max(4096, n)
+        for start in range(0, total, step):
+            idx = np.sort(order[start : start + step])
+            km.update(torch.from_numpy(np.ascontiguousarray(raw[idx])).unsqueeze(1))
+        km.finish_init()
+        del raw
+        keep = km.counts[0] > 0
+        return km.centroids()[0][keep].float().contiguous()
 
     def _projection(self, dim: int) -> np.ndarray:
         """Fixed random projection for the coreset search (eq. 8.34); empty = none."""
@@ -94,6 +129,31 @@ class Patchcore(EmbeddingDetector):
             return greedy_coreset(search, n, seed=self.config.seed,
                                   progress=lambda k: bar.update(task, completed=k))
 
+    def merge(self, *others: Patchcore, size: int | None = None) -> Patchcore:
+        """Fold in models fitted on other shards: a greedy coreset of the union of the banks.
+
+        Approximate: each bank is a coreset of its own shard, and a coreset of their union is
+        not the coreset one fit on all the images would pick (measured in benchmarks/README.md,
+        "Sharded fits"). `size` is the bank size wanted; by default the union is kept whole,
+        which is as large as the banks together, i.e. coreset_ratio of all the shards' patches.
+        """
+        for other in others:
+            self.check_same_reduction(other)
+            if other.bank is None or self.bank is None or other.bank.shape[1] != self.bank.shape[1]:
+                raise ValueError("cannot merge PatchCore banks of different embedding sizes")
+        union = torch.cat([self.bank, *(o.bank for o in others)])  # type: ignore[misc]
+        n = union.shape[0] if size is None else max(1, min(size, union.shape[0]))
+        if n < union.shape[0]:
+            c = union.numpy()
+            proj = self._projection(c.shape[1])
+            keys = np.ascontiguousarray(c @ proj if proj.size else c, dtype=np.float32)
+            idx = np.sort(self.coreset_indices(keys, n, progress=False))
+            union = union[torch.from_numpy(idx)]
+        self.bank = union.contiguous()
+        self._nn = None
+        self.fitted = True
+        return self
+
     @property
     def nn(self) -> NearestNeighbour:
         if self._nn is None:
@@ -106,6 +166,11 @@ class Patchcore(EmbeddingDetector):
         dist = self.nn.distance(emb.reshape(b * p, d).numpy())
         return torch.from_numpy(dist).reshape(b, p)
 
+    def image_scores(self, emb: torch.Tensor, scores: torch.Tensor) -> torch.Tensor | None:
+        if self.config.image_score == "reweighted":
+            return reweighted_scores(emb, scores, self.bank, self.config.n_neighbors)
+        return super().image_scores(emb, scores)
+
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {**self.base_state(), "memory_bank": self.bank}
 
@@ -116,6 +181,27 @@ class Patchcore(EmbeddingDetector):
             raise ValueError(f"memory bank has shape {tuple(bank.shape)}")
         self.bank = bank
         self._nn = None
+
+
+def reweighted_scores(emb: torch.Tensor, scores: torch.Tensor, bank: torch.Tensor,
+                      n_neighbors: int) -> torch.Tensor:
+    """The PatchCore paper's image score: s* (the largest patch distance) times
+    1 - softmax over the distances from that patch to the n_neighbors bank entries nearest to
+    its own nearest entry m* (m* first). A patch whose m* sits in a sparse part of the bank
+    keeps more of its score than one near a dense, well-sampled mode.
+
+    emb (B, P, D), scores (B, P), bank (N, D) -> (B,).
+    """
+    rows = torch.arange(emb.shape[0])
+    worst = scores.argmax(dim=1)
+    query = emb[rows, worst].float()  # (B, D)
+    d_query = torch.cdist(query, bank)  # (B, N)
+    m_star = d_query.argmin(dim=1)
+    k = min(n_neighbors, bank.shape[0])
+    support = torch.cdist(bank[m_star], bank).topk(k, largest=False).indices  # (B, k), m* first
+    support[:, 0] = m_star  # exact ties in the bank must not move m* out of first place
+    weight = 1.0 - torch.softmax(d_query.gather(1, support), dim=1)[:, 0]
+    return weight * scores[rows, worst]
 
 
 def _read_floats(f, rows: int) -> np.ndarray:  # noqa: ANN001

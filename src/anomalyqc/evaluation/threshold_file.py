@@ -1,0 +1,99 @@
+"""The run's threshold.json: the only reader and writer of that file.
+
+    {"image": ThresholdChoice fields, "data": absolute path of the data that chose it,
+     "written_by": "calibrate" | "evaluate"}
+
+A file that is not valid JSON, lacks a field or has a field of the wrong type is a
+ModelFileError naming the file and the fix, never a traceback: the file is small and
+people do edit it by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from anomalyqc.errors import ModelFileError
+from anomalyqc.evaluation.thresholds import ThresholdChoice
+from anomalyqc.fileio import atomic_write_json
+from anomalyqc.models.storage import THRESHOLD_FILE
+
+WRITERS = ("calibrate", "evaluate")
+
+
+@dataclass
+class StoredThreshold:
+    """A run's decision threshold, with the data that chose it and the command that did."""
+
+    choice: ThresholdChoice
+    data: str
+    written_by: str | None  # None in files written before the field existed
+    path: Path
+
+    @property
+    def value(self) -> float:
+        return self.choice.value
+
+    def describe(self) -> str:
+        """Where the threshold came from, for threshold_source in metrics."""
+        by = f" by `anomalyqc {self.written_by}`" if self.written_by else ""
+        return f"from {self.path}, chosen{by} on {self.data}"
+
+
+def threshold_path(run: str | Path) -> Path:
+    return Path(run) / THRESHOLD_FILE
+
+
+def write_threshold(run: str | Path, choice: ThresholdChoice, data: str | Path,
+                    written_by: str) -> StoredThreshold:
+    """Store `choice` in the run (atomically); `data` is recorded as an absolute path."""
+    if written_by not in WRITERS:
+        raise ValueError(f"written_by must be one of {WRITERS}, got {written_by!r}")
+    path = threshold_path(run)
+    stored = StoredThreshold(choice, str(Path(data).resolve()), written_by, path)
+    atomic_write_json(path, {"image": choice.to_dict(), "data": stored.data,
+                             "written_by": written_by})
+    return stored
+
+
+def read_threshold(run: str | Path) -> StoredThreshold | None:
+    """The run's stored threshold, or None when it has none."""
+    path = threshold_path(run)
+    if not path.is_file():
+        return None
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _corrupt(path, f"not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise _corrupt(path, f"expected a JSON object, got {type(raw).__name__}")
+    image = raw.get("image")
+    if not isinstance(image, dict):
+        raise _corrupt(path, "no \"image\" object")
+    if not _is_number(image.get("value")) or not math.isfinite(float(image["value"])):
+        raise _corrupt(path, f"\"image\".\"value\" is {image.get('value')!r}, not a finite number")
+    try:
+        choice = ThresholdChoice.from_dict(image)
+    except ModelFileError as exc:
+        raise _corrupt(path, str(exc).split(";")[0]) from None
+    data = raw.get("data")
+    if not isinstance(data, str):
+        raise _corrupt(path, f"\"data\" is {data!r}, not a path")
+    written_by = raw.get("written_by")
+    if written_by is not None and written_by not in WRITERS:
+        raise _corrupt(path, f"\"written_by\" is {written_by!r}, not one of {', '.join(WRITERS)}")
+    return StoredThreshold(choice, data, written_by, path)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _corrupt(path: Path, detail: str) -> ModelFileError:
+    return ModelFileError(
+        f"{path} is corrupt ({detail}); write a new one with `anomalyqc calibrate "
+        f"{path.parent} --data VALIDATION_DIR`, or delete it"
+    )

@@ -1,0 +1,49 @@
+"""Fixtures shared by the CLI tests: one tiny generated vial set and one PaDiM run on it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from anomalyqc.cli import app
+
+SMALL = ["--image-size", "64", "--batch-size", "4"]
+_runner = CliRunner()
+
+
+def invoke(*args: object):
+    return _runner.invoke(app, [str(a) for a in args])
+
+
+def stdout_json(output: str) -> dict:
+    return json.loads(output[output.index("{"): output.rindex("}") + 1])
+
+
+@pytest.fixture(scope="session")
+def tiny_vials(tmp_path_factory) -> Path:
+    """12 train strips, 4 good and 4 defective test strips (one per defect type), masks."""
+    out = tmp_path_factory.mktemp("tiny") / "vials"
+    r = invoke("synth", "vials", "--out", out, "--n-train", 12, "--n-test-good", 4,
+               "--n-test-defect", 4, "--seed", 3)
+    assert r.exit_code == 0, r.output
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_vials: Path, tmp_path_factory) -> Path:
+    """A PaDiM run fitted on tiny_vials at 64x64. Copy it (run_copy) before changing it."""
+    run = tmp_path_factory.mktemp("tiny_run") / "padim"
+    r = invoke("fit", "padim", "--data", tiny_vials, "--out", run, *SMALL)
+    assert r.exit_code == 0, r.output
+    return run
+
+
+@pytest.fixture
+def run_copy(tiny_run: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run, out)
+    return out
