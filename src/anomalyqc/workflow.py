@@ -26,6 +26,7 @@ from anomalyqc.errors import CalibrationError, ConfigError, DataError, ModelFile
 from anomalyqc.fileio import atomic_write_bytes, atomic_write_json
 from anomalyqc.models.base import Detector, detector_class
 from anomalyqc.models.storage import load_detector
+from anomalyqc.progress import Progress, tracked
 from anomalyqc.types import GOOD
 
 FIT_INFO_FILE = "fit_info.json"
@@ -48,7 +49,8 @@ def dataset_for(det: Detector, data: str | Path, split: str, masks: bool = True)
 
 # ------------------------------------------------------------------------------------ fit
 def fit_run(detector: str, data: str | Path, out: str | Path, params: dict[str, Any] | None = None,
-            batch_size: int = 8, num_workers: int = 0, progress: bool = False) -> Detector:
+            batch_size: int = 8, num_workers: int = 0,
+            progress: Progress | None = None) -> Detector:
     """Fit a detector on the good training images of `data` and save it to `out`.
 
     Under torchrun (WORLD_SIZE > 1) each process fits a disjoint shard of the images and
@@ -72,7 +74,7 @@ def fit_run(detector: str, data: str | Path, out: str | Path, params: dict[str, 
         det.config.channels = dataset.channels
         loader = make_loader(dataset, batch_size, shuffle=False, num_workers=num_workers)
         started = time.perf_counter()
-        distributed.fit_sharded(det, _Timed(loader, det), progress=progress and rank == 0)
+        distributed.fit_sharded(det, _Timed(loader, det), progress=progress)
         fit_s = time.perf_counter() - started
         if rank == 0:
             det.save(out)
@@ -209,16 +211,10 @@ class Results:
 
 
 def predict_dataset(det: Detector, dataset: ImageDataset, batch_size: int = 8,
-                    keep_images: bool = True, progress: bool = False) -> Results:
+                    keep_images: bool = True, progress: Progress | None = None) -> Results:
     res = Results()
     loader = make_loader(dataset, batch_size)
-    if progress:
-        from rich.console import Console
-        from rich.progress import track
-
-        loader = track(loader, description=f"{det.name}: predicting", total=len(loader),
-                       console=Console(stderr=True))  # stdout carries the JSON
-    for batch in loader:
+    for batch in tracked(loader, progress, f"{det.name}: predicting"):
         pred = det.predict(batch)
         for i in range(len(batch)):
             res.paths.append(batch.path[i])
@@ -254,7 +250,7 @@ def _check_both_classes(dataset: ImageDataset, data: str | Path, what: str) -> N
 
 def calibrate_run(run: str | Path, data: str | Path, threshold_method: str = "f1",
                   threshold_value: float | None = None, batch_size: int = 8,
-                  progress: bool = False) -> dict[str, Any]:
+                  progress: Progress | None = None) -> dict[str, Any]:
     """Choose the decision threshold on labelled validation data and store it in the run.
 
     Use data the run will not be evaluated on: `evaluate` then reports honest figures at a
@@ -289,7 +285,7 @@ METRICS_FILE = "metrics.json"
 def evaluate_run(run: str | Path, data: str | Path, report: str | Path | None = None,
                  threshold_method: str = "f1", threshold_value: float | None = None,
                  calibrate: bool | None = None, batch_size: int = 8,
-                 progress: bool = False, n_examples: int = 4,
+                 progress: Progress | None = None, n_examples: int = 4,
                  masks: bool = True) -> dict[str, Any]:
     """Score the test split of `data`, compute every metric, write the report.
 
@@ -402,7 +398,8 @@ def load_threshold(run: str | Path) -> float | None:
 
 
 def predict_paths(run: str | Path, inputs: Iterable[str | Path], out: str | Path,
-                  batch_size: int = 8, progress: bool = False) -> list[dict[str, Any]]:
+                  batch_size: int = 8,
+                  progress: Progress | None = None) -> list[dict[str, Any]]:
     """Score image files; write a heatmap overlay per image and predictions.json to `out`."""
     det = load_detector(run)
     threshold = load_threshold(run)
@@ -413,13 +410,7 @@ def predict_paths(run: str | Path, inputs: Iterable[str | Path], out: str | Path
     rows: list[dict[str, Any]] = []
     used: set[Path] = set()
     chunks = [files[i:i + batch_size] for i in range(0, len(files), batch_size)]
-    if progress:
-        from rich.console import Console
-        from rich.progress import track
-
-        chunks = track(chunks, description=f"{det.name}: predicting",
-                       console=Console(stderr=True))
-    for chunk in chunks:
+    for chunk in tracked(chunks, progress, f"{det.name}: predicting"):
         x = torch.stack([tf.image(read_image(f, det.config.channels)) for f in chunk])
         pred = det.predict(x)
         for i, f in enumerate(chunk):

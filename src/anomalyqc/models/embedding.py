@@ -15,6 +15,7 @@ from pydantic import Field
 from anomalyqc.backbones import FeatureExtractor
 from anomalyqc.errors import ConfigError, DataError
 from anomalyqc.models.base import Detector, DetectorConfig, images_of
+from anomalyqc.progress import Progress, tracked
 from anomalyqc.stats.moments import OnlineMoments
 from anomalyqc.stats.projection import pca_matrix, sparse_random_matrix
 from anomalyqc.types import Batch, Prediction
@@ -118,10 +119,10 @@ class EmbeddingDetector(Detector):
             x = (x - self.reduction_mean) @ self.reduction_matrix
         return x
 
-    def stream_embeddings(self, batches: Iterable[Batch], progress: bool = False,
+    def stream_embeddings(self, batches: Iterable[Batch], progress: Progress | None = None,
                           what: str = "fitting") -> Iterator[torch.Tensor]:
         """Embeddings of each training batch, fitting the reduction on a bounded warm-up first."""
-        it = _progress(batches, progress, f"{self.name}: {what}")
+        it = tracked(batches, progress, f"{self.name}: {what}")
         self.fit_timings = {"backbone_seconds": 0.0}
         if self.config.reduction == "none":
             self.reduction_matrix = None
@@ -257,11 +258,3 @@ class EmbeddingDetector(Detector):
         elif self.config.reduction != "none":
             raise KeyError("missing tensor 'reduction.matrix'")
 
-
-def _progress(items: Iterable, enabled: bool, description: str) -> Iterable:
-    if not enabled:
-        return items
-    from rich.progress import track
-
-    total = len(items) if hasattr(items, "__len__") else None  # type: ignore[arg-type]
-    return track(items, description=description, total=total, transient=False)

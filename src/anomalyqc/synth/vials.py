@@ -23,6 +23,7 @@ import numpy as np
 from anomalyqc import __version__
 from anomalyqc.errors import ConfigError, DataError
 from anomalyqc.fileio import atomic_write_json, atomic_write_png
+from anomalyqc.progress import Progress, tracked
 from anomalyqc.synth import _render
 from anomalyqc.types import DEFECT, GOOD
 
@@ -455,7 +456,7 @@ def generate_vial_dataset(
     n_test_defect: int = 40,
     patches: bool = False,
     cfg: VialStripConfig | None = None,
-    progress: bool = False,
+    progress: Progress | None = None,
 ) -> dict:
     """Write a synthetic BFS dataset in the MVTec AD layout (see module doc); return a summary.
 
@@ -474,14 +475,7 @@ def generate_vial_dataset(
     jobs = _jobs(cfg, n_train, n_test_good, n_test_defect)
     digits = max(3, len(str(max(n_train, n_test_good, n_test_defect, 1) - 1)))
     writer = _Writer(out, cfg, patches, digits)
-    steps: Iterable[tuple[str, str, int]] = jobs
-    if progress:
-        from rich.console import Console
-        from rich.progress import track
-
-        steps = track(jobs, description="Generating vial strips",
-                      console=Console(stderr=True))  # stdout carries the summary JSON
-    for split, kind, index in steps:
+    for split, kind, index in tracked(jobs, progress, "Generating vial strips"):
         sample = render_strip(
             _image_rng(int(seed), split, kind, index), cfg, None if kind == "good" else kind
         )

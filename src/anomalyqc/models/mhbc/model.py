@@ -35,6 +35,7 @@ from anomalyqc.errors import ConfigError, DataError
 from anomalyqc.models.base import DetectorConfig, register
 from anomalyqc.models.embedding import EmbeddingConfig, EmbeddingDetector
 from anomalyqc.models.storage import tensor
+from anomalyqc.progress import Progress
 from anomalyqc.stats.kmeans import OnlineKMeans, pairwise_sqdist
 from anomalyqc.stats.local_coreset import local_farthest_points
 from anomalyqc.stats.moments import OnlineMoments
@@ -77,7 +78,7 @@ class Mhbc(EmbeddingDetector):
         self.centroids: torch.Tensor | None = None  # (P, K, D), whitened
 
     # ------------------------------------------------------------------ fit
-    def fit(self, batches: Iterable[Batch], progress: bool = False) -> Mhbc:
+    def fit(self, batches: Iterable[Batch], progress: Progress | None = None) -> Mhbc:
         self.reset()
         if self.config.clustering == "coreset":
             return self._fit_coreset(batches, progress)
@@ -110,7 +111,7 @@ class Mhbc(EmbeddingDetector):
                             init_size=max(self.config.init_images, self.config.n_clusters),
                             seed=self.config.seed)
 
-    def _fit_two_pass(self, batches: Iterable[Batch], progress: bool) -> Mhbc:
+    def _fit_two_pass(self, batches: Iterable[Batch], progress: Progress | None) -> Mhbc:
         """Thesis order: all moments first, then K-Means in the final whitened space."""
         if iter(batches) is batches:
             raise ConfigError("passes=2 reads the training images twice: pass a re-iterable "
@@ -132,7 +133,7 @@ class Mhbc(EmbeddingDetector):
         del mean, chol
         return self.finalise()
 
-    def _fit_coreset(self, batches: Iterable[Batch], progress: bool) -> Mhbc:
+    def _fit_coreset(self, batches: Iterable[Batch], progress: Progress | None) -> Mhbc:
         """Greedy coreset per location in whitened space: keeps all embeddings (not streaming)."""
         chunks = []
         for x in self.stream_embeddings(batches, progress):

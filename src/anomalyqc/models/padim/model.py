@@ -17,6 +17,7 @@ from anomalyqc.errors import DataError
 from anomalyqc.models.base import DetectorConfig, register
 from anomalyqc.models.embedding import EmbeddingConfig, EmbeddingDetector
 from anomalyqc.models.storage import tensor
+from anomalyqc.progress import Progress
 from anomalyqc.stats.moments import OnlineMoments
 from anomalyqc.stats.whitening import whiten
 from anomalyqc.types import Batch
@@ -47,7 +48,7 @@ class Padim(EmbeddingDetector):
         self.mean: torch.Tensor | None = None  # (P, D)
         self.chol: torch.Tensor | None = None  # (P, D, D)
 
-    def fit(self, batches: Iterable[Batch], progress: bool = False) -> Padim:
+    def fit(self, batches: Iterable[Batch], progress: Progress | None = None) -> Padim:
         self.reset()
         for x in self.stream_embeddings(batches, progress):
             if self.moments is None:

@@ -21,6 +21,7 @@ from anomalyqc.errors import DataError
 from anomalyqc.models.base import DetectorConfig, register
 from anomalyqc.models.embedding import EmbeddingConfig, EmbeddingDetector
 from anomalyqc.models.storage import tensor
+from anomalyqc.progress import Progress
 from anomalyqc.stats.coreset import greedy_coreset
 from anomalyqc.stats.kmeans import OnlineKMeans
 from anomalyqc.stats.knn import NearestNeighbour
@@ -59,7 +60,7 @@ class Patchcore(EmbeddingDetector):
         self.bank = None
         self._nn = None
 
-    def fit(self, batches: Iterable[Batch], progress: bool = False) -> Patchcore:
+    def fit(self, batches: Iterable[Batch], progress: Progress | None = None) -> Patchcore:
         self.reset()
         # Each batch's raw embeddings go straight to a temporary file, and so do their random
         # projections (eq. 8.34) on which the coreset is searched. Only the projections are
@@ -117,17 +118,17 @@ class Patchcore(EmbeddingDetector):
             return gaussian_random_matrix(dim, self.config.coreset_dim, self.config.seed).numpy()
         return np.empty((0, 0), dtype=np.float32)
 
-    def coreset_indices(self, search: np.ndarray, n: int, progress: bool) -> np.ndarray:
+    def coreset_indices(self, search: np.ndarray, n: int,
+                        progress: Progress | None = None) -> np.ndarray:
         if n >= search.shape[0]:
             return np.arange(search.shape[0])
-        if not progress:
+        if progress is None:
             return greedy_coreset(search, n, seed=self.config.seed)
-        from rich.progress import Progress
-
-        with Progress(transient=False) as bar:
-            task = bar.add_task(f"{self.name}: coreset {n} of {search.shape[0]}", total=n)
-            return greedy_coreset(search, n, seed=self.config.seed,
-                                  progress=lambda k: bar.update(task, completed=k))
+        what = f"{self.name}: coreset {n} of {search.shape[0]}"
+        report = progress
+        report(what, 0, n)
+        return greedy_coreset(search, n, seed=self.config.seed,
+                              progress=lambda k: report(what, k, n))
 
     def merge(self, *others: Patchcore, size: int | None = None) -> Patchcore:
         """Fold in models fitted on other shards: a greedy coreset of the union of the banks.
@@ -147,7 +148,7 @@ class Patchcore(EmbeddingDetector):
             c = union.numpy()
             proj = self._projection(c.shape[1])
             keys = np.ascontiguousarray(c @ proj if proj.size else c, dtype=np.float32)
-            idx = np.sort(self.coreset_indices(keys, n, progress=False))
+            idx = np.sort(self.coreset_indices(keys, n))
             union = union[torch.from_numpy(idx)]
         self.bank = union.contiguous()
         self._nn = None
