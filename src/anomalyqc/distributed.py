@@ -182,8 +182,9 @@ def _fit_mhbc(det: Mhbc, batches: Iterable[Batch], progress: Progress | None) ->
     det.fit(batches, progress=progress)
     assert det.moments is not None and det.kmeans is not None  # set by a kmeans fit
     all_reduce_moments(det.moments)
-    sums = all_gather_rows(det.kmeans.sums)
-    counts = all_gather_rows(det.kmeans.counts)
+    own_sums, own_counts = det.kmeans.fitted_state()
+    sums = all_gather_rows(own_sums)
+    counts = all_gather_rows(own_counts)
     if dist.get_rank() != 0:
         return det
     from anomalyqc.stats.kmeans import OnlineKMeans

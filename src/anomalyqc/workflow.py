@@ -19,15 +19,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 from anomalyqc.data import ImageDataset, ImageTransform, make_loader, records_for
 from anomalyqc.data.io import IMAGE_EXTENSIONS, list_images, read_image
+from anomalyqc.data.layouts import Split
 from anomalyqc.errors import CalibrationError, ConfigError, DataError, ModelFileError
 from anomalyqc.fileio import atomic_write_bytes, atomic_write_json
 from anomalyqc.models.base import Detector, detector_class
 from anomalyqc.models.storage import load_detector
 from anomalyqc.progress import Progress, tracked
-from anomalyqc.types import GOOD
+from anomalyqc.types import GOOD, Batch, Sample
 
 FIT_INFO_FILE = "fit_info.json"
 
@@ -42,7 +44,7 @@ def transform_for(det: Detector) -> ImageTransform:
     return ImageTransform(c.image_size, c.crop_size, c.channels)
 
 
-def dataset_for(det: Detector, data: str | Path, split: str, masks: bool = True) -> ImageDataset:
+def dataset_for(det: Detector, data: str | Path, split: Split, masks: bool = True) -> ImageDataset:
     records = records_for(data, split, masks=masks)
     return ImageDataset(records, transform_for(det), channels=det.config.channels)
 
@@ -72,9 +74,9 @@ def fit_run(detector: str, data: str | Path, out: str | Path, params: dict[str, 
         shard = distributed.shard(good, rank, world)
         dataset = ImageDataset(shard, transform_for(det), channels=det.config.channels)
         det.config.channels = dataset.channels
-        loader = make_loader(dataset, batch_size, shuffle=False, num_workers=num_workers)
+        loader = _Timed(make_loader(dataset, batch_size, shuffle=False, num_workers=num_workers))
         started = time.perf_counter()
-        distributed.fit_sharded(det, _Timed(loader, det), progress=progress)
+        distributed.fit_sharded(det, loader, progress=progress)
         fit_s = time.perf_counter() - started
         if rank == 0:
             det.save(out)
@@ -92,7 +94,7 @@ def fit_run(detector: str, data: str | Path, out: str | Path, params: dict[str, 
         "data": str(data),
         "n_images": len(good),
         "fit_seconds": round(fit_s, 3),
-        "data_loading_seconds": round(getattr(det, "_load_s", 0.0), 3),
+        "data_loading_seconds": round(loader.load_s, 3),
         "peak_rss_mb": round(peak_rss_mb(), 1),
         **{k: round(v, 3) for k, v in getattr(det, "fit_timings", {}).items()},
     }
@@ -136,7 +138,7 @@ def merge_runs(runs: Sequence[str | Path], out: str | Path) -> Detector:
                                  f"(keep_moments=false, or written before runs kept them); it "
                                  f"still predicts, but refit it with keep_moments=true to merge")
     try:
-        merged = dets[0].merge(*dets[1:])  # type: ignore[attr-defined]
+        merged = dets[0].merge(*dets[1:])
     except ValueError as exc:
         raise ConfigError(f"cannot merge {', '.join(map(str, runs))}: {exc}") from exc
     merged.save(out)
@@ -171,17 +173,17 @@ def _read_fit_info(run: str | Path) -> dict[str, Any]:
 
 
 class _Timed:
-    """Batches of a loader, adding the time spent waiting on it to det._load_s. Re-iterable,
+    """Batches of a loader, adding up the time spent waiting on it in load_s. Re-iterable,
     like the loader itself, so detectors that read the data twice (MhBC passes=2) can."""
 
-    def __init__(self, loader: Iterable, det: Detector) -> None:
-        self.loader, self.det = loader, det
-        det._load_s = 0.0  # type: ignore[attr-defined]
+    def __init__(self, loader: DataLoader[Sample]) -> None:
+        self.loader = loader
+        self.load_s = 0.0
 
     def __len__(self) -> int:
-        return len(self.loader)  # type: ignore[arg-type]
+        return len(self.loader)
 
-    def __iter__(self) -> Iterator:
+    def __iter__(self) -> Iterator[Batch]:
         it = iter(self.loader)
         while True:
             t = time.perf_counter()
@@ -189,7 +191,7 @@ class _Timed:
                 batch = next(it)
             except StopIteration:
                 return
-            self.det._load_s += time.perf_counter() - t  # type: ignore[attr-defined]
+            self.load_s += time.perf_counter() - t
             yield batch
 
 

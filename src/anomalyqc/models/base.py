@@ -70,6 +70,11 @@ class Detector(ABC):
     def predict(self, images: torch.Tensor | Batch) -> Prediction:
         """Image scores (B,) and anomaly maps (B, 1, H, W) at input size."""
 
+    def merge(self: D, *others: D) -> D:
+        """Fold in models of the same kind fitted on other data (see each detector); raises
+        ValueError when they cannot be combined."""
+        raise ValueError(f"{self.name} models cannot be merged")
+
     @abstractmethod
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Everything learnt, as named tensors (what goes into weights.safetensors)."""
