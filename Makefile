@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO := demo_out
 
-.PHONY: demo test install clean bench
+.PHONY: demo test lint install clean bench
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,12 @@ demo: $(STAMP)
 	$(VENV)/bin/anomalyqc evaluate $(DEMO)/run_mhbc --data $(DEMO)/vials --report $(DEMO)/report/metrics.json
 	@echo "Demo done. Report: $(DEMO)/report/report.html  (metrics: $(DEMO)/report/metrics.json)"
 
-test: $(STAMP)
+# Lint and type check first: a failure stops `make test` (and CI) before the suite runs.
+lint: $(STAMP)
+	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m mypy src/anomalyqc
+
+test: lint
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

@@ -79,6 +79,7 @@ def _sets(name: str) -> list[str]:
 
 
 _FITS: dict[tuple[str, str], Path] = {}
+_STDERR: dict[str, str] = {}  # what the 2-process CLI fit of each detector wrote to stderr
 
 
 def one_process(name: str, data: dict[str, Path], part: str = "whole") -> Path:
@@ -98,6 +99,7 @@ def two_processes(name: str, data: dict[str, Path]) -> Path:
                  "--nproc", 2)
         assert r.exit_code == 0, r.output
         _FITS[key] = out
+        _STDERR[name] = r.stderr
     return _FITS[key]
 
 
@@ -127,6 +129,11 @@ def test_two_process_padim_equals_one_process(data):
     torch.testing.assert_close(a.mean, b.mean, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(a.chol, b.chol, rtol=1e-4, atol=1e-4)
     assert_same_moments(moments_of(run2), moments_of(run1))
+
+
+def test_two_process_fit_draws_progress_from_rank_0_only(data):
+    two_processes("padim", data)
+    assert _STDERR["padim"].count("padim: fitting") == 1, _STDERR["padim"]
 
 
 def test_two_process_mhbc_moments_equal_and_centroids_are_the_merge_of_the_shards(data):

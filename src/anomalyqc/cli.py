@@ -10,10 +10,13 @@ import sys
 from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import typer
 from rich.console import Console
+from rich.progress import Progress as RichProgress
+from rich.progress import TaskID
 
 from anomalyqc.errors import AnomalyQCError
 
@@ -72,6 +75,33 @@ def _print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
 
 
+class _Bars:
+    """The progress callback the CLI hands to the library (anomalyqc.progress.Progress): one
+    rich bar per description, drawn on stderr because stdout carries the JSON. Nothing is drawn
+    until the first report, so a torchrun worker that never reports draws nothing."""
+
+    def __init__(self) -> None:
+        self._bars: RichProgress | None = None
+        self._tasks: dict[str, TaskID] = {}
+
+    def __call__(self, description: str, completed: int, total: int | None) -> None:
+        if self._bars is None:
+            self._bars = RichProgress(console=console, transient=False)
+            self._bars.start()
+        task = self._tasks.get(description)
+        if task is None:
+            task = self._tasks[description] = self._bars.add_task(description, total=total)
+        self._bars.update(task, completed=completed, total=total)
+
+    def __enter__(self) -> _Bars:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self._bars is not None:
+            self._bars.stop()
+
+
 @synth_app.command("vials")
 def synth_vials(
     out: Path = typer.Option(..., "--out", help="Output folder (MVTec AD layout)."),
@@ -97,9 +127,10 @@ def synth_vials(
             raise typer.BadParameter("expected comma-separated numbers, e.g. 1,2 or 0.4,0.5")
         cfg = VialStripConfig(regions=region_ids, meniscus_levels=levels)
         return generate_vial_dataset(out, seed, n_train, n_test_good, n_test_defect, patches,
-                                     cfg=cfg, progress=True)
+                                     cfg=cfg, progress=bars)
 
-    summary = _run(job)
+    with _Bars() as bars:
+        summary = _run(job)
     summary = {k: v for k, v in summary.items() if k != "paths"}
     _print_json(summary)
 
@@ -136,7 +167,9 @@ def fit(
         from anomalyqc.launch import relaunch_with_torchrun
 
         raise typer.Exit(relaunch_with_torchrun(ctx, nproc, console))
-    _run(lambda: fit_run(detector.value, data, out, params, batch_size, workers, progress=True))
+    with _Bars() as bars:
+        _run(lambda: fit_run(detector.value, data, out, params, batch_size, workers,
+                             progress=bars))
     from anomalyqc.distributed import world_from_env
 
     if world_from_env()[0] != 0:  # a torchrun worker other than rank 0: rank 0 reports
@@ -185,9 +218,10 @@ def evaluate(
     """
     from anomalyqc.workflow import evaluate_run
 
-    metrics = _run(lambda: evaluate_run(run, data, report, threshold_method.value, threshold,
-                                        recalibrate or threshold_method.value == "fixed",
-                                        batch_size, progress=True, masks=not no_masks))
+    with _Bars() as bars:
+        metrics = _run(lambda: evaluate_run(run, data, report, threshold_method.value, threshold,
+                                            recalibrate or threshold_method.value == "fixed",
+                                            batch_size, progress=bars, masks=not no_masks))
     _print_json(metrics)
     for note in metrics["notes"]:
         console.print(f"note: {note}", highlight=False, soft_wrap=True)
@@ -217,8 +251,9 @@ def calibrate(
     from anomalyqc.workflow import calibrate_run
 
     del no_masks  # calibration never reads masks (see the option's help)
-    result = _run(lambda: calibrate_run(run, data, threshold_method.value, threshold,
-                                        batch_size, progress=True))
+    with _Bars() as bars:
+        result = _run(lambda: calibrate_run(run, data, threshold_method.value, threshold,
+                                            batch_size, progress=bars))
     _print_json(result)
     console.print(f"threshold {result['threshold']:.6g} ({result['threshold_method']}) chosen "
                   f"by `anomalyqc calibrate` on {data}, saved to {result['threshold_file']}",
@@ -235,7 +270,8 @@ def predict(
     """Score images: score, decision (when the run is calibrated) and a heatmap each."""
     from anomalyqc.workflow import predict_paths
 
-    rows = _run(lambda: predict_paths(run, inputs, out, batch_size, progress=len(inputs) > 0))
+    with _Bars() as bars:
+        rows = _run(lambda: predict_paths(run, inputs, out, batch_size, progress=bars))
     for r in rows:
         decision = r["decision"] or "uncalibrated (run `anomalyqc calibrate` first)"
         sys.stdout.write(f"{r['path']}\t{r['score']:.4f}\t{decision}\t{r['heatmap']}\n")

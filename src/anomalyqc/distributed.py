@@ -28,15 +28,20 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from anomalyqc.errors import ConfigError
 from anomalyqc.models.base import Detector
+from anomalyqc.progress import Progress
 from anomalyqc.stats.moments import OnlineMoments
 from anomalyqc.types import Batch
+
+if TYPE_CHECKING:
+    from anomalyqc.models import Mhbc, Padim, Patchcore
+    from anomalyqc.models.embedding import EmbeddingDetector
 
 T = TypeVar("T")
 
@@ -127,51 +132,59 @@ def all_reduce_moments(moments: OnlineMoments) -> OnlineMoments:
     return moments
 
 
-def broadcast_reduction(det: Detector) -> None:
+def broadcast_reduction(det: EmbeddingDetector) -> None:
     """Replace this rank's fitted reduction by rank 0's (EmbeddingDetector.reduction_sync)."""
-    broadcast_(det.reduction_mean)  # type: ignore[attr-defined]
-    broadcast_(det.reduction_matrix)  # type: ignore[attr-defined]
+    assert det.reduction_mean is not None and det.reduction_matrix is not None
+    broadcast_(det.reduction_mean)
+    broadcast_(det.reduction_matrix)
 
 
 # ------------------------------------------------------------------------------ fits
-def fit_sharded(det: Detector, batches: Iterable[Batch], progress: bool = False) -> Detector:
+def fit_sharded(det: Detector, batches: Iterable[Batch],
+                progress: Progress | None = None) -> Detector:
     """Fit `det` on this process's batches, then combine with every other process's shard.
 
     Every rank must call it (it is a collective). On rank 0 the returned detector is the
-    combined model, ready to save; other ranks hold their partial state.
+    combined model, ready to save; other ranks hold their partial state. Only rank 0 reports
+    progress, so N processes draw one set of bars.
     """
     from anomalyqc.models import Mhbc, Padim, Patchcore
 
     if not active():
         return det.fit(batches, progress=progress)
-    if getattr(det.config, "reduction", "none") != "none":
-        det.reduction_sync = broadcast_reduction  # type: ignore[attr-defined]
+    if dist.get_rank() != 0:
+        progress = None
+    if not isinstance(det, Padim | Mhbc | Patchcore):
+        raise ConfigError(f"{det.name} cannot be fitted across processes")
+    if det.config.reduction != "none":
+        det.reduction_sync = broadcast_reduction
     try:
         if isinstance(det, Padim):
             return _fit_padim(det, batches, progress)
         if isinstance(det, Mhbc):
             return _fit_mhbc(det, batches, progress)
-        if isinstance(det, Patchcore):
-            return _fit_patchcore(det, batches, progress)
+        return _fit_patchcore(det, batches, progress)
     finally:
-        det.reduction_sync = None  # type: ignore[attr-defined]
-    raise ConfigError(f"{det.name} cannot be fitted across processes")
+        det.reduction_sync = None
 
 
-def _fit_padim(det, batches, progress):  # type: ignore[no-untyped-def]
+def _fit_padim(det: Padim, batches: Iterable[Batch], progress: Progress | None) -> Padim:
     det.fit(batches, progress=progress)
+    assert det.moments is not None  # fit raises before leaving them unset
     all_reduce_moments(det.moments)
     return det.finalise() if dist.get_rank() == 0 else det
 
 
-def _fit_mhbc(det, batches, progress):  # type: ignore[no-untyped-def]
+def _fit_mhbc(det: Mhbc, batches: Iterable[Batch], progress: Progress | None) -> Mhbc:
     if det.config.clustering != "kmeans":
         raise ConfigError("MhBC-PatchCore with clustering='coreset' keeps every embedding and "
                           "cannot be sharded; use clustering='kmeans' (the default) or --nproc 1")
     det.fit(batches, progress=progress)
+    assert det.moments is not None and det.kmeans is not None  # set by a kmeans fit
     all_reduce_moments(det.moments)
-    sums = all_gather_rows(det.kmeans.sums)
-    counts = all_gather_rows(det.kmeans.counts)
+    own_sums, own_counts = det.kmeans.fitted_state()
+    sums = all_gather_rows(own_sums)
+    counts = all_gather_rows(own_counts)
     if dist.get_rank() != 0:
         return det
     from anomalyqc.stats.kmeans import OnlineKMeans
@@ -184,7 +197,8 @@ def _fit_mhbc(det, batches, progress):  # type: ignore[no-untyped-def]
     return det.merge_clusters(others)
 
 
-def _fit_patchcore(det, batches, progress):  # type: ignore[no-untyped-def]
+def _fit_patchcore(det: Patchcore, batches: Iterable[Batch],
+                   progress: Progress | None) -> Patchcore:
     world = dist.get_world_size()
     ratio = det.config.coreset_ratio
     counted = _Counted(batches)
@@ -195,6 +209,7 @@ def _fit_patchcore(det, batches, progress):  # type: ignore[no-untyped-def]
         det.fit(counted, progress=progress)
     finally:
         det.config.coreset_ratio = ratio
+    assert det.grid is not None and det.bank is not None  # set by fit
     h, w = det.grid
     total = int(all_reduce_(torch.tensor([counted.images * h * w], dtype=torch.float64)).item())
     banks = all_gather_rows(det.bank)

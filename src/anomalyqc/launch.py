@@ -42,7 +42,7 @@ def command_args(ctx: Any, drop: set[str]) -> list[str]:
         opt = param.opts[0]
         if value is None:
             continue
-        if getattr(param, "is_flag", False) and not param.multiple:  # type: ignore[attr-defined]
+        if getattr(param, "is_flag", False) and not param.multiple:
             secondary = param.secondary_opts[0] if param.secondary_opts else None
             if value:
                 args.append(opt)

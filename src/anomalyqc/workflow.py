@@ -19,14 +19,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 from anomalyqc.data import ImageDataset, ImageTransform, make_loader, records_for
 from anomalyqc.data.io import IMAGE_EXTENSIONS, list_images, read_image
+from anomalyqc.data.layouts import Split
 from anomalyqc.errors import CalibrationError, ConfigError, DataError, ModelFileError
 from anomalyqc.fileio import atomic_write_bytes, atomic_write_json
 from anomalyqc.models.base import Detector, detector_class
 from anomalyqc.models.storage import load_detector
-from anomalyqc.types import GOOD
+from anomalyqc.progress import Progress, tracked
+from anomalyqc.types import GOOD, Batch, Sample
 
 FIT_INFO_FILE = "fit_info.json"
 
@@ -41,14 +44,15 @@ def transform_for(det: Detector) -> ImageTransform:
     return ImageTransform(c.image_size, c.crop_size, c.channels)
 
 
-def dataset_for(det: Detector, data: str | Path, split: str, masks: bool = True) -> ImageDataset:
+def dataset_for(det: Detector, data: str | Path, split: Split, masks: bool = True) -> ImageDataset:
     records = records_for(data, split, masks=masks)
     return ImageDataset(records, transform_for(det), channels=det.config.channels)
 
 
 # ------------------------------------------------------------------------------------ fit
 def fit_run(detector: str, data: str | Path, out: str | Path, params: dict[str, Any] | None = None,
-            batch_size: int = 8, num_workers: int = 0, progress: bool = False) -> Detector:
+            batch_size: int = 8, num_workers: int = 0,
+            progress: Progress | None = None) -> Detector:
     """Fit a detector on the good training images of `data` and save it to `out`.
 
     Under torchrun (WORLD_SIZE > 1) each process fits a disjoint shard of the images and
@@ -70,9 +74,9 @@ def fit_run(detector: str, data: str | Path, out: str | Path, params: dict[str, 
         shard = distributed.shard(good, rank, world)
         dataset = ImageDataset(shard, transform_for(det), channels=det.config.channels)
         det.config.channels = dataset.channels
-        loader = make_loader(dataset, batch_size, shuffle=False, num_workers=num_workers)
+        loader = _Timed(make_loader(dataset, batch_size, shuffle=False, num_workers=num_workers))
         started = time.perf_counter()
-        distributed.fit_sharded(det, _Timed(loader, det), progress=progress and rank == 0)
+        distributed.fit_sharded(det, loader, progress=progress)
         fit_s = time.perf_counter() - started
         if rank == 0:
             det.save(out)
@@ -90,7 +94,7 @@ def fit_run(detector: str, data: str | Path, out: str | Path, params: dict[str, 
         "data": str(data),
         "n_images": len(good),
         "fit_seconds": round(fit_s, 3),
-        "data_loading_seconds": round(getattr(det, "_load_s", 0.0), 3),
+        "data_loading_seconds": round(loader.load_s, 3),
         "peak_rss_mb": round(peak_rss_mb(), 1),
         **{k: round(v, 3) for k, v in getattr(det, "fit_timings", {}).items()},
     }
@@ -134,7 +138,7 @@ def merge_runs(runs: Sequence[str | Path], out: str | Path) -> Detector:
                                  f"(keep_moments=false, or written before runs kept them); it "
                                  f"still predicts, but refit it with keep_moments=true to merge")
     try:
-        merged = dets[0].merge(*dets[1:])  # type: ignore[attr-defined]
+        merged = dets[0].merge(*dets[1:])
     except ValueError as exc:
         raise ConfigError(f"cannot merge {', '.join(map(str, runs))}: {exc}") from exc
     merged.save(out)
@@ -169,17 +173,17 @@ def _read_fit_info(run: str | Path) -> dict[str, Any]:
 
 
 class _Timed:
-    """Batches of a loader, adding the time spent waiting on it to det._load_s. Re-iterable,
+    """Batches of a loader, adding up the time spent waiting on it in load_s. Re-iterable,
     like the loader itself, so detectors that read the data twice (MhBC passes=2) can."""
 
-    def __init__(self, loader: Iterable, det: Detector) -> None:
-        self.loader, self.det = loader, det
-        det._load_s = 0.0  # type: ignore[attr-defined]
+    def __init__(self, loader: DataLoader[Sample]) -> None:
+        self.loader = loader
+        self.load_s = 0.0
 
     def __len__(self) -> int:
-        return len(self.loader)  # type: ignore[arg-type]
+        return len(self.loader)
 
-    def __iter__(self) -> Iterator:
+    def __iter__(self) -> Iterator[Batch]:
         it = iter(self.loader)
         while True:
             t = time.perf_counter()
@@ -187,7 +191,7 @@ class _Timed:
                 batch = next(it)
             except StopIteration:
                 return
-            self.det._load_s += time.perf_counter() - t  # type: ignore[attr-defined]
+            self.load_s += time.perf_counter() - t
             yield batch
 
 
@@ -209,16 +213,10 @@ class Results:
 
 
 def predict_dataset(det: Detector, dataset: ImageDataset, batch_size: int = 8,
-                    keep_images: bool = True, progress: bool = False) -> Results:
+                    keep_images: bool = True, progress: Progress | None = None) -> Results:
     res = Results()
     loader = make_loader(dataset, batch_size)
-    if progress:
-        from rich.console import Console
-        from rich.progress import track
-
-        loader = track(loader, description=f"{det.name}: predicting", total=len(loader),
-                       console=Console(stderr=True))  # stdout carries the JSON
-    for batch in loader:
+    for batch in tracked(loader, progress, f"{det.name}: predicting"):
         pred = det.predict(batch)
         for i in range(len(batch)):
             res.paths.append(batch.path[i])
@@ -254,7 +252,7 @@ def _check_both_classes(dataset: ImageDataset, data: str | Path, what: str) -> N
 
 def calibrate_run(run: str | Path, data: str | Path, threshold_method: str = "f1",
                   threshold_value: float | None = None, batch_size: int = 8,
-                  progress: bool = False) -> dict[str, Any]:
+                  progress: Progress | None = None) -> dict[str, Any]:
     """Choose the decision threshold on labelled validation data and store it in the run.
 
     Use data the run will not be evaluated on: `evaluate` then reports honest figures at a
@@ -289,7 +287,7 @@ METRICS_FILE = "metrics.json"
 def evaluate_run(run: str | Path, data: str | Path, report: str | Path | None = None,
                  threshold_method: str = "f1", threshold_value: float | None = None,
                  calibrate: bool | None = None, batch_size: int = 8,
-                 progress: bool = False, n_examples: int = 4,
+                 progress: Progress | None = None, n_examples: int = 4,
                  masks: bool = True) -> dict[str, Any]:
     """Score the test split of `data`, compute every metric, write the report.
 
@@ -402,7 +400,8 @@ def load_threshold(run: str | Path) -> float | None:
 
 
 def predict_paths(run: str | Path, inputs: Iterable[str | Path], out: str | Path,
-                  batch_size: int = 8, progress: bool = False) -> list[dict[str, Any]]:
+                  batch_size: int = 8,
+                  progress: Progress | None = None) -> list[dict[str, Any]]:
     """Score image files; write a heatmap overlay per image and predictions.json to `out`."""
     det = load_detector(run)
     threshold = load_threshold(run)
@@ -413,13 +412,7 @@ def predict_paths(run: str | Path, inputs: Iterable[str | Path], out: str | Path
     rows: list[dict[str, Any]] = []
     used: set[Path] = set()
     chunks = [files[i:i + batch_size] for i in range(0, len(files), batch_size)]
-    if progress:
-        from rich.console import Console
-        from rich.progress import track
-
-        chunks = track(chunks, description=f"{det.name}: predicting",
-                       console=Console(stderr=True))
-    for chunk in chunks:
+    for chunk in tracked(chunks, progress, f"{det.name}: predicting"):
         x = torch.stack([tf.image(read_image(f, det.config.channels)) for f in chunk])
         pred = det.predict(x)
         for i, f in enumerate(chunk):

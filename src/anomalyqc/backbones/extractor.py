@@ -20,6 +20,9 @@ from anomalyqc.errors import ConfigError
 class FeatureExtractor(nn.Module):
     """Frozen backbone cut after its stride-16 layer, returning the aggregated embedding grid."""
 
+    mean: torch.Tensor  # (1, 3, 1, 1) buffers, registered in __init__
+    std: torch.Tensor
+
     def __init__(self, name: str = "efficientnet_lite0", patch_size: int = 3,
                  allow_download: bool = True, micro_batch: int = 2,
                  channel_pool: int | None = None, pretrained: bool = True) -> None:

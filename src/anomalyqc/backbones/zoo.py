@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,7 +36,8 @@ class BackboneSpec:
 class _EfficientNetBody(nn.Module):
     """Stem and MBConv blocks up to the last stride-16 block; returns (stride 8, stride 16)."""
 
-    def __init__(self, net: nn.Module) -> None:
+    # net: an efficientnet_lite_pytorch EfficientNet (untyped package), read by attribute.
+    def __init__(self, net: Any) -> None:
         super().__init__()
         self.stem = nn.Sequential(net._conv_stem, net._bn0)
         self.act = net._swish
@@ -101,7 +103,8 @@ def _efficientnet_lite(variant: str) -> Builder:
 class _ResNetBody(nn.Module):
     """ResNet stem, layer1..layer3; returns (layer2 = stride 8, layer3 = stride 16)."""
 
-    def __init__(self, net: nn.Module) -> None:
+    # net: a torchvision ResNet (torchvision ships no type information), read by attribute.
+    def __init__(self, net: Any) -> None:
         super().__init__()
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1)
         self.layer2 = net.layer2

@@ -253,6 +253,7 @@ def _type_records(
         if masks is not None:
             mask = _sidecar(masks, image.stem, mask_suffixes)
             if mask is None and require_masks:
+                assert mask_folder is not None  # masks is only indexed from a mask folder
                 raise _missing_mask(image, mask_folder, mask_suffixes)
         roi = _sidecar(rois, image.stem, roi_suffixes)
         records.append(Record(image, GOOD if is_good else DEFECT, defect_type, mask, roi))

@@ -27,7 +27,7 @@ def as_hw(size: Size, what: str = "size") -> tuple[int, int]:
 
 
 def _is_positive_int(v: object) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and bool(v > 0)
 
 
 def check_channels(channels: int | None) -> None:

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from anomalyqc.data.transforms import as_hw
 from anomalyqc.errors import ConfigError
+from anomalyqc.progress import Progress
 from anomalyqc.types import Batch, Prediction
 
 D = TypeVar("D", bound="Detector")
@@ -61,12 +62,18 @@ class Detector(ABC):
         return as_hw(self.config.crop_size or self.config.image_size)
 
     @abstractmethod
-    def fit(self: D, batches: Iterable[Batch], progress: bool = False) -> D:
-        """Learn from good images only (labels are ignored)."""
+    def fit(self: D, batches: Iterable[Batch], progress: Progress | None = None) -> D:
+        """Learn from good images only (labels are ignored); `progress` is called as batches
+        go by (see anomalyqc.progress)."""
 
     @abstractmethod
     def predict(self, images: torch.Tensor | Batch) -> Prediction:
         """Image scores (B,) and anomaly maps (B, 1, H, W) at input size."""
+
+    def merge(self: D, *others: D) -> D:
+        """Fold in models of the same kind fitted on other data (see each detector); raises
+        ValueError when they cannot be combined."""
+        raise ValueError(f"{self.name} models cannot be merged")
 
     @abstractmethod
     def state_tensors(self) -> dict[str, torch.Tensor]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -15,9 +15,12 @@ from pydantic import Field
 from anomalyqc.backbones import FeatureExtractor
 from anomalyqc.errors import ConfigError, DataError
 from anomalyqc.models.base import Detector, DetectorConfig, images_of
+from anomalyqc.progress import Progress, tracked
 from anomalyqc.stats.moments import OnlineMoments
 from anomalyqc.stats.projection import pca_matrix, sparse_random_matrix
 from anomalyqc.types import Batch, Prediction
+
+T = TypeVar("T")
 
 
 class EmbeddingConfig(DetectorConfig):
@@ -73,14 +76,21 @@ class EmbeddingDetector(Detector):
 
     def check_same_reduction(self, other: EmbeddingDetector) -> None:
         """Shards can only merge when their embeddings live in the same coordinates."""
-        a, b = self.reduction_matrix, other.reduction_matrix
+        a, b = self.reduction(), other.reduction()
         same = (a is None and b is None) or (
-            a is not None and b is not None and torch.equal(a, b)
-            and torch.equal(self.reduction_mean, other.reduction_mean))
+            a is not None and b is not None and torch.equal(a[1], b[1])
+            and torch.equal(a[0], b[0]))
         if not same:
             raise ConfigError("cannot merge shards fitted with different reductions; fit the "
                               "reduction once and share it (or use reduction='none'/'srp' "
                               "with the same seed and warm-up data)")
+
+    def reduction(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(mean, matrix) of the fitted reduction, or None without one (set together)."""
+        if self.reduction_matrix is None:
+            return None
+        assert self.reduction_mean is not None
+        return self.reduction_mean, self.reduction_matrix
 
     # ---------------------------------------------------------------- features
     @property
@@ -114,14 +124,16 @@ class EmbeddingDetector(Detector):
         b, d, h, w = grid.shape
         self.grid = (h, w)
         x = grid.permute(0, 2, 3, 1).reshape(b, h * w, d).contiguous()
-        if self.reduction_matrix is not None:
-            x = (x - self.reduction_mean) @ self.reduction_matrix
+        reduction = self.reduction()
+        if reduction is not None:
+            mean, matrix = reduction
+            x = (x - mean) @ matrix
         return x
 
-    def stream_embeddings(self, batches: Iterable[Batch], progress: bool = False,
+    def stream_embeddings(self, batches: Iterable[Batch], progress: Progress | None = None,
                           what: str = "fitting") -> Iterator[torch.Tensor]:
         """Embeddings of each training batch, fitting the reduction on a bounded warm-up first."""
-        it = _progress(batches, progress, f"{self.name}: {what}")
+        it = tracked(batches, progress, f"{self.name}: {what}")
         self.fit_timings = {"backbone_seconds": 0.0}
         if self.config.reduction == "none":
             self.reduction_matrix = None
@@ -132,8 +144,7 @@ class EmbeddingDetector(Detector):
             for batch in it:
                 x = self._timed_embed(batch)
                 if self.reduction_matrix is None:
-                    self._random_subset(x.shape[-1])
-                    x = x @ self.reduction_matrix
+                    x = x @ self._random_subset(x.shape[-1])
                 yield x
             return
         warm: list[torch.Tensor] = []
@@ -163,7 +174,7 @@ class EmbeddingDetector(Detector):
             raise ConfigError(f"reduced_dim {out} must be smaller than the embedding dim {d}")
         return out
 
-    def _random_subset(self, d: int) -> None:
+    def _random_subset(self, d: int) -> torch.Tensor:
         """A fixed, seeded subset of channels as a 0/1 selection matrix: exact, and stored
         and merged like the other reductions."""
         out = self._check_reduced_dim(d)
@@ -173,6 +184,7 @@ class EmbeddingDetector(Detector):
         matrix[keep, torch.arange(out)] = 1.0
         self.reduction_mean = torch.zeros(d)
         self.reduction_matrix = matrix
+        return matrix
 
     def _fit_reduction(self, warm: list[torch.Tensor]) -> Iterator[torch.Tensor]:
         d = warm[0].shape[-1]
@@ -216,7 +228,7 @@ class EmbeddingDetector(Detector):
 
     def predict(self, images: torch.Tensor | Batch) -> Prediction:
         if not self.fitted:
-            raise ConfigError(f"{self.name} is not fitted: call fit or load a run folder")
+            raise self._not_fitted()
         started = time.perf_counter()
         x = self.check_images(images_of(images))
         with torch.inference_mode():
@@ -225,7 +237,7 @@ class EmbeddingDetector(Detector):
             scores = self.patch_scores(emb)
             image = self.image_scores(emb, scores)
             b = x.shape[0]
-            h, w = self.grid  # type: ignore[misc]
+            h, w = self.learnt(self.grid)
             timings = {"backbone_ms": (t_backbone - started) * 1000,
                        "scoring_ms": (time.perf_counter() - t_backbone) * 1000}
             return self.to_prediction(scores.reshape(b, h, w), started, timings, image)
@@ -233,6 +245,15 @@ class EmbeddingDetector(Detector):
     def patch_scores(self, emb: torch.Tensor) -> torch.Tensor:
         """(B, P, D') embeddings -> (B, P) anomaly score per location."""
         raise NotImplementedError
+
+    def learnt(self, value: T | None) -> T:
+        """Something fit sets (a tensor, the grid): unset means the model was never fitted."""
+        if value is None:
+            raise self._not_fitted()
+        return value
+
+    def _not_fitted(self) -> ConfigError:
+        return ConfigError(f"{self.name} is not fitted: call fit or load a run folder")
 
     def image_scores(self, emb: torch.Tensor, scores: torch.Tensor) -> torch.Tensor | None:
         """(B,) image scores from the raw patch scores, or None for the max of the map."""
@@ -243,9 +264,9 @@ class EmbeddingDetector(Detector):
     # ---------------------------------------------------------------- state
     def base_state(self) -> dict[str, torch.Tensor]:
         out = {"grid": torch.tensor(self.grid or (0, 0), dtype=torch.int64)}
-        if self.reduction_matrix is not None:
-            out["reduction.mean"] = self.reduction_mean
-            out["reduction.matrix"] = self.reduction_matrix
+        reduction = self.reduction()
+        if reduction is not None:
+            out["reduction.mean"], out["reduction.matrix"] = reduction
         return out
 
     def load_base_state(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -257,11 +278,3 @@ class EmbeddingDetector(Detector):
         elif self.config.reduction != "none":
             raise KeyError("missing tensor 'reduction.matrix'")
 
-
-def _progress(items: Iterable, enabled: bool, description: str) -> Iterable:
-    if not enabled:
-        return items
-    from rich.progress import track
-
-    total = len(items) if hasattr(items, "__len__") else None  # type: ignore[arg-type]
-    return track(items, description=description, total=total, transient=False)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -21,6 +21,9 @@ from anomalyqc import __version__
 from anomalyqc.errors import ConfigError, ModelFileError
 from anomalyqc.fileio import atomic_path, atomic_write_json
 
+if TYPE_CHECKING:  # models.base imports this module lazily, in save and load
+    from anomalyqc.models.base import Detector
+
 FORMAT = "anomalyqc-run"
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -28,7 +31,7 @@ WEIGHTS_FILE = "weights.safetensors"
 THRESHOLD_FILE = "threshold.json"
 
 
-def save_detector(detector: Any, run_dir: str | Path) -> Path:
+def save_detector(detector: Detector, run_dir: str | Path) -> Path:
     if not detector.fitted:
         raise ConfigError(f"cannot save an unfitted {detector.name}: call fit first")
     run = Path(run_dir)
@@ -76,7 +79,7 @@ def read_run_config(run_dir: str | Path) -> dict[str, Any]:
 MERGE_STATE_PREFIXES = ("moments.", "kmeans.")
 
 
-def load_detector(run_dir: str | Path, merge_state: bool = False) -> Any:
+def load_detector(run_dir: str | Path, merge_state: bool = False) -> Detector:
     """The detector saved in a run folder; merge_state=True also reads what `merge` needs."""
     from anomalyqc.models.base import detector_class
 

@@ -93,7 +93,8 @@ class _Selector:
     """State of one selection. Positions index the permuted point arrays; `perm` maps a
     position to the original index. Centres are numbered 0..n-1 in selection order."""
 
-    def __init__(self, features, n, first, candidates, builds, progress):
+    def __init__(self, features: np.ndarray, n: int, first: int, candidates: int,
+                 builds: tuple[int, ...], progress: Callable[[int], object] | None) -> None:
         x0 = np.ascontiguousarray(features, dtype=np.float32)  # exact coordinates, by index
         total, d = x0.shape
         self.x0 = x0

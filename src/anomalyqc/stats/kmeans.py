@@ -23,6 +23,7 @@ def _transform(x: torch.Tensor, mean: torch.Tensor | None, chol: torch.Tensor | 
     x = x.float()
     if chol is None:
         return x
+    assert mean is not None, "a Cholesky factor comes with its mean"
     return whiten(x, mean.float(), chol.float())
 
 
@@ -125,10 +126,11 @@ class OnlineKMeans:
             if self._buffered >= self.init_size:
                 self.finish_init(mean, chol)
             return
+        sums, counts = self.fitted_state()
         zc = _transform(self.centroids(), mean, chol)
         assign = pairwise_sqdist(_transform(x, mean, chol), zc).argmin(-1)  # (P, B)
-        self.sums.scatter_add_(1, assign.unsqueeze(-1).expand(-1, -1, self.dim), x.double())
-        self.counts.scatter_add_(1, assign, torch.ones_like(assign, dtype=self.counts.dtype))
+        sums.scatter_add_(1, assign.unsqueeze(-1).expand(-1, -1, self.dim), x.double())
+        counts.scatter_add_(1, assign, torch.ones_like(assign, dtype=counts.dtype))
 
     def finish_init(self, mean: torch.Tensor | None = None, chol: torch.Tensor | None = None) -> None:
         """Seed and refine the centroids on the buffered points (also called at end of fit)."""
@@ -156,10 +158,16 @@ class OnlineKMeans:
             counts = torch.cat([counts, torch.zeros(self.locations, pad, dtype=counts.dtype)], 1)
         self.sums, self.counts = sums, counts
 
+    def fitted_state(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sums, counts), which exist once the centroids are seeded."""
+        if self.sums is None or self.counts is None:
+            raise ValueError("K-Means has no clusters yet: it has seen no points")
+        return self.sums, self.counts
+
     def centroids(self) -> torch.Tensor:
         """(P, K, D) centroids in the original space; empty clusters are NaN-free zeros."""
-        assert self.sums is not None and self.counts is not None
-        return self.sums / self.counts.clamp_min(1e-12).unsqueeze(-1)
+        sums, counts = self.fitted_state()
+        return sums / counts.clamp_min(1e-12).unsqueeze(-1)
 
     def merge(self, other: OnlineKMeans, mean: torch.Tensor | None = None,
               chol: torch.Tensor | None = None, iters: int = 10) -> OnlineKMeans:
@@ -179,12 +187,15 @@ class OnlineKMeans:
         which shards arrive, up to ties in the starting weights.
         """
         self.finish_init(mean, chol)
+        sums, counts = self.fitted_state()
+        weights = [counts]
         for other in others:
             other.finish_init(mean, chol)
-            if other.sums is None or other.sums.shape != self.sums.shape:  # type: ignore[union-attr]
+            if other.sums is None or other.sums.shape != sums.shape:
                 raise ValueError("cannot merge K-Means states of different shapes")
+            weights.append(other.fitted_state()[1])
         x = torch.cat([self.centroids(), *(o.centroids() for o in others)], dim=1)
-        w = torch.cat([self.counts, *(o.counts for o in others)], dim=1)
+        w = torch.cat(weights, dim=1)
         order = w.argsort(dim=1, descending=True, stable=True)[:, : self.k]
         start = x.gather(1, order.unsqueeze(-1).expand(-1, -1, self.dim))
         self.sums, self.counts = lloyd(x, start, iters, mean, chol, weights=w)
@@ -192,8 +203,8 @@ class OnlineKMeans:
 
     def state(self, prefix: str = "kmeans") -> dict[str, torch.Tensor]:
         """Running sums and counts: what a later merge needs (call finish_init first)."""
-        assert self.sums is not None and self.counts is not None
-        return {f"{prefix}.sums": self.sums, f"{prefix}.counts": self.counts}
+        sums, counts = self.fitted_state()
+        return {f"{prefix}.sums": sums, f"{prefix}.counts": counts}
 
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor], prefix: str = "kmeans",

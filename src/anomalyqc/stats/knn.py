@@ -46,14 +46,17 @@ class NearestNeighbour:
         if kind == "clustered" and (bank.shape[0] >= MIN_CLUSTERED_BANK or n_clusters):
             self.clusters = ClusteredBank(bank, n_clusters or default_clusters(len(bank)), seed)
             return
+        index: faiss.Index
         if kind == "hnsw":
-            self.index = faiss.IndexHNSWFlat(dim, hnsw_m)
-            self.index.hnsw.efConstruction = max(40, 2 * hnsw_m)
-            self.index.hnsw.efSearch = ef_search
+            graph = faiss.IndexHNSWFlat(dim, hnsw_m)
+            graph.hnsw.efConstruction = max(40, 2 * hnsw_m)
+            graph.hnsw.efSearch = ef_search
+            index = graph
         else:
             self.kind = "flat"
-            self.index = faiss.IndexFlatL2(dim)
-        self.index.add(bank)
+            index = faiss.IndexFlatL2(dim)
+        index.add(bank)
+        self.index = index
 
     def distance(self, queries: np.ndarray) -> np.ndarray:
         """Euclidean distance of each query (M, D) to its nearest bank vector -> (M,)."""

@@ -51,9 +51,9 @@ class Geometry:
     prof_hw: np.ndarray = field(repr=False)
     prof_norm: np.ndarray = field(repr=False)
     emboss: np.ndarray = field(repr=False)  # (h, w) 0/1 mould engraving on the flag
+    lut_air: np.ndarray = field(repr=False)
+    lut_liquid: np.ndarray = field(repr=False)
     emboss_y0: float = 0.0
-    lut_air: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
-    lut_liquid: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
 
     def _index(self, y: np.ndarray | float) -> np.ndarray:
         i = (np.asarray(y, F32) - self.prof_y[0]) * (1.0 / _PROFILE_STEP) + 0.5
@@ -152,7 +152,7 @@ def make_geometry(cfg: VialStripConfig) -> Geometry:
         "body_hw": cfg.body_half_width * p,
     }
     prof_y, prof_hw, prof_norm = _profile(g, cfg.height)
-    edges = [0, *(round(f * h) for f in cfg.region_splits), cfg.height]
+    s1, s2, s3 = (round(f * h) for f in cfg.region_splits)
     emb_w = int(2 * (g["flag_hw"] - 6))
     emboss = _emboss_pattern(max(emb_w, 4))
     flag_h = g["flag_bottom"] - g["flag_top"]
@@ -165,7 +165,7 @@ def make_geometry(cfg: VialStripConfig) -> Geometry:
         supersample=cfg.supersample,
         web_top=cfg.web_top * h,
         web_bottom=cfg.web_bottom * h,
-        region_y=tuple(edges),  # type: ignore[arg-type]
+        region_y=(0, s1, s2, s3, cfg.height),
         prof_y=prof_y,
         prof_hw=prof_hw,
         prof_norm=prof_norm,
@@ -228,17 +228,18 @@ def meniscus_at(scene: Scene, geo: Geometry, v: int, x: float, y: float) -> floa
 def sample_scene(rng: np.random.Generator, cfg: VialStripConfig, geo: Geometry) -> Scene:
     """Draw pose, meniscus shapes, bubbles, droplets and lighting for one strip."""
     n = geo.n_vials
-    shift = tuple(float(s) for s in rng.uniform(-cfg.max_shift, cfg.max_shift, 2))
+    sx, sy = rng.uniform(-cfg.max_shift, cfg.max_shift, 2)
+    shift = (float(sx), float(sy))
     angle = float(rng.uniform(-cfg.max_rotation_deg, cfg.max_rotation_deg))
     sd = cfg.meniscus_jitter * geo.height
-    base = cfg.meniscus_level
+    base: float | np.ndarray = cfg.meniscus_level
     if cfg.meniscus_levels:
         base = np.asarray(cfg.meniscus_levels)[rng.integers(0, len(cfg.meniscus_levels), n)]
     level = base * geo.height + np.clip(rng.normal(0, 1, n), -2.5, 2.5) * sd
     curv = rng.uniform(*cfg.meniscus_curvature, n)
     band = rng.uniform(1.8, 3.2, n)
     scene = Scene(
-        shift=shift,  # type: ignore[arg-type]
+        shift=shift,
         angle_deg=angle,
         meniscus_y=level.astype(F32),
         meniscus_curv=curv.astype(F32),

@@ -23,6 +23,7 @@ import numpy as np
 from anomalyqc import __version__
 from anomalyqc.errors import ConfigError, DataError
 from anomalyqc.fileio import atomic_write_json, atomic_write_png
+from anomalyqc.progress import Progress, tracked
 from anomalyqc.synth import _render
 from anomalyqc.types import DEFECT, GOOD
 
@@ -172,6 +173,10 @@ class StripSample:
     def label(self) -> int:
         return GOOD if self.defect_type == "good" else DEFECT
 
+    def region_boxes(self) -> np.ndarray:
+        """The strip's region boxes; the unshifted layout when it stored none."""
+        return self.boxes if self.boxes is not None else vial_region_boxes()
+
 
 @dataclass
 class Patch:
@@ -314,7 +319,7 @@ def _add_defect(
 
 def _roi(cov_a: np.ndarray, cov_b: np.ndarray, margin: int) -> np.ndarray:
     """Plastic and liquid pixels (before or after a deformation), grown by `margin` px."""
-    roi = ((cov_a >= 0.5) | (cov_b >= 0.5)).astype(np.uint8)
+    roi: np.ndarray = ((cov_a >= 0.5) | (cov_b >= 0.5)).astype(np.uint8)
     if margin > 0:
         k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * margin + 1, 2 * margin + 1))
         roi = cv2.dilate(roi, k)
@@ -326,7 +331,7 @@ def cut_patches(sample: StripSample, patch_size: int = 64) -> list[Patch]:
 
     A patch mask is 1 wherever any defect pixel falls after resizing (never loses a defect).
     """
-    boxes = sample.boxes if sample.boxes is not None else vial_region_boxes()
+    boxes = sample.region_boxes()
     size = (patch_size, patch_size)
     out = []
     for v, vial in enumerate(boxes):
@@ -440,7 +445,8 @@ class _Writer:
             else:
                 rel = self._put(split, kind, pstem, p.image, p.roi, p.mask if defective else None)
             if split == "test":
-                here = [d for d in defects if _overlaps(d["bbox"], s.boxes[p.vial, p.region])]
+                box = s.region_boxes()[p.vial, p.region]
+                here = [d for d in defects if _overlaps(d["bbox"], box)]
                 self.test_meta[rel] = {
                     "type": kind if defective else "good", "strip": strip_id,
                     "strip_type": kind, "vial": p.vial, "region": p.region, "defects": here,
@@ -455,7 +461,7 @@ def generate_vial_dataset(
     n_test_defect: int = 40,
     patches: bool = False,
     cfg: VialStripConfig | None = None,
-    progress: bool = False,
+    progress: Progress | None = None,
 ) -> dict:
     """Write a synthetic BFS dataset in the MVTec AD layout (see module doc); return a summary.
 
@@ -474,14 +480,7 @@ def generate_vial_dataset(
     jobs = _jobs(cfg, n_train, n_test_good, n_test_defect)
     digits = max(3, len(str(max(n_train, n_test_good, n_test_defect, 1) - 1)))
     writer = _Writer(out, cfg, patches, digits)
-    steps: Iterable[tuple[str, str, int]] = jobs
-    if progress:
-        from rich.console import Console
-        from rich.progress import track
-
-        steps = track(jobs, description="Generating vial strips",
-                      console=Console(stderr=True))  # stdout carries the summary JSON
-    for split, kind, index in steps:
+    for split, kind, index in tracked(jobs, progress, "Generating vial strips"):
         sample = render_strip(
             _image_rng(int(seed), split, kind, index), cfg, None if kind == "good" else kind
         )

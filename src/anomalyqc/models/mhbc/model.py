@@ -35,6 +35,7 @@ from anomalyqc.errors import ConfigError, DataError
 from anomalyqc.models.base import DetectorConfig, register
 from anomalyqc.models.embedding import EmbeddingConfig, EmbeddingDetector
 from anomalyqc.models.storage import tensor
+from anomalyqc.progress import Progress
 from anomalyqc.stats.kmeans import OnlineKMeans, pairwise_sqdist
 from anomalyqc.stats.local_coreset import local_farthest_points
 from anomalyqc.stats.moments import OnlineMoments
@@ -77,7 +78,7 @@ class Mhbc(EmbeddingDetector):
         self.centroids: torch.Tensor | None = None  # (P, K, D), whitened
 
     # ------------------------------------------------------------------ fit
-    def fit(self, batches: Iterable[Batch], progress: bool = False) -> Mhbc:
+    def fit(self, batches: Iterable[Batch], progress: Progress | None = None) -> Mhbc:
         self.reset()
         if self.config.clustering == "coreset":
             return self._fit_coreset(batches, progress)
@@ -89,6 +90,7 @@ class Mhbc(EmbeddingDetector):
             if self.moments is None:
                 self.moments = OnlineMoments(x.shape[1], x.shape[2])
                 self.kmeans = self._new_kmeans(x.shape[1], x.shape[2])
+            assert self.kmeans is not None  # created with the moments
             self.moments.update(x)
             # Factorise only when K-Means is about to assign points, and then only when the
             # image count has grown enough to matter: O(log N) factorisations per fit.
@@ -110,7 +112,7 @@ class Mhbc(EmbeddingDetector):
                             init_size=max(self.config.init_images, self.config.n_clusters),
                             seed=self.config.seed)
 
-    def _fit_two_pass(self, batches: Iterable[Batch], progress: bool) -> Mhbc:
+    def _fit_two_pass(self, batches: Iterable[Batch], progress: Progress | None) -> Mhbc:
         """Thesis order: all moments first, then K-Means in the final whitened space."""
         if iter(batches) is batches:
             raise ConfigError("passes=2 reads the training images twice: pass a re-iterable "
@@ -132,7 +134,7 @@ class Mhbc(EmbeddingDetector):
         del mean, chol
         return self.finalise()
 
-    def _fit_coreset(self, batches: Iterable[Batch], progress: bool) -> Mhbc:
+    def _fit_coreset(self, batches: Iterable[Batch], progress: Progress | None) -> Mhbc:
         """Greedy coreset per location in whitened space: keeps all embeddings (not streaming)."""
         chunks = []
         for x in self.stream_embeddings(batches, progress):
@@ -160,17 +162,20 @@ class Mhbc(EmbeddingDetector):
         """Fold in models fitted on other shards: moments merge exactly; the K centroids are
         re-clustered from all shards' weighted centroids, in the merged metric (K-Means has
         no exact merge; see OnlineKMeans.merge_all)."""
+        moments: list[OnlineMoments] = []
+        clusters: list[OnlineKMeans] = []
         for det in (self, *others):
             if det.moments is None or det.kmeans is None:
                 raise ValueError("merge needs models fitted with clustering='kmeans' that kept "
                                  "their moments: fitted in this process, or saved with "
                                  "keep_moments=true")
+            moments.append(det.moments)
+            clusters.append(det.kmeans)
         for other in others:
             self.check_same_reduction(other)
-        assert self.moments is not None and self.kmeans is not None
-        for other in others:
-            self.moments.merge(other.moments)  # type: ignore[arg-type]
-        return self.merge_clusters([o.kmeans for o in others])  # type: ignore[misc]
+        for m in moments[1:]:
+            moments[0].merge(m)
+        return self.merge_clusters(clusters[1:])
 
     def merge_clusters(self, others: list[OnlineKMeans]) -> Mhbc:
         """Re-cluster this model's and other shards' K-Means states in the metric of the
@@ -188,9 +193,10 @@ class Mhbc(EmbeddingDetector):
             self.mean, self.chol = self._metric(self.moments)
         self.kmeans.finish_init(self.mean, self.chol)
         raw = self.kmeans.centroids()  # (P, K, D) float64, original space
-        empty = self.kmeans.counts <= 0
+        counts = self.kmeans.fitted_state()[1]
+        empty = counts <= 0
         if bool(empty.any()):  # an empty cluster duplicates the location's fullest one
-            fullest = self.kmeans.counts.argmax(dim=1)
+            fullest = counts.argmax(dim=1)
             best = raw[torch.arange(raw.shape[0]), fullest]
             raw = torch.where(empty.unsqueeze(-1), best.unsqueeze(1), raw)
         self.centroids = self._whiten(raw.float())
@@ -209,19 +215,19 @@ class Mhbc(EmbeddingDetector):
         """(P, N, D) -> whitened (P, N, D); identity for the Euclidean ablation."""
         if self.chol is None:
             return x
-        return whiten(x.float(), self.mean, self.chol)
+        return whiten(x.float(), self.learnt(self.mean), self.chol)
 
     # ------------------------------------------------------------------ predict
     def patch_scores(self, emb: torch.Tensor) -> torch.Tensor:
         z = self._whiten(emb.transpose(0, 1))  # (P, B, D)
-        d2 = pairwise_sqdist(z, self.centroids)  # (P, B, K)
+        d2 = pairwise_sqdist(z, self.learnt(self.centroids))  # (P, B, K)
         return d2.amin(dim=-1).sqrt().transpose(0, 1)
 
     # ------------------------------------------------------------------ state
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        out = {**self.base_state(), "centroids": self.centroids}
+        out = {**self.base_state(), "centroids": self.learnt(self.centroids)}
         if self.chol is not None:
-            out.update(mean=self.mean, chol=self.chol)
+            out.update(mean=self.learnt(self.mean), chol=self.chol)
         if self.config.keep_moments and self.moments is not None and self.kmeans is not None \
                 and self.kmeans.initialised:
             out.update(self.moments.state())

@@ -17,6 +17,7 @@ from anomalyqc.errors import DataError
 from anomalyqc.models.base import DetectorConfig, register
 from anomalyqc.models.embedding import EmbeddingConfig, EmbeddingDetector
 from anomalyqc.models.storage import tensor
+from anomalyqc.progress import Progress
 from anomalyqc.stats.moments import OnlineMoments
 from anomalyqc.stats.whitening import whiten
 from anomalyqc.types import Batch
@@ -47,7 +48,7 @@ class Padim(EmbeddingDetector):
         self.mean: torch.Tensor | None = None  # (P, D)
         self.chol: torch.Tensor | None = None  # (P, D, D)
 
-    def fit(self, batches: Iterable[Batch], progress: bool = False) -> Padim:
+    def fit(self, batches: Iterable[Batch], progress: Progress | None = None) -> Padim:
         self.reset()
         for x in self.stream_embeddings(batches, progress):
             if self.moments is None:
@@ -64,14 +65,16 @@ class Padim(EmbeddingDetector):
 
     def merge(self, *others: Padim) -> Padim:
         """Add the statistics of models fitted on other shards (exact: moments add up)."""
+        shards: list[OnlineMoments] = []
         for det in (self, *others):
             if det.moments is None:
                 raise ValueError("merge needs models that kept their moments: fitted in this "
                                  "process, or saved with keep_moments=true")
+            shards.append(det.moments)
         for other in others:
             self.check_same_reduction(other)
-        for other in others:
-            self.moments.merge(other.moments)  # type: ignore[union-attr,arg-type]
+        for moments in shards[1:]:
+            shards[0].merge(moments)
         return self.finalise()
 
     def finalise(self) -> Padim:
@@ -82,11 +85,11 @@ class Padim(EmbeddingDetector):
         return self
 
     def patch_scores(self, emb: torch.Tensor) -> torch.Tensor:
-        z = whiten(emb.transpose(0, 1), self.mean, self.chol)  # (P, B, D)
+        z = whiten(emb.transpose(0, 1), self.learnt(self.mean), self.learnt(self.chol))  # (P, B, D)
         return z.norm(dim=-1).transpose(0, 1)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        out = {**self.base_state(), "mean": self.mean, "chol": self.chol}
+        out = {**self.base_state(), "mean": self.learnt(self.mean), "chol": self.learnt(self.chol)}
         if self.config.keep_moments and self.moments is not None:
             out.update(self.moments.state())
         return out

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Iterable
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 import numpy as np
 import torch
@@ -21,6 +21,7 @@ from anomalyqc.errors import DataError
 from anomalyqc.models.base import DetectorConfig, register
 from anomalyqc.models.embedding import EmbeddingConfig, EmbeddingDetector
 from anomalyqc.models.storage import tensor
+from anomalyqc.progress import Progress
 from anomalyqc.stats.coreset import greedy_coreset
 from anomalyqc.stats.kmeans import OnlineKMeans
 from anomalyqc.stats.knn import NearestNeighbour
@@ -31,7 +32,9 @@ from anomalyqc.types import Batch
 class PatchcoreConfig(EmbeddingConfig):
     # "reweighted": the PatchCore paper's s* scaled by how dense the bank is around the nearest
     # entry m* (1 - softmax of the distances to m*'s n_neighbors bank neighbours).
-    image_score: Literal["map_max", "patch_max", "reweighted"] = "map_max"
+    # PatchCore accepts one more image score than its base, which mypy reads as an unsafe
+    # override of the field's type; pydantic validates each config class by its own field.
+    image_score: Literal["map_max", "patch_max", "reweighted"] = "map_max"  # type: ignore[assignment]
     n_neighbors: int = Field(9, ge=1)
     coreset_ratio: float = Field(0.1, gt=0, le=1)
     # "greedy": k-center coreset (eq. 8.39). "kmeans": the bank is the centroids of a
@@ -59,7 +62,7 @@ class Patchcore(EmbeddingDetector):
         self.bank = None
         self._nn = None
 
-    def fit(self, batches: Iterable[Batch], progress: bool = False) -> Patchcore:
+    def fit(self, batches: Iterable[Batch], progress: Progress | None = None) -> Patchcore:
         self.reset()
         # Each batch's raw embeddings go straight to a temporary file, and so do their random
         # projections (eq. 8.34) on which the coreset is searched. Only the projections are
@@ -95,7 +98,7 @@ class Patchcore(EmbeddingDetector):
         self.fitted = True
         return self
 
-    def _kmeans_bank(self, raw_file, total: int, dim: int, n: int) -> torch.Tensor:  # noqa: ANN001
+    def _kmeans_bank(self, raw_file: IO[bytes], total: int, dim: int, n: int) -> torch.Tensor:
         """Cumulative K-Means with n centroids over the raw embeddings, read back in shuffled
         chunks (a seeded order, so the seeding buffer is not one corner of the images)."""
         raw_file.flush()
@@ -108,7 +111,7 @@ class Patchcore(EmbeddingDetector):
             km.update(torch.from_numpy(np.ascontiguousarray(raw[idx])).unsqueeze(1))
         km.finish_init()
         del raw
-        keep = km.counts[0] > 0
+        keep = km.fitted_state()[1][0] > 0
         return km.centroids()[0][keep].float().contiguous()
 
     def _projection(self, dim: int) -> np.ndarray:
@@ -117,17 +120,17 @@ class Patchcore(EmbeddingDetector):
             return gaussian_random_matrix(dim, self.config.coreset_dim, self.config.seed).numpy()
         return np.empty((0, 0), dtype=np.float32)
 
-    def coreset_indices(self, search: np.ndarray, n: int, progress: bool) -> np.ndarray:
+    def coreset_indices(self, search: np.ndarray, n: int,
+                        progress: Progress | None = None) -> np.ndarray:
         if n >= search.shape[0]:
             return np.arange(search.shape[0])
-        if not progress:
+        if progress is None:
             return greedy_coreset(search, n, seed=self.config.seed)
-        from rich.progress import Progress
-
-        with Progress(transient=False) as bar:
-            task = bar.add_task(f"{self.name}: coreset {n} of {search.shape[0]}", total=n)
-            return greedy_coreset(search, n, seed=self.config.seed,
-                                  progress=lambda k: bar.update(task, completed=k))
+        what = f"{self.name}: coreset {n} of {search.shape[0]}"
+        report = progress
+        report(what, 0, n)
+        return greedy_coreset(search, n, seed=self.config.seed,
+                              progress=lambda k: report(what, k, n))
 
     def merge(self, *others: Patchcore, size: int | None = None) -> Patchcore:
         """Fold in models fitted on other shards: a greedy coreset of the union of the banks.
@@ -137,17 +140,20 @@ class Patchcore(EmbeddingDetector):
         "Sharded fits"). `size` is the bank size wanted; by default the union is kept whole,
         which is as large as the banks together, i.e. coreset_ratio of all the shards' patches.
         """
-        for other in others:
-            self.check_same_reduction(other)
-            if other.bank is None or self.bank is None or other.bank.shape[1] != self.bank.shape[1]:
+        banks: list[torch.Tensor] = []
+        for det in (self, *others):
+            if det is not self:
+                self.check_same_reduction(det)
+            if det.bank is None or (banks and det.bank.shape[1] != banks[0].shape[1]):
                 raise ValueError("cannot merge PatchCore banks of different embedding sizes")
-        union = torch.cat([self.bank, *(o.bank for o in others)])  # type: ignore[misc]
+            banks.append(det.bank)
+        union = torch.cat(banks)
         n = union.shape[0] if size is None else max(1, min(size, union.shape[0]))
         if n < union.shape[0]:
             c = union.numpy()
             proj = self._projection(c.shape[1])
             keys = np.ascontiguousarray(c @ proj if proj.size else c, dtype=np.float32)
-            idx = np.sort(self.coreset_indices(keys, n, progress=False))
+            idx = np.sort(self.coreset_indices(keys, n))
             union = union[torch.from_numpy(idx)]
         self.bank = union.contiguous()
         self._nn = None
@@ -157,7 +163,7 @@ class Patchcore(EmbeddingDetector):
     @property
     def nn(self) -> NearestNeighbour:
         if self._nn is None:
-            self._nn = NearestNeighbour(self.bank.numpy(), kind=self.config.index,
+            self._nn = NearestNeighbour(self.learnt(self.bank).numpy(), kind=self.config.index,
                                         seed=self.config.seed)
         return self._nn
 
@@ -168,11 +174,11 @@ class Patchcore(EmbeddingDetector):
 
     def image_scores(self, emb: torch.Tensor, scores: torch.Tensor) -> torch.Tensor | None:
         if self.config.image_score == "reweighted":
-            return reweighted_scores(emb, scores, self.bank, self.config.n_neighbors)
+            return reweighted_scores(emb, scores, self.learnt(self.bank), self.config.n_neighbors)
         return super().image_scores(emb, scores)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {**self.base_state(), "memory_bank": self.bank}
+        return {**self.base_state(), "memory_bank": self.learnt(self.bank)}
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         self.load_base_state(tensors)
@@ -204,7 +210,7 @@ def reweighted_scores(emb: torch.Tensor, scores: torch.Tensor, bank: torch.Tenso
     return weight * scores[rows, worst]
 
 
-def _read_floats(f, rows: int) -> np.ndarray:  # noqa: ANN001
+def _read_floats(f: IO[bytes], rows: int) -> np.ndarray:
     """The whole of a temporary float32 file as a (rows, -1) array."""
     f.flush()
     f.seek(0)
