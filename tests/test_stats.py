@@ -648,3 +648,23 @@ def test_clustered_index_handles_duplicates_and_more_clusters_than_distinct_poin
 def test_small_banks_use_brute_force():
     nn = NearestNeighbour(np.random.default_rng(0).normal(size=(100, 8)).astype(np.float32))
     assert nn.kind == "flat"  # below MIN_CLUSTERED_BANK the bookkeeping costs more than it saves
+
+
+def test_kmeans_plus_plus_with_thousands_of_centres_keeps_memory_bounded():
+    """PatchCore's K-Means bank seeds thousands of centres: a (P, N, D) temporary per centre
+    fragmented the heap to 7 GB for 3,840 centres over 16k points."""
+    import subprocess
+    import sys
+
+    code = """
+import resource, torch
+from anomalyqc.stats.kmeans import kmeans_plus_plus
+torch.set_num_threads(1)
+x = torch.randn(1, 16384, 152)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+kmeans_plus_plus(x, 1500, torch.Generator().manual_seed(0))
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+"""
+    grown_mb = float(subprocess.run([sys.executable, "-c", code], check=True, text=True,
+                                    stdout=subprocess.PIPE).stdout.strip().splitlines()[-1])
+    assert grown_mb < 500, f"k-means++ seeding grew the peak RSS by {grown_mb:.0f} MB"

@@ -29,25 +29,33 @@ def _transform(x: torch.Tensor, mean: torch.Tensor | None, chol: torch.Tensor | 
 
 def pairwise_sqdist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Squared distances between (P, N, D) and (P, K, D) -> (P, N, K), clipped at zero."""
-    d = (a * a).sum(-1, keepdim=True) - 2 * a @ b.transpose(1, 2) + (b * b).sum(-1).unsqueeze(1)
+    d = (a * a).sum(-1, keepdim=True) - 2 * (a @ b.transpose(1, 2)) + (b * b).sum(-1).unsqueeze(1)
     return d.clamp_min_(0)
 
 
 def kmeans_plus_plus(z: torch.Tensor, k: int, generator: torch.Generator,
                      weights: torch.Tensor | None = None) -> torch.Tensor:
     """k-means++ seeding for every location: z (P, N, D) -> indices (P, k)."""
-    p, n, _ = z.shape
+    p, n, d = z.shape
     w = torch.ones(p, n, dtype=z.dtype) if weights is None else weights.to(z.dtype)
+    # |z|^2 once: a per-centre (P, N, D) temporary, k times over, fragments the heap until
+    # the process holds gigabytes (k in the thousands for PatchCore's K-Means bank).
+    z_sq = (z * z).sum(-1, keepdim=True)  # (P, N, 1)
+
+    def sqdist_to(idx: torch.Tensor) -> torch.Tensor:  # idx (P, 1) -> (P, N)
+        c = z.gather(1, idx.unsqueeze(-1).expand(-1, -1, d))  # (P, 1, D)
+        dist = z_sq - 2 * (z @ c.transpose(1, 2)) + (c * c).sum(-1).unsqueeze(1)
+        return dist.clamp_min_(0)[..., 0]
+
     first = torch.multinomial(w, 1, generator=generator)  # (P, 1)
     chosen = [first]
-    mind = pairwise_sqdist(z, z.gather(1, first.unsqueeze(-1).expand(-1, -1, z.shape[2])))[..., 0]
+    mind = sqdist_to(first)
     for _ in range(1, k):
         prob = (mind * w).clamp_min(0)
         prob = torch.where(prob.sum(1, keepdim=True) > 0, prob, w)  # all points coincide
         nxt = torch.multinomial(prob, 1, generator=generator)
         chosen.append(nxt)
-        c = z.gather(1, nxt.unsqueeze(-1).expand(-1, -1, z.shape[2]))
-        mind = torch.minimum(mind, pairwise_sqdist(z, c)[..., 0])
+        torch.minimum(mind, sqdist_to(nxt), out=mind)
     return torch.cat(chosen, dim=1)
 
 
