@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from anomalyqc.provenance import provenance
+
 HERE = Path(__file__).resolve().parent
 CLI = [sys.executable, "-m", "anomalyqc.cli"]
 # PatchCore with a small coreset: the point is its feature memory, not its coreset time.
@@ -27,6 +29,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/anomalyqc_memscale"))
     ap.add_argument("--only", nargs="*", default=list(EXTRA))
     args = ap.parse_args()
+    started = provenance()  # at the start: the commit the figures come from
     data = args.work / f"vials_{args.large}"
     if not (data / "meta.json").is_file():
         subprocess.run(CLI + ["synth", "vials", "--out", str(data), "--n-train", str(args.large),
@@ -44,7 +47,7 @@ def main() -> None:
             out = subprocess.run(CLI + ["fit", name, "--data", str(folder), "--out",
                                         str(args.work / f"{name}_{n}"), *EXTRA[name]],
                                  check=True, stdout=subprocess.PIPE, text=True).stdout
-            info = json.loads(out[out.index("{"):])
+            info = json.loads(out[out.index("{"):out.rindex("}") + 1])
             row[n] = {"peak_rss_mb": info["peak_rss_mb"], "fit_seconds": info["fit_seconds"]}
         growth = row[args.large]["peak_rss_mb"] / row[args.small]["peak_rss_mb"] - 1
         row["growth_percent"] = round(100 * growth, 1)
@@ -52,10 +55,9 @@ def main() -> None:
         print(f"{name}: {row}", file=sys.stderr)
     out = HERE / "results" / "memory_scaling.json"
     out.parent.mkdir(exist_ok=True)
-    # Replace the rows of this run's detectors only, so that `--only X` keeps the others.
-    stored = json.loads(out.read_text()) if out.is_file() else {}
-    stored.update(results)
-    out.write_text(json.dumps(stored, indent=2) + "\n")
+    # One run, one file: rows of different runs are never merged.
+    out.write_text(json.dumps({"provenance": started, "small": args.small, "large": args.large,
+                               "results": results}, indent=2) + "\n")
     print(f"| detector | peak RSS MB @ {args.small} | peak RSS MB @ {args.large} | growth |")
     print("|---|---|---|---|")
     for name, r in results.items():
