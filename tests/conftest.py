@@ -1,4 +1,5 @@
-"""Fixtures shared by the CLI tests: one tiny generated vial set and one PaDiM run on it."""
+"""Fixtures shared by the tests: one torch thread per module, and for the CLI tests one tiny
+generated vial set and one PaDiM run on it."""
 
 from __future__ import annotations
 
@@ -7,9 +8,20 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from anomalyqc.cli import app
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Two cores are shared: keep torch to one thread while a module's tests run."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 SMALL = ["--image-size", "64", "--batch-size", "4"]
 _runner = CliRunner()

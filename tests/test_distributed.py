@@ -31,12 +31,7 @@ EXTRA = {"padim": {}, "mhbc": {"n_clusters": 4, "init_images": 4},
          "patchcore": {"coreset_ratio": 0.1}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _write_images(folder: Path, names: list[str], seed: int = 0) -> None:

@@ -22,13 +22,7 @@ from anomalyqc.stats.whitening import cholesky, whiten
 P, D = 5, 4  # grid locations, embedding dimension
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Two cores are shared: keep torch to one thread while these tests run."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gen(seed: int) -> torch.Generator:

@@ -23,12 +23,7 @@ from tests.test_models import BASE, TEST_BAD, TEST_GOOD, TRAIN, batches, normal_
 MHBC = {"n_clusters": 4, "init_images": 8}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _few_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------- random subset (PaDiM)
