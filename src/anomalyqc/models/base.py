@@ -55,6 +55,9 @@ class Detector(ABC):
         except ValidationError as exc:
             raise ConfigError(f"invalid parameters for {self.name}: {exc}") from exc
         self.fitted = False
+        # Set when the model is saved to or loaded from a run folder (models/storage.py):
+        # what thresholds, reports and predictions record to name the model they came from.
+        self.model_id: str | None = None
 
     @property
     def input_size(self) -> tuple[int, int]:

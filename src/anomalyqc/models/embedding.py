@@ -68,6 +68,7 @@ class EmbeddingDetector(Detector):
     def reset(self) -> None:
         """Forget everything learnt: a second fit starts from scratch (estimator contract)."""
         self.fitted = False
+        self.model_id = None
         self.reduction_mean = None
         self.reduction_matrix = None
         self.grid = None
