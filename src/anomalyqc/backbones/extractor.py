@@ -8,6 +8,7 @@ location, shape (B, D, h, w) with h = H / 8.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -104,3 +105,26 @@ def pool_channels(emb: torch.Tensor, out: int) -> torch.Tensor:
     x = emb.permute(0, 2, 3, 1).reshape(b * h * w, 1, d)
     x = F.adaptive_avg_pool1d(x, out)
     return x.reshape(b, h, w, out).permute(0, 3, 1, 2)
+
+
+@lru_cache(maxsize=64)
+def embedding_geometry(name: str, input_size: tuple[int, int],
+                       channel_pool: int | None = None) -> tuple[tuple[int, int], int]:
+    """((h, w), D): the embedding grid and dimension `name` gives for (H, W) images.
+
+    Found by running the network on the meta device (shapes only: no weights are loaded,
+    no memory allocated), so it is exact for every backbone's rounding of odd sizes and
+    costs a fraction of a second. ValueError when the input is too small for the network.
+    """
+    if name not in BACKBONES:
+        raise ConfigError(f"unknown backbone {name!r}; choose one of: {', '.join(sorted(BACKBONES))}")
+    spec = BACKBONES[name]
+    with torch.device("meta"):
+        body, channels = spec.build(False, False)
+        try:
+            mid, _deep = body(torch.empty(1, 3, *input_size))
+        except RuntimeError as exc:
+            raise ValueError(f"{name} cannot take {input_size[0]}x{input_size[1]} images "
+                             f"({str(exc).splitlines()[0]})") from None
+    pool = spec.channel_pool if channel_pool is None else channel_pool
+    return (int(mid.shape[-2]), int(mid.shape[-1])), pool or sum(channels)

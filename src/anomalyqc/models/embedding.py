@@ -270,6 +270,53 @@ class EmbeddingDetector(Detector):
             out["reduction.mean"], out["reduction.matrix"] = reduction
         return out
 
+    # ------------------------------------------------------------- loaded state
+    def embedding_shape(self) -> tuple[tuple[int, int], int, int]:
+        """((h, w), D, D'): the grid and embedding size this config's backbone gives at its
+        input size, and the dimension after the reduction: what the saved tensors must fit."""
+        from anomalyqc.backbones.extractor import embedding_geometry
+
+        grid, d = embedding_geometry(self.config.backbone, self.input_size,
+                                     self.config.channel_pool)
+        return grid, d, (d if self.config.reduction == "none" else self.config.reduced_dim)
+
+    def state_shapes(self, p: int, d: int) -> dict[str, tuple[int | None, ...]]:
+        """Every tensor this config's model may save (merge state included) and its shape for
+        p grid locations and embedding dimension d (None: any size)."""
+        raise NotImplementedError
+
+    def check_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Refuse saved tensors that do not fit the config (ValueError saying which and why):
+        a config edited or swapped after the fit, a grid from another image size or backbone,
+        a reduction of another size. Such a model would crash on the first image, or worse,
+        score with tensors that broadcast into a wrong but plausible map."""
+        (h, w), d, dr = self.embedding_shape()
+        what = (f"the config's {self.config.backbone} at {self.input_size[0]}x{self.input_size[1]}"
+                + (f" with {self.config.reduction} reduction to {dr}"
+                   if self.config.reduction != "none" else ""))
+        g = tensors.get("grid")
+        if g is None or g.dtype.is_floating_point or tuple(g.shape) != (2,):
+            raise ValueError("tensor 'grid' is missing or not two integers")
+        if (int(g[0]), int(g[1])) != (h, w):
+            raise ValueError(f"the weights were fitted on a {int(g[0])}x{int(g[1])} grid, but "
+                             f"{what} gives {h}x{w}")
+        shapes: dict[str, tuple[int | None, ...]] = {"grid": (2,)}
+        if self.config.reduction != "none":
+            shapes.update({"reduction.mean": (d,), "reduction.matrix": (d, dr)})
+        shapes.update(self.state_shapes(h * w, dr))
+        for key, t in tensors.items():
+            want = shapes.get(key)
+            if want is None:
+                raise ValueError(f"unexpected tensor {key!r}: {what} has none")
+            integer = key in ("grid", "moments.count")
+            if t.dtype.is_floating_point == integer or t.dtype.is_complex:
+                raise ValueError(f"tensor {key!r} has dtype {t.dtype}, expected "
+                                 f"{'integers' if integer else 'floating point'}")
+            if t.ndim != len(want) or any(e is not None and e != a for e, a in zip(want, t.shape)):
+                shown = "x".join("N" if e is None else str(e) for e in want)
+                raise ValueError(f"tensor {key!r} has shape {'x'.join(map(str, t.shape))}, but "
+                                 f"{what} needs {shown}")
+
     def load_base_state(self, tensors: dict[str, torch.Tensor]) -> None:
         g = tensors.get("grid")
         self.grid = (int(g[0]), int(g[1])) if g is not None else None
@@ -279,3 +326,9 @@ class EmbeddingDetector(Detector):
         elif self.config.reduction != "none":
             raise KeyError("missing tensor 'reduction.matrix'")
 
+
+
+def moment_shapes(p: int, d: int) -> dict[str, tuple[int | None, ...]]:
+    """Shapes of OnlineMoments.state() for p locations of dimension d."""
+    return {"moments.count": (1,), "moments.shift": (p, d), "moments.sum": (p, d),
+            "moments.outer": (p, d * (d + 1) // 2)}
