@@ -68,7 +68,7 @@ def test_corrupt_threshold_file_is_a_model_file_error_naming_it(tmp_path: Path, 
     path = tmp_path / "threshold.json"
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
     with pytest.raises(ModelFileError) as info:
-        read_threshold(tmp_path)
+        read_threshold(tmp_path, "0123456789abcdef")
     message = str(info.value)
     assert str(path) in message and "anomalyqc calibrate" in message and "\n" not in message
 
@@ -254,7 +254,7 @@ def test_two_loader_workers_fit_the_same_model(run_copy: Path, tiny_vials: Path,
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     scores = []
     for each in (run_copy, run):
-        rep = tmp_path / each.name / "m.json"
+        rep = tmp_path / f"report_{each.name}" / "m.json"
         r = invoke("evaluate", each, "--data", tiny_vials, "--report", rep, "--recalibrate")
         assert r.exit_code == 0, r.output
         scores.append([row["score"] for row in json.loads(rep.read_text())["images"]])

@@ -46,6 +46,16 @@ def _run(job: Callable[[], Any]) -> Any:
     except AnomalyQCError as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
+    except OSError as exc:  # a full disk or a read-only folder outside an atomic folder write
+        from anomalyqc.fileio import DISK_ERRNOS
+
+        if exc.errno not in DISK_ERRNOS:
+            raise
+        reason, fix = DISK_ERRNOS[exc.errno]
+        where = exc.filename if exc.filename is not None else "a file"
+        console.print(f"[bold red]error:[/] {where}: {reason}; {fix}", highlight=False,
+                      soft_wrap=True)
+        raise typer.Exit(2) from None
 
 
 def _parse_sets(items: list[str]) -> dict[str, Any]:
@@ -156,6 +166,9 @@ def fit(
     nproc: int = typer.Option(1, "--nproc", min=1,
                               help="Processes to shard the training images over (launches "
                                    "torchrun; gloo on CPU, NCCL with CUDA)."),
+    overwrite: bool = typer.Option(False, "--overwrite",
+                                   help="Replace the model in --out (the whole folder: its "
+                                        "threshold and reports go with it)."),
 ) -> None:
     """Fit a detector on the good training images and save it to a run folder."""
     from anomalyqc.workflow import fit_run
@@ -169,7 +182,7 @@ def fit(
         raise typer.Exit(relaunch_with_torchrun(ctx, nproc, console))
     with _Bars() as bars:
         _run(lambda: fit_run(detector.value, data, out, params, batch_size, workers,
-                             progress=bars))
+                             progress=bars, overwrite=overwrite))
     from anomalyqc.distributed import world_from_env
 
     if world_from_env()[0] != 0:  # a torchrun worker other than rank 0: rank 0 reports
@@ -184,12 +197,15 @@ def merge(
     runs: list[Path] = typer.Argument(..., help="Run folders fitted on disjoint data (two or "
                                                 "more)."),
     out: Path = typer.Option(..., "--out", help="Run folder to write the merged model to."),
+    overwrite: bool = typer.Option(False, "--overwrite",
+                                   help="Replace the model in --out (the whole folder: its "
+                                        "threshold and reports go with it)."),
 ) -> None:
     """Combine runs fitted on different machines or days into one (PaDiM and MhBC-PatchCore
     exactly up to K-Means re-clustering; PatchCore as the union of the banks)."""
     from anomalyqc.workflow import merge_runs
 
-    _run(lambda: merge_runs(runs, out))
+    _run(lambda: merge_runs(runs, out, overwrite))
     _print_json(json.loads((out / "fit_info.json").read_text()))
     console.print(f"merged model saved to {out}")
 

@@ -10,9 +10,11 @@ predict_paths: run folder + image files -> score, decision and heatmap per image
 from __future__ import annotations
 
 import json
+import os
 import resource
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,10 +26,10 @@ from torch.utils.data import DataLoader
 from anomalyqc.data import ImageDataset, ImageTransform, make_loader, records_for
 from anomalyqc.data.io import IMAGE_EXTENSIONS, list_images, read_image
 from anomalyqc.data.layouts import Split
-from anomalyqc.errors import CalibrationError, ConfigError, DataError, ModelFileError
-from anomalyqc.fileio import atomic_write_bytes, atomic_write_json
+from anomalyqc.errors import CalibrationError, ConfigError, DataError, ModelFileError, OutputError
+from anomalyqc.fileio import atomic_folder, atomic_write_bytes, atomic_write_json
 from anomalyqc.models.base import Detector, detector_class
-from anomalyqc.models.storage import load_detector
+from anomalyqc.models.storage import holds_model, load_detector, run_replacement_check
 from anomalyqc.progress import Progress, tracked
 from anomalyqc.types import GOOD, Batch, Sample
 
@@ -52,8 +54,14 @@ def dataset_for(det: Detector, data: str | Path, split: Split, masks: bool = Tru
 # ------------------------------------------------------------------------------------ fit
 def fit_run(detector: str, data: str | Path, out: str | Path, params: dict[str, Any] | None = None,
             batch_size: int = 8, num_workers: int = 0,
-            progress: Progress | None = None) -> Detector:
+            progress: Progress | None = None, overwrite: bool = False) -> Detector:
     """Fit a detector on the good training images of `data` and save it to `out`.
+
+    The run is built in a temporary sibling of `out` and swapped in when complete (see
+    fileio.atomic_folder): a fit that fails, is killed or runs out of disk leaves `out` as
+    it was. A folder that holds a model is replaced only with overwrite=True, as a whole
+    (its threshold and reports belonged to the old model). A second fit into the same
+    `out` at the same time is refused.
 
     Under torchrun (WORLD_SIZE > 1) each process fits a disjoint shard of the images and
     rank 0 saves the combined model (see anomalyqc.distributed).
@@ -69,6 +77,18 @@ def fit_run(detector: str, data: str | Path, out: str | Path, params: dict[str, 
     if world > 1 and len(good) < 2 * world:
         raise DataError(f"{data} has {len(good)} good training images: too few for {world} "
                         f"processes (each needs at least 2); use fewer processes")
+    # Rank 0 takes the folder first, so a refusal (no --overwrite, a second writer) comes
+    # before any work; the other ranks write nothing.
+    with (atomic_folder(out, run_replacement_check(overwrite)) if rank == 0
+          else nullcontext(Path(out))) as target:
+        return _fit_into(det, data, good, target, batch_size, num_workers, progress)
+
+
+def _fit_into(det: Detector, data: str | Path, good: list[Any], target: Path, batch_size: int,
+              num_workers: int, progress: Progress | None) -> Detector:
+    from anomalyqc import distributed
+
+    rank, world = distributed.world_from_env()
     owns_group = distributed.init_from_env() if world > 1 else False
     try:
         shard = distributed.shard(good, rank, world)
@@ -79,7 +99,7 @@ def fit_run(detector: str, data: str | Path, out: str | Path, params: dict[str, 
         distributed.fit_sharded(det, loader, progress=progress)
         fit_s = time.perf_counter() - started
         if rank == 0:
-            det.save(out)
+            det.save(target)
         fit_s_all = distributed.gather_floats(fit_s)
         rss_all = distributed.gather_floats(peak_rss_mb())
         backbone_all = distributed.gather_floats(det.fit_timings.get("backbone_seconds", 0.0)
@@ -103,16 +123,17 @@ def fit_run(detector: str, data: str | Path, out: str | Path, params: dict[str, 
                     fit_seconds_per_process=[round(v, 3) for v in fit_s_all],
                     peak_rss_mb_per_process=[round(v, 1) for v in rss_all],
                     backbone_seconds_per_process=[round(v, 3) for v in backbone_all])
-    atomic_write_json(Path(out) / FIT_INFO_FILE, info)
+    atomic_write_json(target / FIT_INFO_FILE, info)
     return det
 
 
-def merge_runs(runs: Sequence[str | Path], out: str | Path) -> Detector:
+def merge_runs(runs: Sequence[str | Path], out: str | Path, overwrite: bool = False) -> Detector:
     """Combine run folders fitted on disjoint data into one run at `out`.
 
     PaDiM and MhBC-PatchCore merge their saved moments (exact) and K-Means states (weighted
     re-clustering); PatchCore keeps the union of the banks (approximate). Runs must agree on
     everything that fixes the embedding (detector, backbone, size, channels, reduction...).
+    `out` is written as fit_run writes it: atomically, and over a run only with overwrite.
     """
     from anomalyqc.models.storage import read_run_config
 
@@ -141,15 +162,17 @@ def merge_runs(runs: Sequence[str | Path], out: str | Path) -> Detector:
         merged = dets[0].merge(*dets[1:])
     except ValueError as exc:
         raise ConfigError(f"cannot merge {', '.join(map(str, runs))}: {exc}") from exc
-    merged.save(out)
     infos = [_read_fit_info(r) for r in runs]
     n_images = [i.get("n_images") for i in infos]
-    atomic_write_json(Path(out) / FIT_INFO_FILE, {
-        "detector": merged.name,
-        "merged_from": [str(Path(r).resolve()) for r in runs],
-        "data": [i.get("data") for i in infos],
-        "n_images": sum(n_images) if all(isinstance(n, int) for n in n_images) else None,
-    })
+    merged_from = [str(Path(r).resolve()) for r in runs]
+    with atomic_folder(out, run_replacement_check(overwrite)) as target:
+        merged.save(target)
+        atomic_write_json(target / FIT_INFO_FILE, {
+            "detector": merged.name,
+            "merged_from": merged_from,
+            "data": [i.get("data") for i in infos],
+            "n_images": sum(n_images) if all(isinstance(n, int) for n in n_images) else None,
+        })
     return merged
 
 
@@ -271,10 +294,10 @@ def calibrate_run(run: str | Path, data: str | Path, threshold_method: str = "f1
     res = predict_dataset(det, dataset, batch_size, keep_images=False, progress=progress)
     labels, scores = np.asarray(res.labels), np.asarray(res.scores)
     choice = select_threshold(labels, scores, threshold_method, threshold_value)
-    stored = write_threshold(run, choice, data, "calibrate")
+    stored = write_threshold(run, choice, data, "calibrate", _model_id(det))
     at = threshold_metrics(labels, scores, choice.value)
     return {"threshold": choice.value, "threshold_method": choice.method,
-            "calibration_data": str(data), "n_good": int((labels == GOOD).sum()),
+            "model_id": stored.model_id, "calibration_data": str(data), "n_good": int((labels == GOOD).sum()),
             "n_defect": int((labels != GOOD).sum()),
             **{f"calibration_{k}": at[k] for k in ("f1", "accuracy", "tpr", "tnr")},
             "threshold_file": str(stored.path)}
@@ -318,9 +341,12 @@ def evaluate_run(run: str | Path, data: str | Path, report: str | Path | None = 
     det = load_detector(run)
     report_json = Path(report) if report else run / "report" / METRICS_FILE
     check_metrics_file(report_json.name)
+    report_check = replaceable_output("report", "report.html")
+    _check_output_early(report_json.parent, report_check)
     dataset = dataset_for(det, data, "test", masks=masks)
     _check_both_classes(dataset, data, "AUROC and thresholds")
-    stored = None if calibrate else read_threshold(run)  # a corrupt file fails before scoring
+    # a corrupt threshold, or one made for another model, fails before scoring
+    stored = None if calibrate else read_threshold(run, _model_id(det))
     if stored is None or threshold_value is not None:
         check_threshold_options(threshold_method, threshold_value)
     has_masks = any(r.mask_path is not None for r in dataset.records if r.label != GOOD)
@@ -334,12 +360,12 @@ def evaluate_run(run: str | Path, data: str | Path, report: str | Path | None = 
         source = stored.describe() + (" (this same data: optimistic figures)" if same else "")
     else:
         choice = select_threshold(labels, scores, threshold_method, threshold_value)
-        written = write_threshold(run, choice, data, "evaluate")
+        written = write_threshold(run, choice, data, "evaluate", _model_id(det))
         source = (f"fixed by --threshold, saved to {written.path}" if choice.method == "fixed"
                   else f"chosen on {data} (test split) itself, saved to {written.path}")
 
     notes: list[str] = []
-    metrics: dict[str, Any] = {"detector": det.name, "data": str(data),
+    metrics: dict[str, Any] = {"detector": det.name, "model_id": det.model_id, "data": str(data),
                                "image_auroc": image_auroc(labels, scores)}
     if has_masks:
         maps = res.stacked_maps()
@@ -367,10 +393,55 @@ def evaluate_run(run: str | Path, data: str | Path, report: str | Path | None = 
     metrics["metrics_json"] = str(report_json)
 
     images = np.stack(res.images).astype(np.float32) / 255.0
-    write_report(report_json.parent, metrics, labels, scores, res.paths, images=images,
-                 masks=gt, maps=res.stacked_maps(), threshold=choice.value,
-                 n_examples=n_examples, metrics_file=report_json.name)
+    # Built aside and swapped in whole: a killed run never leaves a report that looks
+    # complete, nor half of a new one over an old one.
+    with atomic_folder(report_json.parent, report_check) as tmp:
+        write_report(tmp, metrics, labels, scores, res.paths, images=images,
+                     masks=gt, maps=res.stacked_maps(), threshold=choice.value,
+                     n_examples=n_examples, metrics_file=report_json.name)
     return metrics
+
+
+def _check_output_early(folder: Path, check: Callable[[Path], None]) -> None:
+    """Refuse an output folder that may not be replaced before any image is scored
+    (atomic_folder checks again, under its lock, when the output is complete)."""
+    if folder.is_dir() and any(folder.iterdir()):
+        check(folder)
+    elif os.path.lexists(folder) and not folder.is_dir():
+        raise OutputError(f"{folder} exists and is not a folder; choose a folder name")
+
+
+def _model_id(det: Detector) -> str:
+    if not det.model_id:  # pragma: no cover - load_detector always sets it
+        raise ModelFileError(f"the {det.name} model has no id: load it from a run folder")
+    return det.model_id
+
+
+# Files a report or a predictions folder is made of: an existing folder holding anything
+# else (a dataset, a run, the user's own files) is never replaced by one.
+_OUTPUT_SUFFIXES = {".json", ".html", ".png", ".svg", ".csv", ".txt"}
+_OUTPUT_FOLDERS = {"examples"}
+
+
+def replaceable_output(kind: str, marker: str) -> Callable[[Path], None]:
+    """For fileio.atomic_folder: an existing, non-empty folder may be replaced by a new
+    `kind` only when it is an earlier one (it has `marker`, and nothing but report files)."""
+    def check(folder: Path) -> None:
+        if holds_model(folder):
+            raise OutputError(f"{folder} is a run folder: refusing to write a {kind} over it; "
+                              f"write the {kind} to a new or empty folder")
+        for entry in sorted(folder.iterdir()):
+            own = (entry.name in _OUTPUT_FOLDERS if entry.is_dir() and not entry.is_symlink()
+                   else entry.is_file() and entry.suffix.lower() in _OUTPUT_SUFFIXES)
+            if not own:
+                raise OutputError(f"{folder} holds {entry.name}, which is not part of a {kind}: "
+                                  f"refusing to replace the folder; write the {kind} to a new "
+                                  f"or empty folder")
+        if not (folder / marker).is_file():
+            raise OutputError(f"{folder} is not empty and is not an earlier {kind} (no "
+                              f"{marker}): refusing to replace it; write the {kind} to a new "
+                              f"or empty folder")
+    return check
 
 
 # ------------------------------------------------------------------------------- predict
@@ -391,24 +462,39 @@ def image_files(inputs: Iterable[str | Path]) -> list[Path]:
     return files
 
 
-def load_threshold(run: str | Path) -> float | None:
-    """The run's decision threshold, or None when it is not calibrated."""
+def load_threshold(run: str | Path, model_id: str) -> float | None:
+    """The run's decision threshold for model `model_id`, or None when it is not calibrated."""
     from anomalyqc.evaluation.threshold_file import read_threshold
 
-    stored = read_threshold(run)
+    stored = read_threshold(run, model_id)
     return None if stored is None else stored.value
 
 
 def predict_paths(run: str | Path, inputs: Iterable[str | Path], out: str | Path,
                   batch_size: int = 8,
                   progress: Progress | None = None) -> list[dict[str, Any]]:
-    """Score image files; write a heatmap overlay per image and predictions.json to `out`."""
+    """Score image files; write a heatmap overlay per image and predictions.json to `out`.
+
+    `out` is built aside and swapped in whole (fileio.atomic_folder), so it never holds
+    old predictions beside new heatmaps; an existing `out` is replaced only when it holds
+    an earlier prediction and nothing else.
+    """
     det = load_detector(run)
-    threshold = load_threshold(run)
-    tf = transform_for(det)
+    model_id = _model_id(det)
+    threshold = load_threshold(run, model_id)
     files = image_files(inputs)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out_check = replaceable_output("predictions folder", "predictions.json")
+    _check_output_early(Path(out), out_check)
+    with atomic_folder(out, out_check) as tmp:
+        return _predict_into(det, model_id, threshold, files, Path(out), tmp, batch_size,
+                             progress)
+
+
+def _predict_into(det: Detector, model_id: str, threshold: float | None, files: list[Path],
+                  out: Path, tmp: Path, batch_size: int,
+                  progress: Progress | None) -> list[dict[str, Any]]:
+    """Write the heatmaps and predictions.json to `tmp`, naming them as they will be in `out`."""
+    tf = transform_for(det)
     rows: list[dict[str, Any]] = []
     used: set[Path] = set()
     chunks = [files[i:i + batch_size] for i in range(0, len(files), batch_size)]
@@ -418,16 +504,18 @@ def predict_paths(run: str | Path, inputs: Iterable[str | Path], out: str | Path
         for i, f in enumerate(chunk):
             score = float(pred.score[i])
             heat = _unique(out / f"{f.parent.name}_{f.stem}_heatmap.png", used)
-            atomic_write_bytes(heat, overlay_png(x[i], pred.anomaly_map[i, 0], threshold))
+            atomic_write_bytes(tmp / heat.name,
+                               overlay_png(x[i], pred.anomaly_map[i, 0], threshold))
             rows.append({
                 "path": str(f),
+                "model_id": model_id,
                 "score": score,
                 "decision": None if threshold is None else
                 ("defect" if score >= threshold else "good"),
                 "threshold": threshold,
                 "heatmap": str(heat),
             })
-    atomic_write_json(out / "predictions.json", rows)
+    atomic_write_json(tmp / "predictions.json", rows)
     return rows
 
 
