@@ -400,7 +400,9 @@ def small_disk(tmp_path: Path) -> Iterator[Callable[[int], None]]:
 
 def _out_of_disk(r, folder: Path) -> None:
     assert r.exit_code == 2, r.output
-    line = r.output.strip().splitlines()[-1]
+    errors = [line for line in r.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, r.output
+    line = errors[0]
     assert "no space left" in line and str(folder) in line and "Traceback" not in r.output
 
 
@@ -445,7 +447,8 @@ def test_predict_out_of_disk_leaves_the_old_predictions(small_disk, tiny_vials: 
 # process running the real command line, killed with SIGKILL, without paying for a fresh
 # interpreter and torch import each time.
 _CTX = mp.get_context("forkserver")
-_CTX.set_forkserver_preload(["anomalyqc.cli", "anomalyqc.workflow", __name__])
+_CTX.set_forkserver_preload(["anomalyqc.cli", "anomalyqc.workflow", "anomalyqc.evaluation.report",
+                             "kornia.filters", "cv2", "matplotlib.pyplot", __name__])
 
 
 def _cli_main(args: list[str], log: str) -> None:
@@ -464,9 +467,8 @@ def start_cli(log: Path, *args: object) -> mp.process.BaseProcess:
     return p
 
 
-def _newest_tmp(folder: Path) -> Path | None:
-    found = sorted(folder.parent.glob(f".{folder.name}.tmp-*"))
-    return found[-1] if found else None
+def _temporaries(folder: Path) -> set[Path]:
+    return set(folder.parent.glob(f".{folder.name}.tmp-*"))
 
 
 def _has(name: str | None) -> Callable[[Path | None], bool]:
@@ -486,15 +488,20 @@ def _has(name: str | None) -> Callable[[Path | None], bool]:
 def kill_at(folder: Path, point: Callable[[Path | None], bool], log: Path, *args: object) -> None:
     """Run a command and kill -9 it as soon as `point` holds for its temporary folder (or
     let it finish when the point is passed unseen)."""
+    earlier = _temporaries(folder)  # left by processes killed before: not this one's
     p = start_cli(log, *args)
     deadline = time.monotonic() + 120
     while p.is_alive() and time.monotonic() < deadline:
-        if point(_newest_tmp(folder)):
+        mine = sorted(_temporaries(folder) - earlier)
+        if point(mine[0] if mine else None):
             p.kill()
             break
         time.sleep(0.0005)
     p.join(30)
     assert p.exitcode in (0, -9), log.read_text()
+    if os.environ.get("KILL_DEBUG"):
+        print("KILL", args[0], getattr(point, "__name__", point), p.exitcode,
+              round(time.monotonic() - deadline + 120, 2), file=sys.__stderr__)
 
 
 POINTS = {"started": _has(None), "writing": _has("*")}
@@ -506,7 +513,8 @@ def test_fit_killed_at_any_point_leaves_the_old_or_the_new_run(tiny_vials: Path,
     from anomalyqc.evaluation.threshold_file import write_threshold
 
     old_id = read_manifest(run_copy).model_id
-    write_threshold(run_copy, ThresholdChoice(1.0, "fixed"), tiny_vials, "calibrate", old_id)
+    write_threshold(run_copy, ThresholdChoice(1.0, "fixed", 1.0, 4, 4), tiny_vials, "calibrate",
+                    old_id)
     old = snapshot(run_copy)
     points = {**POINTS, "sealed": _has("manifest.json"), "done": lambda tmp: False}
     for label, point in points.items():
@@ -533,13 +541,13 @@ def test_evaluate_and_predict_killed_leave_the_old_output_or_the_new(
     commands = {
         report: (["evaluate", run_copy, "--data", tiny_vials, "--report", report / "metrics.json",
                   "--recalibrate", "--threshold-method", "youden"],
-                 {"report.html", "metrics.json", "roc.png"}),
+                 {"report.html", "metrics.json", "roc.png"}, ["examples", "report.html"]),
         pred: (["predict", run_copy, good, tiny_vials / "test" / "scratch", "--out", pred],
-               {"predictions.json"}),
+               {"predictions.json"}, ["predictions.json"]),
     }
-    for folder, (args, complete) in commands.items():
+    for folder, (args, complete, files) in commands.items():
         old = snapshot(folder)
-        for label, point in {**POINTS, "examples": _has("examples")}.items():
+        for label, point in {**POINTS, **{f: _has(f) for f in files}}.items():
             kill_at(folder, point, tmp_path / f"{folder.name}-{label}.log", *args)
             now = snapshot(folder)
             if now != old:
@@ -568,3 +576,16 @@ def test_two_concurrent_fits_into_one_folder(tiny_vials: Path, tmp_path: Path):
             assert code == 2 and "being written by another anomalyqc process" in log.read_text()
     det = load_detector(run)
     assert det.model_id == read_manifest(run).model_id and siblings(run) == []
+
+
+def test_a_grid_one_cell_off_is_refused_on_the_first_image(tmp_path: Path):
+    """Load checks the grid to within a cell of size/8 (no network run); the exact grid is
+    checked when the backbone first runs: resnet18 gives ceil(33/8) = 5, the weights hold 4."""
+    run = fitted("padim", 32, backbone="resnet18").save(tmp_path / "run")
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["params"]["image_size"] = 33
+    (run / "config.json").write_text(json.dumps(cfg))
+    write_manifest(run)
+    det = load_detector(run)
+    with pytest.raises(ModelFileError, match="4x4 grid.*gives 5x5"):
+        det.predict(torch.rand(1, 3, 33, 33))

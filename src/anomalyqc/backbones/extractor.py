@@ -107,24 +107,25 @@ def pool_channels(emb: torch.Tensor, out: int) -> torch.Tensor:
     return x.reshape(b, h, w, out).permute(0, 3, 1, 2)
 
 
-@lru_cache(maxsize=64)
-def embedding_geometry(name: str, input_size: tuple[int, int],
-                       channel_pool: int | None = None) -> tuple[tuple[int, int], int]:
-    """((h, w), D): the embedding grid and dimension `name` gives for (H, W) images.
+# Every backbone's mid layer has stride 8: an H x W input gives a grid of about H/8 x W/8
+# (each network rounds odd sizes its own way: floor, ceil or by its "same" padding).
+GRID_STRIDE = 8
 
-    Found by running the network on the meta device (shapes only: no weights are loaded,
-    no memory allocated), so it is exact for every backbone's rounding of odd sizes and
-    costs a fraction of a second. ValueError when the input is too small for the network.
-    """
+
+def grid_fits(grid: tuple[int, int], input_size: tuple[int, int]) -> bool:
+    """Whether a (h, w) embedding grid can come from (H, W) inputs: within one cell of H/8,
+    W/8. Cheap, for loading a model; the exact grid is checked on the first image."""
+    return all(abs(g - s / GRID_STRIDE) < 1 for g, s in zip(grid, input_size, strict=True))
+
+
+@lru_cache(maxsize=16)
+def embedding_dim(name: str, channel_pool: int | None = None) -> int:
+    """The embedding dimension D of a backbone (with its channel pooling), read from the
+    network built on the meta device: no weights are loaded and nothing is allocated."""
     if name not in BACKBONES:
         raise ConfigError(f"unknown backbone {name!r}; choose one of: {', '.join(sorted(BACKBONES))}")
     spec = BACKBONES[name]
     with torch.device("meta"):
-        body, channels = spec.build(False, False)
-        try:
-            mid, _deep = body(torch.empty(1, 3, *input_size))
-        except RuntimeError as exc:
-            raise ValueError(f"{name} cannot take {input_size[0]}x{input_size[1]} images "
-                             f"({str(exc).splitlines()[0]})") from None
+        _body, channels = spec.build(False, False)
     pool = spec.channel_pool if channel_pool is None else channel_pool
-    return (int(mid.shape[-2]), int(mid.shape[-1])), pool or sum(channels)
+    return pool or sum(channels)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from anomalyqc.backbones import FeatureExtractor
-from anomalyqc.errors import ConfigError, DataError
+from anomalyqc.errors import ConfigError, DataError, ModelFileError
 from anomalyqc.models.base import Detector, DetectorConfig, images_of
 from anomalyqc.progress import Progress, tracked
 from anomalyqc.stats.moments import OnlineMoments
@@ -123,6 +123,13 @@ class EmbeddingDetector(Detector):
         """(B, C, H, W) -> (B, P, D') embeddings, reduced if the model has a reduction."""
         grid = self.extractor(images)
         b, d, h, w = grid.shape
+        if self.fitted and self.grid is not None and self.grid != (h, w):
+            # a loaded model whose config was changed by a cell (load checks to within one)
+            raise ModelFileError(
+                f"model {self.model_id}: its weights hold a {self.grid[0]}x{self.grid[1]} grid "
+                f"but its config's {self.config.backbone} at {self.input_size[0]}x"
+                f"{self.input_size[1]} gives {h}x{w}; the run's config was edited: retrain or "
+                f"restore the run")
         self.grid = (h, w)
         x = grid.permute(0, 2, 3, 1).reshape(b, h * w, d).contiguous()
         reduction = self.reduction()
@@ -271,14 +278,13 @@ class EmbeddingDetector(Detector):
         return out
 
     # ------------------------------------------------------------- loaded state
-    def embedding_shape(self) -> tuple[tuple[int, int], int, int]:
-        """((h, w), D, D'): the grid and embedding size this config's backbone gives at its
-        input size, and the dimension after the reduction: what the saved tensors must fit."""
-        from anomalyqc.backbones.extractor import embedding_geometry
+    def embedding_dims(self) -> tuple[int, int]:
+        """(D, D'): the embedding size of this config's backbone and the dimension after the
+        reduction: what the saved tensors must fit."""
+        from anomalyqc.backbones.extractor import embedding_dim
 
-        grid, d = embedding_geometry(self.config.backbone, self.input_size,
-                                     self.config.channel_pool)
-        return grid, d, (d if self.config.reduction == "none" else self.config.reduced_dim)
+        d = embedding_dim(self.config.backbone, self.config.channel_pool)
+        return d, (d if self.config.reduction == "none" else self.config.reduced_dim)
 
     def state_shapes(self, p: int, d: int) -> dict[str, tuple[int | None, ...]]:
         """Every tensor this config's model may save (merge state included) and its shape for
@@ -290,16 +296,19 @@ class EmbeddingDetector(Detector):
         a config edited or swapped after the fit, a grid from another image size or backbone,
         a reduction of another size. Such a model would crash on the first image, or worse,
         score with tensors that broadcast into a wrong but plausible map."""
-        (h, w), d, dr = self.embedding_shape()
+        from anomalyqc.backbones.extractor import grid_fits
+
+        d, dr = self.embedding_dims()
         what = (f"the config's {self.config.backbone} at {self.input_size[0]}x{self.input_size[1]}"
                 + (f" with {self.config.reduction} reduction to {dr}"
                    if self.config.reduction != "none" else ""))
         g = tensors.get("grid")
         if g is None or g.dtype.is_floating_point or tuple(g.shape) != (2,):
             raise ValueError("tensor 'grid' is missing or not two integers")
-        if (int(g[0]), int(g[1])) != (h, w):
-            raise ValueError(f"the weights were fitted on a {int(g[0])}x{int(g[1])} grid, but "
-                             f"{what} gives {h}x{w}")
+        h, w = int(g[0]), int(g[1])
+        if not grid_fits((h, w), self.input_size):
+            raise ValueError(f"the weights were fitted on a {h}x{w} grid, but {what} gives "
+                             f"about {self.input_size[0] / 8:g}x{self.input_size[1] / 8:g}")
         shapes: dict[str, tuple[int | None, ...]] = {"grid": (2,)}
         if self.config.reduction != "none":
             shapes.update({"reduction.mean": (d,), "reduction.matrix": (d, dr)})
