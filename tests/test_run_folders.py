@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SMALL, invoke, stdout_json
 from safetensors.torch import load_file, save_file
 
 from anomalyqc.errors import ModelFileError, OutputError
@@ -29,7 +30,6 @@ from anomalyqc.models.storage import (
     read_manifest,
     write_manifest,
 )
-from conftest import SMALL, invoke, stdout_json
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -509,8 +509,8 @@ POINTS = {"started": _has(None), "writing": _has("*")}
 
 def test_fit_killed_at_any_point_leaves_the_old_or_the_new_run(tiny_vials: Path, run_copy: Path,
                                                                tmp_path: Path):
-    from anomalyqc.evaluation.thresholds import ThresholdChoice
     from anomalyqc.evaluation.threshold_file import write_threshold
+    from anomalyqc.evaluation.thresholds import ThresholdChoice
 
     old_id = read_manifest(run_copy).model_id
     write_threshold(run_copy, ThresholdChoice(1.0, "fixed", 1.0, 4, 4), tiny_vials, "calibrate",
