@@ -8,6 +8,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -398,6 +399,14 @@ def small_disk(tmp_path: Path) -> Iterator[Callable[[int], None]]:
         subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
+def test_a_read_only_disk_is_one_line(small_disk, tiny_vials: Path, tmp_path: Path):
+    disk = tmp_path / "disk"
+    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+    r = invoke("fit", "padim", "--data", tiny_vials, "--out", disk / "run", *SMALL)
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert "read-only file system" in r.output and str(disk / "run") in r.output
+
+
 def _out_of_disk(r, folder: Path) -> None:
     assert r.exit_code == 2, r.output
     errors = [line for line in r.output.splitlines() if line.startswith("error:")]
@@ -559,6 +568,29 @@ def test_evaluate_and_predict_killed_leave_the_old_output_or_the_new(
                     assert heatmaps | {"predictions.json"} == set(now)
         r = invoke(*args)
         assert r.exit_code == 0 and siblings(folder) == []
+
+
+def test_a_second_fit_while_the_first_is_writing_is_refused(tiny_vials: Path, tmp_path: Path):
+    """Deterministic overlap: the first fit is paused (SIGSTOP) once it has started building
+    the run, the second is started then. Without the lock the second would take the first's
+    temporary folder for a stale one and delete it."""
+    run = tmp_path / "run"
+    fit = ["fit", "padim", "--data", tiny_vials, "--out", run, *SMALL, "--overwrite"]
+    first = start_cli(tmp_path / "first.log", *fit)
+    while first.is_alive() and not _temporaries(run):
+        time.sleep(0.0005)
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        second = start_cli(tmp_path / "second.log", *fit)
+        second.join(120)
+        assert second.exitcode == 2, (tmp_path / "second.log").read_text()
+        assert "being written by another anomalyqc process" in (tmp_path / "second.log").read_text()
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    first.join(120)
+    assert first.exitcode == 0, (tmp_path / "first.log").read_text()
+    load_detector(run)
+    assert siblings(run) == []
 
 
 def test_two_concurrent_fits_into_one_folder(tiny_vials: Path, tmp_path: Path):
