@@ -494,9 +494,9 @@ def _has(name: str | None) -> Callable[[Path | None], bool]:
     return ready
 
 
-def kill_at(folder: Path, point: Callable[[Path | None], bool], log: Path, *args: object) -> None:
+def kill_at(folder: Path, point: Callable[[Path | None], bool], log: Path, *args: object) -> int:
     """Run a command and kill -9 it as soon as `point` holds for its temporary folder (or
-    let it finish when the point is passed unseen)."""
+    let it finish when the point is passed unseen); its exit code (-9 when killed)."""
     earlier = _temporaries(folder)  # left by processes killed before: not this one's
     p = start_cli(log, *args)
     deadline = time.monotonic() + 120
@@ -511,6 +511,7 @@ def kill_at(folder: Path, point: Callable[[Path | None], bool], log: Path, *args
     if os.environ.get("KILL_DEBUG"):
         print("KILL", args[0], getattr(point, "__name__", point), p.exitcode,
               round(time.monotonic() - deadline + 120, 2), file=sys.__stderr__)
+    return p.exitcode
 
 
 POINTS = {"started": _has(None), "writing": _has("*")}
@@ -526,15 +527,18 @@ def test_fit_killed_at_any_point_leaves_the_old_or_the_new_run(tiny_vials: Path,
                     old_id)
     old = snapshot(run_copy)
     points = {**POINTS, "sealed": _has("manifest.json"), "done": lambda tmp: False}
+    killed = 0
     for label, point in points.items():
-        kill_at(run_copy, point, tmp_path / f"{label}.log", "fit", "padim", "--data",
-                tiny_vials, "--out", run_copy, *SMALL, "--set", "eps=0.02", "--overwrite")
+        code = kill_at(run_copy, point, tmp_path / f"{label}.log", "fit", "padim", "--data",
+                       tiny_vials, "--out", run_copy, *SMALL, "--set", "eps=0.02", "--overwrite")
+        killed += code == -9
         det = load_detector(run_copy)  # whatever happened, the folder loads and verifies
         now = snapshot(run_copy)
         if now != old:  # then it is the whole new run, and only that
             assert set(now) == {"config.json", "weights.safetensors", "manifest.json",
                                 "fit_info.json"}, label
             assert det.model_id != old_id
+    assert killed >= 2  # the kill points were reached: the test is not vacuous
     # the next writer cleans up whatever the killed ones left
     r = invoke("fit", "padim", "--data", tiny_vials, "--out", run_copy, *SMALL, "--overwrite")
     assert r.exit_code == 0 and siblings(run_copy) == []
@@ -556,8 +560,10 @@ def test_evaluate_and_predict_killed_leave_the_old_output_or_the_new(
     }
     for folder, (args, complete, files) in commands.items():
         old = snapshot(folder)
+        killed = 0
         for label, point in {f: _has(f) for f in files}.items():
-            kill_at(folder, point, tmp_path / f"{folder.name}-{label}.log", *args)
+            code = kill_at(folder, point, tmp_path / f"{folder.name}-{label}.log", *args)
+            killed += code == -9
             now = snapshot(folder)
             if now != old:
                 assert complete <= set(now), label
@@ -566,6 +572,7 @@ def test_evaluate_and_predict_killed_leave_the_old_output_or_the_new(
                 if folder == pred:  # every heatmap listed is there, and only those
                     heatmaps = {Path(row["heatmap"]).name for row in listed}
                     assert heatmaps | {"predictions.json"} == set(now)
+        assert killed >= 1, folder  # the kill points were reached: the test is not vacuous
         r = invoke(*args)
         assert r.exit_code == 0 and siblings(folder) == []
 
