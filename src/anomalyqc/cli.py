@@ -176,6 +176,7 @@ def fit(
     params = {"backbone": backbone, "image_size": _parse_size(image_size, "--image-size"),
               "crop_size": _parse_size(crop_size, "--crop-size") if crop_size else None,
               **_parse_sets(set_)}
+    out = out.absolute()  # `--out .` is swapped for a new folder: the old cwd goes with it
     if nproc > 1:
         from anomalyqc.launch import relaunch_with_torchrun
 
@@ -205,6 +206,7 @@ def merge(
     exactly up to K-Means re-clustering; PatchCore as the union of the banks)."""
     from anomalyqc.workflow import merge_runs
 
+    out = out.absolute()  # as for fit
     _run(lambda: merge_runs(runs, out, overwrite))
     _print_json(json.loads((out / "fit_info.json").read_text()))
     console.print(f"merged model saved to {out}")

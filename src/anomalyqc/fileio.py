@@ -238,7 +238,9 @@ def atomic_folder(path: str | Path,
     replaced (raise to refuse); without it, it may. A failure to write for want of space or
     permission is an OutputError naming `path`.
     """
-    path = Path(path)
+    path = Path(os.path.abspath(path))  # "." or "out/.." have no usable name or sibling
+    if path.parent == path:
+        raise OutputError(f"{path} cannot be written as a whole; choose a folder inside it")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with folder_lock(path):

@@ -7,7 +7,12 @@
                            input size and channels; written last, so a folder whose files
                            disagree with it was changed, swapped or half-written
       threshold.json       written by `calibrate` (or `evaluate` without one), optional;
-                           read and written only by anomalyqc.evaluation.threshold_file
+                           records the model id it was chosen for; read and written only
+                           by anomalyqc.evaluation.threshold_file
+
+`fit` and `merge` write the folder whole (fileio.atomic_folder): built aside, swapped in
+when complete, replaced only with --overwrite. Loading checks the files against the
+manifest, the manifest's fields and the tensors' shapes against the config.
 
 The model id is the SHA-256 of the config's and the weights' digests: two runs share it only
 when both files are byte for byte the same, so a threshold, report or prediction that
