@@ -270,6 +270,14 @@ def test_an_interrupted_swap_is_recovered(tmp_path: Path, left: dict, expected: 
     assert (out / "x").read_text() == expected and siblings(out) == []
 
 
+def test_a_reader_recovers_a_run_whose_swap_was_interrupted(tmp_path: Path):
+    fitted("padim").save(tmp_path / ".run.new-abc")  # complete, not yet renamed
+    (tmp_path / ".run.old-abc").mkdir()
+    det = load_detector(tmp_path / "run")
+    assert det.model_id == read_manifest(tmp_path / "run").model_id
+    assert siblings(tmp_path / "run") == []
+
+
 def test_stale_temporaries_beside_a_complete_folder_are_removed(tmp_path: Path):
     out = tmp_path / "out"
     out.mkdir()

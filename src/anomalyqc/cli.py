@@ -5,6 +5,7 @@ Errors a user can fix (AnomalyQCError) are printed as one line and exit with sta
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 from collections.abc import Callable
@@ -52,6 +53,8 @@ def _run(job: Callable[[], Any]) -> Any:
         if exc.errno not in DISK_ERRNOS:
             raise
         reason, fix = DISK_ERRNOS[exc.errno]
+        if exc.errno in (errno.EACCES, errno.EPERM):  # a read as well as a write
+            fix = "check its permissions"
         where = exc.filename if exc.filename is not None else "a file"
         console.print(f"[bold red]error:[/] {where}: {reason}; {fix}", highlight=False,
                       soft_wrap=True)

@@ -219,6 +219,20 @@ def recover_folder(path: str | Path) -> None:
             _remove(stale)
 
 
+def recover_if_interrupted(path: str | Path) -> bool:
+    """For readers: when `path` is missing because a writer was killed in the middle of its
+    swap, put the complete folder back (under the lock, as a writer would); True if done."""
+    path = Path(os.path.abspath(path))
+    if os.path.lexists(path) or not (_siblings(path, "new") or _siblings(path, "old")):
+        return False
+    try:
+        with folder_lock(path):
+            recover_folder(path)
+    except (OSError, OutputError):  # a live writer holds it, or the folder is read-only
+        return False
+    return os.path.lexists(path)
+
+
 def _fsync_tree(folder: Path) -> None:
     for root, _dirs, _files in os.walk(folder):
         _fsync_dir(Path(root))

@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 
 from anomalyqc import __version__
 from anomalyqc.errors import ConfigError, ModelFileError, OutputError
-from anomalyqc.fileio import atomic_path, atomic_write_json
+from anomalyqc.fileio import atomic_path, atomic_write_json, recover_if_interrupted
 
 if TYPE_CHECKING:  # models.base imports this module lazily, in save and load
     from anomalyqc.models.base import Detector
@@ -213,6 +213,8 @@ def run_model_id(run_dir: str | Path) -> str:
 def read_run_config(run_dir: str | Path) -> dict[str, Any]:
     run = Path(run_dir)
     cfg_path = run / CONFIG_FILE
+    if not run.is_dir():
+        recover_if_interrupted(run)  # a fit killed between its two renames
     if not run.is_dir():
         raise ModelFileError(f"run folder {run} does not exist; pass the --out folder of "
                              f"`anomalyqc fit`")
