@@ -372,7 +372,7 @@ def write_report(
                     "kind": kind,
                     "file": f"examples/{name}",
                     "path": paths[i],
-                    "score": _jsonable(float(raw[i])),
+                    "score": float(raw[i]),
                     "label": _label_name(y[i]),
                     "decision": decision,
                     "correct": None if decision is None else decision == _label_name(y[i]),
