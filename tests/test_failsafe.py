@@ -197,9 +197,9 @@ def test_non_finite_weights_are_refused_naming_file_and_tensor(run_copy: Path, t
 @pytest.mark.parametrize("text", ["NaN", "Infinity", "-Infinity", "1e999"])
 def test_a_non_finite_threshold_file_is_refused(run_copy: Path, tiny_vials: Path,
                                                 tmp_path: Path, text: str):
-    (run_copy / "threshold.json").write_text(
-        '{"image": {"value": %s, "method": "f1", "metric_value": 1.0, "n_good": 4, '
-        '"n_defect": 4}, "data": "/x", "written_by": "calibrate"}' % text)
+    record = ('{"image": {"value": VALUE, "method": "f1", "metric_value": 1.0, "n_good": 4, '
+              '"n_defect": 4}, "data": "/x", "written_by": "calibrate"}')
+    (run_copy / "threshold.json").write_text(record.replace("VALUE", text))
     r = invoke("predict", run_copy, tiny_vials / "test" / "good", "--out", tmp_path / "p")
     one_line_error(r, "threshold.json", "not a finite number", "anomalyqc calibrate")
 

@@ -284,8 +284,11 @@ def calibrate(
     from anomalyqc.workflow import calibrate_run
 
     del no_masks  # calibration never reads masks (see the option's help)
-    _run(lambda: (at_least(batch_size, 1, "--batch-size"),
-                  threshold_options(threshold_method.value, threshold)))
+    def check() -> None:
+        at_least(batch_size, 1, "--batch-size")
+        threshold_options(threshold_method.value, threshold)
+
+    _run(check)
     with _Bars() as bars:
         result = _run(lambda: calibrate_run(run, data, threshold_method.value, threshold,
                                             batch_size, progress=bars))
@@ -311,7 +314,11 @@ def predict(
     """
     from anomalyqc.workflow import predict_paths
 
-    _run(lambda: (at_least(batch_size, 1, "--batch-size"), folder_target(out, "--out")))
+    def check() -> None:
+        at_least(batch_size, 1, "--batch-size")
+        folder_target(out, "--out")
+
+    _run(check)
     with _Bars() as bars:
         rows = _run(lambda: predict_paths(run, inputs, out, batch_size, progress=bars))
     for r in rows:
@@ -335,8 +342,13 @@ def benchmark(
     """Fit time and memory (from the fit), latency, throughput and peak RSS, as JSON."""
     from anomalyqc.benchmark import benchmark_run
 
-    _run(lambda: (at_least(batch_size, 1, "--batch-size"), at_least(repeats, 1, "--repeats"),
-                  out is not None and file_target(out, "--out", "benchmark.json")))
+    def check() -> None:
+        at_least(batch_size, 1, "--batch-size")
+        at_least(repeats, 1, "--repeats")
+        if out is not None:
+            file_target(out, "--out", "benchmark.json")
+
+    _run(check)
     result = _run(lambda: benchmark_run(run, data, batch_size, repeats))
     if out:
         from anomalyqc.fileio import atomic_write_json

@@ -272,10 +272,9 @@ def calibrate_run(run: str | Path, data: str | Path, threshold_method: str = "f1
     threshold it did not pick. Only image labels are used, so masks are never read.
     """
     from anomalyqc.evaluation import select_threshold, threshold_metrics
+    from anomalyqc.evaluation.metrics import rank_non_finite
     from anomalyqc.evaluation.threshold_file import write_threshold
     from anomalyqc.evaluation.thresholds import check_threshold_options
-
-    from anomalyqc.evaluation.metrics import rank_non_finite
 
     check_threshold_options(threshold_method, threshold_value)
     at_least(batch_size, 1, "batch_size")
@@ -339,11 +338,10 @@ def evaluate_run(run: str | Path, data: str | Path, report: str | Path | None = 
         threshold_metrics,
         write_report,
     )
+    from anomalyqc.evaluation.metrics import rank_non_finite
     from anomalyqc.evaluation.report import check_metrics_file
     from anomalyqc.evaluation.threshold_file import read_threshold, write_threshold
     from anomalyqc.evaluation.thresholds import check_threshold_options
-
-    from anomalyqc.evaluation.metrics import rank_non_finite
 
     at_least(batch_size, 1, "batch_size")
     run = Path(run)
