@@ -284,6 +284,7 @@ def calibrate(
     from anomalyqc.workflow import calibrate_run
 
     del no_masks  # calibration never reads masks (see the option's help)
+
     def check() -> None:
         at_least(batch_size, 1, "--batch-size")
         threshold_options(threshold_method.value, threshold)
