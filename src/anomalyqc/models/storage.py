@@ -200,6 +200,7 @@ MERGE_STATE_PREFIXES = ("moments.", "kmeans.")
 def load_detector(run_dir: str | Path, merge_state: bool = False) -> Detector:
     """The detector saved in a run folder; merge_state=True also reads what `merge` needs."""
     from anomalyqc.models.base import detector_class
+    from anomalyqc.models.validation import check_finite_tensors, detector_from_params
 
     run = Path(run_dir)
     cfg = read_run_config(run)
@@ -218,7 +219,8 @@ def load_detector(run_dir: str | Path, merge_state: bool = False) -> Detector:
     except (SafetensorError, OSError, ValueError) as exc:
         raise ModelFileError(f"{weights} is corrupt or not a safetensors file ({exc}); "
                              f"retrain or restore the run") from exc
-    det = cls(cfg.get("params") or {})
+    check_finite_tensors(tensors, weights)
+    det = detector_from_params(cls, cfg.get("params", {}), run / CONFIG_FILE)
     try:
         det.load_state_tensors(tensors)
     except (KeyError, ValueError, RuntimeError) as exc:
