@@ -134,9 +134,23 @@ def test_gradients_reach_every_parameter(net: str) -> None:
 
 def test_discriminator_returns_logits_and_features() -> None:
     d = Discriminator(TINY, bottleneck="dense", channels=3)
-    logits, feats = d(_x(5, 3, 32, 32))
+    x = _x(5, 3, 32, 32).requires_grad_(True)
+    logits, feats = d(x)
     assert logits.shape == (5,) and feats.shape == (5, 16, 8, 8)
     assert d.config.bottleneck == "none"
+    # Feature matching trains the generator through the features: they must carry gradient
+    # back to the image.
+    feats.pow(2).mean().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_latent_loss_trains_the_decoder() -> None:
+    # GANomaly's L_enc = ||z - z_hat|| reaches the decoder through X_hat.
+    gen = EncoderDecoderEncoder(TINY)
+    _, z, z_hat = gen(_x(2, 1, 32, 32))
+    (z - z_hat).pow(2).mean().backward()
+    for name, p in gen.autoencoder.decoder.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
 @pytest.mark.parametrize("channels,depth,size", [(1, 2, 32), (3, 3, 48), (1, 4, 64)])
@@ -145,6 +159,10 @@ def test_unet_shapes(channels: int, depth: int, size: int) -> None:
     x = _x(2, channels, size, size)
     assert net.inc[0].in_channels == 2 * channels
     assert net(x, x).shape == (2, 1, size, size)
+    net.eval()
+    with torch.no_grad():  # it reads both inputs
+        assert not torch.allclose(net(x, x), net(x, 1 - x))
+        assert not torch.allclose(net(x, x), net(1 - x, x))
 
 
 def test_unet_rejects_bad_inputs() -> None:
