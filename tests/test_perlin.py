@@ -43,6 +43,8 @@ def test_mask_is_binary_and_inside_the_roi() -> None:
     rois[1::2, ..., 32:] = 1
     out = PerlinSynthesizer(probability=1.0)(x, roi=rois, generator=_gen(3))
     assert (out.mask * (1 - rois)).sum() == 0 and out.mask.sum() > 0
+    with pytest.raises(ValueError, match="roi must be"):
+        PerlinSynthesizer()(x, roi=torch.ones(1, 1, 32, 32))
 
 
 @pytest.mark.parametrize("q", [0.25, 0.75])

@@ -177,12 +177,16 @@ class PerlinSynthesizer:
         b, c, h, w = images.shape
         device = images.device
         gen = generator
+        if roi is not None and (roi.ndim != 4 or roi.shape[0] not in (1, b) or roi.shape[1] != 1
+                                or tuple(roi.shape[2:]) != (h, w)):
+            raise ValueError(f"roi must be (1 or {b}, 1, {h}, {w}) like the images, "
+                             f"got {tuple(roi.shape)}")
         apply = _rand((b,), gen, device) < cfg.probability
         lo, hi = cfg.beta_range
         beta = lo + (hi - lo) * _rand((b,), gen, device)
         source = self._source(images, gen)  # drawn before the masks: retries don't shift it
 
-        mask = torch.zeros(b, 1, h, w, device=device)
+        mask = torch.zeros(b, 1, h, w, device=device, dtype=images.dtype)
         todo = apply.clone()
         for _ in range(cfg.max_tries):  # redraws only images whose mask came out empty
             n = int(todo.sum())
