@@ -46,12 +46,14 @@ def perlin_cost(repeats: int) -> dict[str, float]:
             gen = torch.Generator().manual_seed(0)
             for _ in range(3):
                 synth(x, generator=gen)
-            times = []
+            times, cpu = [], []
             for _ in range(repeats):
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 synth(x, generator=gen)
                 times.append(time.perf_counter() - t)
+                cpu.append(time.process_time() - c)
             out[f"{source}_c{channels}_ms"] = round(1000 * statistics.median(times), 2)
+            out[f"{source}_c{channels}_cpu_ms"] = round(1000 * statistics.median(cpu), 2)
     return out
 
 
@@ -64,13 +66,14 @@ def resganad_row(width: int, size: int, patches: int, repeats: int, channels_las
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
         x = x.to(memory_format=torch.channels_last)
-    times = []
+    times, cpu = [], []
     with torch.inference_mode():
         net(x[:1])  # warm-up: oneDNN picks its kernels
         for _ in range(repeats):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             net(x)
             times.append(time.perf_counter() - t)
+            cpu.append(time.process_time() - c)
     seconds = statistics.median(times)
     return {
         "width": width, "image_size": size, "feature_shape": list(cfg.feature_shape),
@@ -78,6 +81,8 @@ def resganad_row(width: int, size: int, patches: int, repeats: int, channels_las
         "patches_timed": patches, "repeats": repeats, "channels_last": channels_last,
         "batch60_ms": round(1000 * seconds * BATCH / patches, 1),
         "ms_per_patch": round(1000 * seconds / patches, 2), "extrapolated": patches != BATCH,
+        # CPU seconds used by all threads: less sensitive to other jobs than the wall time.
+        "batch60_cpu_s": round(statistics.median(cpu) * BATCH / patches, 2),
     }
 
 
