@@ -44,7 +44,7 @@ class PerlinConfig(BaseModel):
     beta_range: tuple[float, float] = (0.5, 1.0)
     rotate: bool = True  # rotate the noise field by U(-90, 90) degrees, as DRAEM does
     source: Literal["uniform", "texture", "folder"] = "uniform"
-    texture_dir: Path | None = None  # the folder when source == "folder"
+    texture_dir: Path | None = None  # source == "folder": images resized to the input size
     # A threshold can leave no pixel above it (coarse lattices, small ROIs): redraw the noise
     # of those images this many times before returning them unchanged.
     max_tries: int = Field(4, ge=1, le=100)
@@ -212,8 +212,8 @@ class PerlinSynthesizer:
         if kind == "uniform":
             return _rand((b, c, h, w), gen, images.device).to(images.dtype)
         if kind == "texture":
-            # Another image of the batch, shifted and flipped so that the blob never copies
-            # the pixels it covers (a batch of one borrows its own flipped self).
+            # Another image of the batch, flipped too, so that the blob does not copy the
+            # pixels it covers (a batch of one borrows its own flipped self).
             u = float(_rand((1,), gen, torch.device("cpu")).item())
             shift = 1 + min(int(u * (b - 1)), b - 2) if b > 1 else 0
             return images.roll(shifts=shift, dims=0).flip(dims=(2, 3))
