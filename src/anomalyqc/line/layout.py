@@ -124,11 +124,11 @@ class ProductLayout(BaseModel):
                         raise ValueError(
                             f"vials[{i}] and vials[{j}] overlap; move them or set allow_overlap: true"
                         )
-            for i, a in enumerate(self.regions):
-                for b in self.regions[i + 1 :]:
-                    if _overlap(a.box, b.box):
+            for i, ra in enumerate(self.regions):
+                for rb in self.regions[i + 1 :]:
+                    if _overlap(ra.box, rb.box):
                         raise ValueError(
-                            f"regions {a.name} and {b.name} overlap; move them or set allow_overlap: true"
+                            f"regions {ra.name} and {rb.name} overlap; move them or set allow_overlap: true"
                         )
         return self
 
