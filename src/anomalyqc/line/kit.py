@@ -172,6 +172,20 @@ def _load_ground_truth(path: Path) -> dict[str, Any]:
     return gt
 
 
+def _common_frame_count(strips: list[StripRecord]) -> int:
+    """The kit's frames per acquisition (the most common count); a run that differs is an error."""
+    counts = [len(r.frames) for s in strips for r in s.runs]
+    n = max(set(counts), key=counts.count)
+    for s in strips:
+        for r in s.runs:
+            if len(r.frames) != n:
+                raise DataError(
+                    f"{r.frames[0].parent}: {len(r.frames)} frames, but the kit's other runs have {n}; "
+                    "every acquisition must have the same number of frames"
+                )
+    return n
+
+
 def read_kit(root: str | Path, check_images: bool = True) -> Kit:
     """Validate a kit folder and list its strips and runs (frames are read later, per run).
 
@@ -199,7 +213,6 @@ def read_kit(root: str | Path, check_images: bool = True) -> Kit:
         )
     if extra := sorted(set(folders) - set(listed)):
         raise DataError(f"{folders[extra[0]]}: strip not listed in {gt_path}; add its labels there")
-    n_frames: int | None = None
     records = []
     for sid in sorted(listed):
         info = listed[sid]
@@ -209,7 +222,9 @@ def read_kit(root: str | Path, check_images: bool = True) -> Kit:
         label = int(info["label"])
         strip_regions = _regions(info["regions"], layout, where) if "regions" in info else None
         if label == GOOD and strip_regions is not None and strip_regions.any():
-            raise DataError(f"{where}: a good strip (label 0) cannot have defective regions")
+            raise DataError(
+                f"{where}: a good strip (label 0) cannot have defective regions; fix its label or regions"
+            )
         if label == DEFECT and strip_regions is not None and not strip_regions.any():
             raise DataError(f"{where}: a defective strip (label 1) needs at least one defective region")
         run_info = info.get("runs", {})
@@ -220,19 +235,13 @@ def read_kit(root: str | Path, check_images: bool = True) -> Kit:
             frames = [p for _, p in _numbered(run_dir, _FRAME, "frame")]
             if not frames:
                 raise DataError(f"{run_dir}: no frames; add frame_1.png, frame_2.png, ...")
-            if n_frames is None:
-                n_frames = len(frames)
-            elif len(frames) != n_frames:
-                raise DataError(
-                    f"{run_dir}: {len(frames)} frames, but other runs of the kit have {n_frames}; "
-                    "every acquisition must have the same number of frames"
-                )
             if check_images:
                 for p in frames:
                     if (hw := _png_size(p)) != layout.image_size:
                         raise DataError(
                             f"{p}: image is {hw[0]}x{hw[1]} but {LAYOUT_FILE} says "
-                            f"{layout.image_height}x{layout.image_width} (height x width)"
+                            f"{layout.image_height}x{layout.image_width} (height x width); "
+                            "replace the frame or fix the layout"
                         )
             mask_dir = root / "masks" / sid / run_dir.name
             masks: list[Path | None] = [
@@ -246,12 +255,17 @@ def read_kit(root: str | Path, check_images: bool = True) -> Kit:
             else:
                 regions = strip_regions
             if label == GOOD and regions is not None and regions.any():
-                raise DataError(f"{where}.runs.{k}: a good strip (label 0) cannot have defective regions")
+                raise DataError(
+                    f"{where}.runs.{k}: a good strip (label 0) cannot have defective regions; "
+                    "fix its label or regions"
+                )
             runs.append(RunRecord(sid, k, frames, masks, regions))
         if not runs:
             raise DataError(f"{folders[sid]}: no runs; put each acquisition in run_1/, run_2/, ...")
         if unknown := sorted(set(run_info) - {str(r.run) for r in runs}):
-            raise DataError(f"{where}.runs: run {unknown[0]} has no folder {folders[sid]}/run_<k>")
+            raise DataError(
+                f"{where}.runs: run {unknown[0]} has no folder in {folders[sid]}; add it or remove the entry"
+            )
         records.append(StripRecord(sid, label, list(info.get("defect_types", [])), runs, info))
-    assert n_frames is not None  # listed is non-empty and every strip has a run
+    n_frames = _common_frame_count(records)
     return Kit(root=root, layout=layout, strips=records, n_frames=n_frames, ground_truth=gt)
