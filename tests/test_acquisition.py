@@ -128,6 +128,18 @@ def test_a_static_defect_is_the_same_object_in_every_run(kind: str) -> None:
     assert max(areas) <= 2 * min(areas), areas
 
 
+def test_the_plastic_texture_is_the_same_in_every_run() -> None:
+    """Still, noiseless, evenly lit strips: the flags of two runs differ only by the light gain."""
+    still = replace(SMALL.strip, noise_sigma=0.0, max_shift=0.0, max_rotation_deg=0.0,
+                    lighting_gradient=0.0, vignetting=0.0)  # fmt: skip
+    cfg = replace(SMALL, strip=still, n_frames=1)
+    s, other = _strip(1, None, cfg), _strip(2, None, cfg)
+    a, b = (acquire(s, run, cfg).frames[0][6:26].astype(float) for run in (1, 2))
+    c = acquire(other, 2, cfg).frames[0][6:26].astype(float)
+    assert np.abs(a * b.mean() / a.mean() - b).mean() < 0.6, "same strip, same texture"
+    assert np.abs(a * c.mean() / a.mean() - c).mean() > 1.2, "another strip, another texture"
+
+
 @pytest.mark.parametrize("kind", ["scratch", "black_spot", "stuck_particle", "engraving_scratch", "burn"])
 def test_static_defects_do_not_move_within_a_run(kind: str) -> None:
     acq = acquire(_strip(7, kind), 1, SMALL)
