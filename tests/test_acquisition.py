@@ -250,3 +250,18 @@ def test_line_batch_is_the_60_patch_batch_of_eq_10_1() -> None:
     assert torch.equal(br.patches[80:], cut(hi[None, None].float(), LAYOUT).reshape(20, 1, 32, 32))
     with pytest.raises(DataError, match="an acquisition is"):
         line_batch(frames[0, 0], LAYOUT)
+
+
+def test_a_level_surface_renders_as_the_still_generator_does() -> None:
+    """The tilt added for moving strips is neutral when zero: still images stay byte-identical."""
+    cfg = SMALL.strip
+    geo = _render.make_geometry(cfg)
+    scene = _render.sample_scene(np.random.default_rng(0), cfg, geo)
+    flat = replace(scene, meniscus_tilt=np.zeros(cfg.n_vials, np.float32))
+    a, _ = _render.render_noiseless(cfg, geo, scene, [])
+    b, _ = _render.render_noiseless(cfg, geo, flat, [])
+    assert np.array_equal(a, b)
+    tilted, _ = _render.render_noiseless(
+        cfg, geo, replace(scene, meniscus_tilt=np.full(5, 0.2, np.float32)), []
+    )
+    assert not np.array_equal(a, tilted)
