@@ -70,9 +70,10 @@ class FolderScan:
         return [e.path for e in self.of("folder")]
 
 
-def classify(path: Path) -> Entry:
-    """What `path` is, following a symlink once; never opens it."""
-    if path.name.startswith("."):
+def classify(path: Path, hidden: bool = True) -> Entry:
+    """What `path` is, following a symlink once; never opens it. hidden=False for a path
+    named explicitly (a user's `.` or `../x.png` is not a hidden entry)."""
+    if hidden and path.name.startswith("."):
         return Entry(path, "hidden", "hidden " + ("folder" if path.is_dir() else "file"))
     try:
         st = os.stat(path)
@@ -131,7 +132,8 @@ def skipped_summary(found: int, scored: int | None, skipped: list[Skipped] | lis
                     first: int = 5) -> str:
     """One line for the CLI: the counts, then the first few skipped entries."""
     scored_text = "" if scored is None else f", {scored} scored"
-    line = f"{found} image(s) found{scored_text}, {len(skipped)} entr{'y' if len(skipped) == 1 else 'ies'} skipped"
+    entries = "entry" if len(skipped) == 1 else "entries"
+    line = f"{found} image(s) found{scored_text}, {len(skipped)} {entries} skipped"
     if not skipped:
         return line
     shown = [s if isinstance(s, Skipped) else Skipped(Path(s["path"]), s["reason"])
