@@ -75,6 +75,17 @@ def _print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
 
 
+def _print_listing(result: dict[str, Any]) -> None:
+    """One stderr line: images found and scored, entries skipped and the first few of them
+    (all of them are in the command's JSON output and report)."""
+    from anomalyqc.data.listing import skipped_summary
+
+    if "images_found" in result:
+        console.print(skipped_summary(result["images_found"], result.get("images_scored"),
+                                      result.get("skipped") or []),
+                      highlight=False, soft_wrap=True, markup=False)
+
+
 class _Bars:
     """The progress callback the CLI hands to the library (anomalyqc.progress.Progress): one
     rich bar per description, drawn on stderr because stdout carries the JSON. Nothing is drawn
@@ -176,6 +187,7 @@ def fit(
         return
     info = json.loads((out / "fit_info.json").read_text())
     _print_json(info)
+    _print_listing(info)
     console.print(f"model saved to {out}")
 
 
@@ -223,6 +235,7 @@ def evaluate(
                                             recalibrate or threshold_method.value == "fixed",
                                             batch_size, progress=bars, masks=not no_masks))
     _print_json(metrics)
+    _print_listing(metrics)
     for note in metrics["notes"]:
         console.print(f"note: {note}", highlight=False, soft_wrap=True)
     console.print(f"report: {metrics['report_html']}", highlight=False, soft_wrap=True)
@@ -255,6 +268,7 @@ def calibrate(
         result = _run(lambda: calibrate_run(run, data, threshold_method.value, threshold,
                                             batch_size, progress=bars))
     _print_json(result)
+    _print_listing(result)
     console.print(f"threshold {result['threshold']:.6g} ({result['threshold_method']}) chosen "
                   f"by `anomalyqc calibrate` on {data}, saved to {result['threshold_file']}",
                   highlight=False, soft_wrap=True)
@@ -275,6 +289,8 @@ def predict(
     for r in rows:
         decision = r["decision"] or "uncalibrated (run `anomalyqc calibrate` first)"
         sys.stdout.write(f"{r['path']}\t{r['score']:.4f}\t{decision}\t{r['heatmap']}\n")
+    _print_listing({"images_found": rows.found, "images_scored": len(rows),
+                    "skipped": [s.to_dict() for s in rows.skipped]})
 
 
 @app.command()

@@ -182,7 +182,7 @@ def per_type_stats(labels: ArrayLike, scores: ArrayLike, defect_types: Sequence[
     return out
 
 
-def _scores_png(labels: np.ndarray, scores: np.ndarray, threshold: float | None) -> bytes:
+def scores_figure(labels: np.ndarray, scores: np.ndarray, threshold: float | None) -> Any:
     """Histograms of the good and the defective images' scores on shared bins, with the
     threshold drawn: where the two overlap is where the decisions go wrong."""
     from matplotlib.figure import Figure
@@ -204,7 +204,7 @@ def _scores_png(labels: np.ndarray, scores: np.ndarray, threshold: float | None)
     ax.set_title("Score distributions")
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
-    return _png_bytes(fig)
+    return fig
 
 
 # --------------------------------------------------------------------------- example panels
@@ -575,7 +575,7 @@ def write_report(
     files: dict[str, bytes] = {
         metrics_file: (json.dumps(record, indent=2, allow_nan=False) + "\n").encode("utf-8"),
         "roc.png": _roc_png(y, s),
-        "scores.png": _scores_png(y, s, threshold),
+        "scores.png": _png_bytes(scores_figure(y, s, threshold)),
     }
     examples: list[dict[str, Any]] = []
     map_range: tuple[float, float] | None = None
