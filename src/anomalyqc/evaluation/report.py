@@ -462,12 +462,12 @@ def _html(
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>anomalyqc evaluation report</title>
 <style>
-body {{ font-family: sans-serif; margin: 2em; color: #222; }}
+body {{ font-family: sans-serif; margin: 1em 1.2em; color: #222; }}
 table {{ border-collapse: collapse; margin-bottom: 1em; }}
 th, td {{ border: 1px solid #ccc; padding: 0.25em 0.7em; text-align: left; vertical-align: top; }}
 td code, figcaption code {{ overflow-wrap: anywhere; }}
 table.identity td {{ max-width: 60em; }}
-figure {{ margin: 1em 0; padding: 0.5em; border-left: 6px solid #ccc; overflow-x: auto; }}
+figure {{ margin: 1em 0; padding: 0.3em 0.4em; border-left: 6px solid #ccc; overflow-x: auto; }}
 figure.ok {{ border-color: #3a3; }} figure.wrong {{ border-color: #c33; }}
 figure img {{ max-width: none; image-rendering: pixelated; }}
 p.note {{ color: #a60; }}
