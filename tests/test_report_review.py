@@ -131,12 +131,20 @@ def test_outputs_inside_the_data_or_over_a_run_are_refused_before_work(
     assert not (run_copy / "threshold.json").exists()  # refused before anything was scored
     good = data / "test" / "good"
     _one_line_error(invoke("predict", run_copy, good, "--out", good), "inside the data")
-    _one_line_error(invoke("predict", run_copy, next(good.glob("*.png")), "--out",
-                           good / "heat"), "inside the data")
+    _one_line_error(invoke("predict", run_copy, good, "--out", good / "heat"),
+                    "inside the data")
+    _one_line_error(invoke("predict", run_copy, next(good.glob("*.png")), "--out", good),
+                    "folder of the input images")
     _one_line_error(invoke("predict", run_copy, good, "--out", run_copy), "run folder")
     assert not list(good.glob("*heatmap*")) and not (good / "heat").exists()
-    # the default (RUN/report) and a folder beside the data are fine
+    # the default (RUN/report) is fine, and so is a subfolder of a named file's folder (never
+    # read back: predict does not recurse)
     assert invoke("evaluate", run_copy, "--data", data).exit_code == 0
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    shutil.copy(next(good.glob("*.png")), loose / "a.png")
+    r = invoke("predict", run_copy, loose / "a.png", "--out", loose / "preds")
+    assert r.exit_code == 0, r.output
 
 
 # --------------------------------------------------------------------- what the report says

@@ -25,11 +25,19 @@ def _real(path: str | Path) -> Path:
 
 
 def check_output_folder(out: str | Path, what: str, data: Iterable[str | Path],
-                        run: str | Path | None, fix: str) -> None:
-    """Refuse `out` when it is, or is inside, one of the `data` folders, or when it is a run
-    folder (`run` itself or any folder holding a run's files). `what` names the output
-    ("report folder", "--out folder") and `fix` says where to write instead."""
+                        run: str | Path | None, fix: str,
+                        beside: Iterable[str | Path] = ()) -> None:
+    """Refuse `out` when it is, or is inside, one of the `data` folders, when it is one of
+    the `beside` folders (where named input files live: writing there mixes outputs with
+    them, while a subfolder is never read back), or when it is a run folder (`run` itself or
+    any folder holding a run's files). `what` names the output ("report folder", "--out
+    folder") and `fix` says where to write instead."""
     target = _real(out)
+    for folder in beside:
+        if target == _real(folder):
+            raise ConfigError(
+                f"{what} {display(out)} is the folder of the input images: the outputs would "
+                f"be read as images next time; {fix}")
     for folder in data:
         src = _real(folder)
         if target == src or target.is_relative_to(src):

@@ -437,11 +437,13 @@ SKIPPED_FILE = "skipped.json"
 @dataclass
 class Inputs:
     """predict's inputs expanded: the image files, the entries of input folders that were
-    not read (with reasons), and the folders the files came from."""
+    not read (with reasons), the input folders, and the folders of input files named one
+    by one."""
 
     files: list[Path]
     skipped: list[Skipped]
     folders: list[Path]
+    file_folders: list[Path]
 
 
 def expand_inputs(inputs: Iterable[str | Path]) -> Inputs:
@@ -454,6 +456,7 @@ def expand_inputs(inputs: Iterable[str | Path]) -> Inputs:
     files: list[Path] = []
     skipped: list[Skipped] = []
     folders: list[Path] = []
+    file_folders: list[Path] = []
     for item in inputs:
         p = Path(item)
         entry = classify(p, hidden=False)
@@ -468,13 +471,13 @@ def expand_inputs(inputs: Iterable[str | Path]) -> Inputs:
             folders.append(p)
         elif entry.kind in ("image", "file"):  # named explicitly: let the reader judge it
             files.append(p)
-            folders.append(p.parent)
+            file_folders.append(p.parent)
         elif not os.path.lexists(p):
             raise DataError(f"{display(p)} does not exist; check the path")
         else:
             raise DataError(f"{display(p)} cannot be scored: {entry.reason}; pass image files "
                             "or folders")
-    return Inputs(files, skipped, folders)
+    return Inputs(files, skipped, folders, file_folders)
 
 
 def image_files(inputs: Iterable[str | Path]) -> list[Path]:
@@ -509,13 +512,14 @@ def predict_paths(run: str | Path, inputs: Iterable[str | Path], out: str | Path
     predictions.json stays a list of rows (its documented format); what the input folders
     held that was not scored goes beside it in skipped.json: {"images_found",
     "images_scored", "skipped": [{"path", "reason"}]}. `out` may not be an input folder,
-    inside one, or a run folder (refused before any work).
+    inside one, the folder of an input file, or a run folder (refused before any work).
     """
     from anomalyqc.placement import check_output_folder
 
     expanded = expand_inputs(inputs)
     check_output_folder(out, "--out folder", expanded.folders, run,
-                        "choose a new folder outside the inputs and the run folder")
+                        "choose a new folder outside the inputs and the run folder",
+                        beside=expanded.file_folders)
     det = load_detector(run)
     threshold = load_threshold(run)
     tf = transform_for(det)
