@@ -194,7 +194,7 @@ def scores_figure(labels: np.ndarray, scores: np.ndarray, threshold: float | Non
     for flag, name, colour in ((False, "good", "C0"), (True, "defective", "C3")):
         part = scores[labels == flag]
         if part.size:
-            ax.hist(part, bins=edges, color=colour, alpha=0.55, label=f"{name} ({part.size})",
+            ax.hist(part, bins=edges.tolist(), color=colour, alpha=0.55, label=f"{name} ({part.size})",
                     edgecolor=colour, linewidth=0.8)
     if threshold is not None:
         ax.axvline(threshold, color="k", linestyle="--", linewidth=1.5,
