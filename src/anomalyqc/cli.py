@@ -15,6 +15,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress as RichProgress
 from rich.progress import TaskID
 
@@ -44,7 +45,8 @@ def _run(job: Callable[[], Any]) -> Any:
     try:
         return job()
     except AnomalyQCError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        # escaped: a file name like "lot[/b].png" in the message is text, not markup
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 
@@ -188,7 +190,7 @@ def fit(
     info = json.loads((out / "fit_info.json").read_text())
     _print_json(info)
     _print_listing(info)
-    console.print(f"model saved to {out}")
+    console.print(f"model saved to {out}", markup=False, highlight=False)
 
 
 @app.command()
@@ -203,7 +205,7 @@ def merge(
 
     _run(lambda: merge_runs(runs, out))
     _print_json(json.loads((out / "fit_info.json").read_text()))
-    console.print(f"merged model saved to {out}")
+    console.print(f"merged model saved to {out}", markup=False, highlight=False)
 
 
 @app.command()
@@ -237,8 +239,9 @@ def evaluate(
     _print_json(metrics)
     _print_listing(metrics)
     for note in metrics["notes"]:
-        console.print(f"note: {note}", highlight=False, soft_wrap=True)
-    console.print(f"report: {metrics['report_html']}", highlight=False, soft_wrap=True)
+        console.print(f"note: {note}", highlight=False, soft_wrap=True, markup=False)
+    console.print(f"report: {metrics['report_html']}", highlight=False, soft_wrap=True,
+                  markup=False)
 
 
 @app.command()
@@ -271,7 +274,7 @@ def calibrate(
     _print_listing(result)
     console.print(f"threshold {result['threshold']:.6g} ({result['threshold_method']}) chosen "
                   f"by `anomalyqc calibrate` on {data}, saved to {result['threshold_file']}",
-                  highlight=False, soft_wrap=True)
+                  highlight=False, soft_wrap=True, markup=False)
 
 
 @app.command()

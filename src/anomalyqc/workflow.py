@@ -534,7 +534,8 @@ def predict_paths(run: str | Path, inputs: Iterable[str | Path], out: str | Path
         pred = det.predict(x)
         for i, f in enumerate(chunk):
             score = float(pred.score[i])
-            heat = _unique(out, f"{f.parent.name}_{f.stem}", "_heatmap.png", used)
+            # display(): the name is valid UTF-8, so predictions.json names the file exactly
+            heat = _unique(out, display(f"{f.parent.name}_{f.stem}"), "_heatmap.png", used)
             atomic_write_bytes(heat, overlay_png(x[i], pred.anomaly_map[i, 0], threshold))
             rows.append({
                 "path": display(f),
