@@ -15,6 +15,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress as RichProgress
 from rich.progress import TaskID
 
@@ -53,7 +54,8 @@ def _run(job: Callable[[], Any]) -> Any:
     try:
         return job()
     except AnomalyQCError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        # escaped: a file name like "lot[/b].png" in the message is text, not markup
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 
@@ -83,6 +85,17 @@ def _parse_size(text: str, option: str) -> int | tuple[int, int]:
 def _print_json(obj: Any) -> None:
     """Strict JSON on stdout (NaN and inf as null), like every file we write."""
     sys.stdout.write(json.dumps(json_safe(obj), indent=2, default=str, allow_nan=False) + "\n")
+
+
+def _print_listing(result: dict[str, Any]) -> None:
+    """One stderr line: images found and scored, entries skipped and the first few of them
+    (all of them are in the command's JSON output and report)."""
+    from anomalyqc.data.listing import skipped_summary
+
+    if "images_found" in result:
+        console.print(skipped_summary(result["images_found"], result.get("images_scored"),
+                                      result.get("skipped") or []),
+                      highlight=False, soft_wrap=True, markup=False)
 
 
 class _Bars:
@@ -197,7 +210,8 @@ def fit(
         return
     info = json.loads((out / "fit_info.json").read_text())
     _print_json(info)
-    console.print(f"model saved to {out}")
+    _print_listing(info)
+    console.print(f"model saved to {out}", markup=False, highlight=False)
 
 
 @app.command()
@@ -213,7 +227,7 @@ def merge(
     _run(lambda: folder_target(out, "--out"))
     _run(lambda: merge_runs(runs, out))
     _print_json(json.loads((out / "fit_info.json").read_text()))
-    console.print(f"merged model saved to {out}")
+    console.print(f"merged model saved to {out}", markup=False, highlight=False)
 
 
 @app.command()
@@ -256,9 +270,11 @@ def evaluate(
                                             recalibrate or method == "fixed",
                                             batch_size, progress=bars, masks=not no_masks))
     _print_json(metrics)
+    _print_listing(metrics)
     for note in metrics["notes"]:
-        console.print(f"note: {note}", highlight=False, soft_wrap=True)
-    console.print(f"report: {metrics['report_html']}", highlight=False, soft_wrap=True)
+        console.print(f"note: {note}", highlight=False, soft_wrap=True, markup=False)
+    console.print(f"report: {metrics['report_html']}", highlight=False, soft_wrap=True,
+                  markup=False)
 
 
 @app.command()
@@ -295,10 +311,11 @@ def calibrate(
                                             batch_size, progress=bars))
     _print_json(result)
     for note in result["notes"]:
-        console.print(f"note: {note}", highlight=False, soft_wrap=True)
+        console.print(f"note: {note}", highlight=False, soft_wrap=True, markup=False)
+    _print_listing(result)
     console.print(f"threshold {result['threshold']:.6g} ({result['threshold_method']}) chosen "
                   f"by `anomalyqc calibrate` on {data}, saved to {result['threshold_file']}",
-                  highlight=False, soft_wrap=True)
+                  highlight=False, soft_wrap=True, markup=False)
 
 
 @app.command()
@@ -330,6 +347,8 @@ def predict(
         decision = r["decision"] or "uncalibrated (run `anomalyqc calibrate` first)"
         score = "non-finite" if r["score"] is None else f"{r['score']:.4f}"
         sys.stdout.write(f"{r['path']}\t{score}\t{decision}\t{r['heatmap']}\n")
+    _print_listing({"images_found": rows.found, "images_scored": len(rows),
+                    "skipped": [s.to_dict() for s in rows.skipped]})
 
 
 @app.command()
