@@ -19,6 +19,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import math
 import os
 import secrets
 import shutil
@@ -31,12 +32,14 @@ from typing import Any
 import numpy as np
 
 from anomalyqc.errors import DataError, OutputError
+from anomalyqc.pathtext import fit_name
 
 
 def _new_temp(folder: Path, name: str) -> Path:
     """Create an empty, new temporary file beside the target; the umask sets its mode."""
     for _ in range(100):
-        tmp = folder / f".{name}.{secrets.token_hex(6)}.tmp"
+        # cut so that a target name of up to 255 bytes still gets a creatable temporary name
+        tmp = folder / fit_name(f".{name}", f".{secrets.token_hex(6)}.tmp")
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:
@@ -103,9 +106,22 @@ def atomic_write_bytes(path: str | Path, data: bytes, durable: bool = True) -> N
         fh.write(data)
 
 
+def json_safe(obj: Any) -> Any:
+    """`obj` with every NaN or infinite float replaced by None: strict JSON has no NaN, and
+    a bare NaN in a file makes most readers other than Python's fail on the whole file."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def atomic_write_json(path: str | Path, obj: Any) -> None:
-    """Indented JSON with sorted keys, so that reruns diff cleanly."""
-    text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
+    """Indented, strict JSON (non-finite floats as null) with sorted keys, so that reruns
+    diff cleanly."""
+    text = json.dumps(json_safe(obj), indent=2, sort_keys=True, allow_nan=False) + "\n"
     atomic_write_bytes(path, text.encode("utf-8"))
 
 

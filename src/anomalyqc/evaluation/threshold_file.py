@@ -1,6 +1,7 @@
 """The run's threshold.json: the only reader and writer of that file.
 
     {"image": ThresholdChoice fields, "data": absolute path of the data that chose it,
+     "data_sha256": content hash of its images (anomalyqc.data.fingerprint),
      "written_by": "calibrate" | "evaluate", "model_id": the id of the model it was chosen for}
 
 A threshold belongs to the model whose scores chose it: reading it for a model with another
@@ -24,6 +25,7 @@ from anomalyqc.errors import ModelFileError
 from anomalyqc.evaluation.thresholds import ThresholdChoice
 from anomalyqc.fileio import atomic_write_json
 from anomalyqc.models.storage import THRESHOLD_FILE
+from anomalyqc.pathtext import display
 
 WRITERS = ("calibrate", "evaluate")
 
@@ -37,6 +39,7 @@ class StoredThreshold:
     written_by: str | None  # None in files written before the field existed
     path: Path
     model_id: str
+    data_sha256: str | None = None  # None in files written before the field existed
 
     @property
     def value(self) -> float:
@@ -53,17 +56,20 @@ def threshold_path(run: str | Path) -> Path:
 
 
 def write_threshold(run: str | Path, choice: ThresholdChoice, data: str | Path,
-                    written_by: str, model_id: str) -> StoredThreshold:
+                    written_by: str, model_id: str,
+                    data_sha256: str | None = None) -> StoredThreshold:
     """Store `choice`, made on the scores of model `model_id`, in the run (atomically);
-    `data` is recorded as an absolute path."""
+    `data` is recorded as an absolute path, with the content hash of its images when given."""
     if written_by not in WRITERS:
         raise ValueError(f"written_by must be one of {WRITERS}, got {written_by!r}")
     if not model_id:
         raise ValueError("a threshold needs the id of the model whose scores chose it")
     path = threshold_path(run)
-    stored = StoredThreshold(choice, str(Path(data).resolve()), written_by, path, model_id)
+    stored = StoredThreshold(choice, display(Path(data).resolve()), written_by, path, model_id,
+                             data_sha256)
     atomic_write_json(path, {"image": choice.to_dict(), "data": stored.data,
-                             "written_by": written_by, "model_id": model_id})
+                             "data_sha256": data_sha256, "written_by": written_by,
+                             "model_id": model_id})
     return stored
 
 
@@ -94,6 +100,9 @@ def read_threshold(run: str | Path, model_id: str) -> StoredThreshold | None:
     written_by = raw.get("written_by")
     if written_by is not None and written_by not in WRITERS:
         raise _corrupt(path, f"\"written_by\" is {written_by!r}, not one of {', '.join(WRITERS)}")
+    digest = raw.get("data_sha256")
+    if digest is not None and not isinstance(digest, str):
+        raise _corrupt(path, f"\"data_sha256\" is {digest!r}, not a hex digest")
     made_for = raw.get("model_id")
     if made_for != model_id:
         made = (f"was chosen for model {made_for}" if isinstance(made_for, str) and made_for
@@ -102,7 +111,7 @@ def read_threshold(run: str | Path, model_id: str) -> StoredThreshold | None:
             f"{path} {made}, but the run's model is {model_id} (refitted since?): its "
             f"scores may live on another scale; choose a threshold for this model with "
             f"`anomalyqc calibrate {path.parent} --data VALIDATION_DIR`")
-    return StoredThreshold(choice, data, written_by, path, model_id)
+    return StoredThreshold(choice, data, written_by, path, model_id, digest)
 
 
 def _is_number(x: Any) -> bool:

@@ -72,7 +72,8 @@ def save_detector(detector: Detector, run_dir: str | Path) -> Path:
         "detector": detector.name,
         "params": detector.config.model_dump(mode="json"),
     })
-    detector.model_id = write_manifest(run).model_id
+    detector.model_id = write_manifest(run, detector.input_size,
+                                       detector.config.channels).model_id
     return run
 
 
@@ -133,21 +134,19 @@ class Manifest:
     path: Path
 
 
-def write_manifest(run_dir: str | Path) -> Manifest:
+def write_manifest(run_dir: str | Path, input_size: tuple[int, int],
+                   channels: int | None) -> Manifest:
     """Seal the run's config and weights as they are on disk now (the last step of a save)."""
     run = Path(run_dir)
     cfg = read_run_config(run)
     digests = {name: file_sha256(run / name) for name in MODEL_FILES}
-    from anomalyqc.models.base import detector_class
-
-    det = detector_class(str(cfg.get("detector")))(cfg.get("params") or {})
     manifest = {
         "format": MANIFEST_FORMAT,
         "model_id": model_id_of(digests),
-        "detector": det.name,
+        "detector": str(cfg.get("detector")),
         "package_version": str(cfg.get("package_version")),
-        "input_size": list(det.input_size),
-        "channels": det.config.channels,
+        "input_size": [int(v) for v in input_size],
+        "channels": channels,
         "files": digests,
     }
     atomic_write_json(run / MANIFEST_FILE, manifest)
@@ -244,6 +243,8 @@ MERGE_STATE_PREFIXES = ("moments.", "kmeans.")
 
 def load_detector(run_dir: str | Path, merge_state: bool = False) -> Detector:
     """The detector saved in a run folder; merge_state=True also reads what `merge` needs."""
+    from anomalyqc.models.validation import check_finite_tensors
+
     run = Path(run_dir)
     cfg = read_run_config(run)
     det = detector_from_config(cfg, run / CONFIG_FILE)
@@ -263,6 +264,7 @@ def load_detector(run_dir: str | Path, merge_state: bool = False) -> Detector:
     except (SafetensorError, OSError, ValueError) as exc:
         raise ModelFileError(f"{weights} is corrupt or not a safetensors file ({exc}); "
                              f"retrain or restore the run") from exc
+    check_finite_tensors(tensors, weights)
     try:
         det.check_state_tensors(tensors)
     except (ValueError, ConfigError) as exc:
@@ -283,19 +285,15 @@ def detector_from_config(cfg: dict[str, Any], path: Path) -> Detector:
     """An unfitted detector built from a run config's parameters; parameters of the wrong
     type or out of range are a ModelFileError naming the config file."""
     from anomalyqc.models.base import detector_class
+    from anomalyqc.models.validation import detector_from_params
 
     try:
         cls = detector_class(str(cfg.get("detector")))
     except ConfigError as exc:
         raise ModelFileError(f"{path}: {exc}; retrain or restore the run") from None
     params = cfg.get("params")
-    if params is None:
-        params = {}
-    if not isinstance(params, dict):
-        raise ModelFileError(f"{path} is corrupt (\"params\" is a {type(params).__name__}, not "
-                             f"an object); retrain or restore the run")
+    det = detector_from_params(cls, {} if params is None else params, path)
     try:
-        det = cls(params)
         det.input_size  # noqa: B018  (a size that cannot be read fails here, not at predict)
     except (ConfigError, ValueError, TypeError) as exc:
         detail = " ".join(str(exc).split())
