@@ -74,6 +74,12 @@ def reseal(run: Path, params: Callable[[dict], object] | None = None,
     man_path.write_text(json.dumps(man))
 
 
+def _reseal_manifest(run: Path, cfg: dict) -> None:
+    """write_manifest as save_detector calls it, for the edited config: a consistent forgery."""
+    det = detector_class(cfg["detector"])(cfg["params"])
+    write_manifest(run, det.input_size, det.config.channels)
+
+
 def with_params(**changes) -> Callable[[dict], dict]:
     return lambda p: {**p, **changes}
 
@@ -135,7 +141,7 @@ def test_a_consistent_forgery_of_the_config_is_refused(tmp_path: Path, case: str
     cfg = json.loads((run / "config.json").read_text())
     cfg["params"].update(edit)
     (run / "config.json").write_text(json.dumps(cfg))
-    write_manifest(run)
+    _reseal_manifest(run, cfg)
     read_manifest(run)  # the forgery is consistent: every digest matches
     with pytest.raises(ModelFileError) as info:
         load_detector(run)
@@ -373,7 +379,7 @@ def test_reports_and_predictions_never_replace_foreign_folders(tiny_vials: Path,
     assert r.exit_code == 2 and "is a run folder" in r.output
     assert "predicting" not in r.output  # refused before any image is scored
     r = invoke("predict", run_copy, good, "--out", good)
-    assert r.exit_code == 2 and "refusing to replace" in r.output
+    assert r.exit_code == 2 and str(good) in r.output
     assert snapshot(run_copy) == run_before and snapshot(good) == images_before
     # an earlier predictions folder is replaced whole: no old heatmap stays beside new ones
     out = tmp_path / "p"
@@ -634,7 +640,7 @@ def test_a_grid_one_cell_off_is_refused_on_the_first_image(tmp_path: Path):
     cfg = json.loads((run / "config.json").read_text())
     cfg["params"]["image_size"] = 33
     (run / "config.json").write_text(json.dumps(cfg))
-    write_manifest(run)
+    _reseal_manifest(run, cfg)
     det = load_detector(run)
     with pytest.raises(ModelFileError, match="4x4 grid.*gives 5x5"):
         det.predict(torch.rand(1, 3, 33, 33))

@@ -511,8 +511,8 @@ def replaceable_output(kind: str, marker: str) -> Callable[[Path], None]:
                    else entry.is_file() and entry.suffix.lower() in _OUTPUT_SUFFIXES)
             if not own:
                 raise OutputError(f"{folder} holds {entry.name}, which is not part of a {kind}: "
-                                  f"refusing to replace the folder; write the {kind} to a new "
-                                  f"or empty folder")
+                                  f"a {kind} replaces its folder as a whole, so it needs a "
+                                  f"folder of its own (new, empty or an earlier {kind})")
         if not (folder / marker).is_file():
             raise OutputError(f"{folder} is not empty and is not an earlier {kind} (no "
                               f"{marker}): refusing to replace it; write the {kind} to a new "

@@ -247,12 +247,12 @@ def load_detector(run_dir: str | Path, merge_state: bool = False) -> Detector:
 
     run = Path(run_dir)
     cfg = read_run_config(run)
-    det = detector_from_config(cfg, run / CONFIG_FILE)
-    cls = type(det)
     weights = run / WEIGHTS_FILE
     if not weights.is_file():
         raise ModelFileError(f"{weights} is missing; the run folder is incomplete: retrain")
-    manifest = read_manifest(run)
+    manifest = read_manifest(run)  # first: any edit since the fit is named as one
+    det = detector_from_config(cfg, run / CONFIG_FILE)
+    cls = type(det)
     _check_manifest_fields(det, manifest)
     try:
         if merge_state:
