@@ -116,11 +116,7 @@ class Trainer:
         cfg = self.config
         if cfg.tensorboard:
             TensorBoard.check()  # up front, and on every rank: all fail alike
-        distributed.init_from_env()
-        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if distributed.active() \
-            else (0, 1)
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.device = resolve_device(cfg.device, local_rank)
+        self.device = self._join_processes(cfg.device)
         self.autocast_dtype, scaled = resolve_precision(cfg.precision, self.device)
         self.model, self.dataset = model, dataset
         self.nets = self._networks(model)
@@ -170,6 +166,34 @@ class Trainer:
         return TrainResult(epochs=s.epoch, steps=s.step, stopped_early=s.stopped,
                            best_epoch=s.best_epoch, best_metric=s.best, history=list(s.history),
                            seconds=s.seconds, out_dir=self.out_dir)
+
+    def _join_processes(self, spec: str) -> torch.device:
+        """This process's device; under torchrun, also join the process group (NCCL when the
+        device is a GPU, gloo on CPU) and set self.rank/self.world."""
+        rank, world = distributed.world_from_env()
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if world > 1 and torch.cuda.is_available() and spec == "auto" and \
+                local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"process {local_rank} has no GPU of its own "
+                              f"({torch.cuda.device_count()} visible): run at most that many "
+                              f"processes, or set device=cpu")
+        device = resolve_device(spec, local_rank)
+        if world > 1 and not dist.is_initialized():
+            for var in ("MASTER_ADDR", "MASTER_PORT"):
+                if var not in os.environ:
+                    raise ConfigError(f"WORLD_SIZE={world} but {var} is not set; launch with "
+                                      f"torchrun or `anomalyqc fit --nproc N`")
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if distributed.active():
+            rank, world = dist.get_rank(), dist.get_world_size()
+            backend = dist.get_backend()
+            if (backend == "nccl") != (device.type == "cuda"):
+                raise ConfigError(f"the process group uses {backend} but training runs on "
+                                  f"{device}; set device to match (cuda for nccl, cpu for gloo)")
+        self.rank, self.world = (rank, world) if distributed.active() else (0, 1)
+        return device
 
     def _networks(self, model: Trainable) -> dict[str, nn.Module]:
         nets = model.networks()
