@@ -417,6 +417,28 @@ def test_resume_refusals(tmp_path):
         Trainer(cfg, tmp_path).fit(TinyAE(), Samples(8), resume=True)
 
 
+def test_a_save_cut_short_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    folder = tmp_path / "checkpoint"
+    ckpt.save_checkpoint(folder, 1, {"w": torch.ones(3)}, {"progress": {"step": 1}})
+    # killed after the tensors of step 2 were written, before checkpoint.json named them
+    save_file({"w": torch.zeros(3)}, folder / "state-000000002.safetensors")
+    tensors, meta = ckpt.load_checkpoint(folder)
+    assert meta["progress"]["step"] == 1 and torch.equal(tensors["w"], torch.ones(3))
+
+    def broken(tensors, path):  # a full disk halfway through the tensor file
+        Path(path).write_bytes(b"half")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(ckpt, "save_file", broken)
+    with pytest.raises(OSError):
+        ckpt.save_checkpoint(folder, 3, {"w": torch.full((3,), 3.0)}, {"progress": {"step": 3}})
+    monkeypatch.undo()
+    assert ckpt.load_checkpoint(folder)[1]["progress"]["step"] == 1
+    ckpt.save_checkpoint(folder, 4, {"w": torch.full((3,), 4.0)}, {"progress": {"step": 4}})
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint.json",
+                                                         "state-000000004.safetensors"]
+
+
 def test_optimizer_state_round_trips_through_json_and_safetensors(tmp_path):
     model = TinyGAN()
     opt = torch.optim.Adam(model.g.parameters(), lr=1e-3, betas=(0.5, 0.999))

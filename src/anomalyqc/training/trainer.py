@@ -155,13 +155,10 @@ class Trainer:
             self._load_weights(self.best_weights, "best weights")
         for net in self.nets.values():
             net.eval()
-        if lead and cfg.loss_curves and self.log.path.exists():
+        if lead and cfg.loss_curves:  # every epoch logged a training row: there is a curve
             from anomalyqc.training.curves import plot_loss_curves
 
-            try:
-                plot_loss_curves(self.log.path, self.out_dir / "loss_curves.png", self.label)
-            except DataError:
-                pass  # no logged training row yet (a run shorter than log_every)
+            plot_loss_curves(self.log.path, self.out_dir / "loss_curves.png", self.label)
         s = self.state
         return TrainResult(epochs=s.epoch, steps=s.step, stopped_early=s.stopped,
                            best_epoch=s.best_epoch, best_metric=s.best, history=list(s.history),
