@@ -335,7 +335,16 @@ def test_interface_mistakes_are_clear_errors(tmp_path):
     class NoMonitor(TinyAE):
         monitor = "auroc"
 
+    class Diverging(TinyAE):
+        def training_step(self, batch, ctx):
+            out = super().training_step(batch, ctx)
+            return {"loss": out["loss"] if ctx.global_step < 2 else math.inf}
+
     cfg = {"epochs": 1, "batch_size": 4, "loss_curves": False}
+    with pytest.raises(ConfigError, match="diverged: loss became inf at epoch 1, step 3"):
+        Trainer({**cfg, "checkpoint_every": 1}, tmp_path / "d").fit(Diverging(), Samples(14))
+    assert json.loads((tmp_path / "d" / "checkpoint" / "checkpoint.json").read_text())[
+        "progress"]["step"] == 2
     with pytest.raises(ConfigError, match="'encoder'.*among \\['ae'\\]"):
         Trainer(cfg, tmp_path / "a").fit(WrongGroup(), Samples(8))
     with pytest.raises(ConfigError, match="optimizer 'generator'"):
@@ -370,6 +379,7 @@ def _child(mode: str, *args: object, torchrun: bool = False) -> subprocess.Compl
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_killed_mid_epoch_then_resumed_reaches_the_uninterrupted_weights(tmp_path):
     whole = _run(tmp_path / "whole")
     killed = _child("run", tmp_path / "killed", 2, 5)  # SIGKILL after step 5 of epoch 2
@@ -466,6 +476,7 @@ def test_random_states_round_trip():
 
 
 # -------------------------------------------------------------------------- processes
+@pytest.mark.slow
 def test_two_processes_keep_identical_replicas_and_rank_0_writes(tmp_path):
     r = _child("ddp", tmp_path, torchrun=True)
     assert r.returncode == 0, r.stderr[-3000:]

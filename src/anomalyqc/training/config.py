@@ -27,7 +27,8 @@ class TrainConfig(BaseModel):
     plateau_patience: int = Field(3, ge=1)  # thesis 9.1: 3 flat epochs
     plateau_alpha: float = Field(0.1, gt=0)  # LR_k = LR_(k-1) e^-alpha
     plateau_threshold: float = Field(1e-4, ge=0)  # relative improvement that counts
-    cosine_period: int | None = Field(None, ge=1)  # steps per cycle; None: the whole run
+    # steps per cycle; None: the whole run (then more epochs on resume stretch the cycle)
+    cosine_period: int | None = Field(None, ge=1)
     cosine_restart_peak: float = Field(1 / 3, gt=0, le=1)  # thesis 10.5.3: a third
     min_lr_factor: float = Field(0.0, ge=0, le=1)
     # early stopping on the detector's monitored metric; None: never

@@ -298,6 +298,11 @@ class Trainer:
         if s.epoch_steps and set(losses) != set(s.epoch_sums):
             raise ConfigError(f"training_step returned keys {sorted(losses)}, earlier "
                               f"{sorted(s.epoch_sums)}: it must return the same keys every step")
+        bad = [k for k, v in losses.items() if not math.isfinite(float(v))]
+        if bad and self.scaler is None:
+            raise ConfigError(f"training diverged: {', '.join(bad)} became {losses[bad[0]]} at "
+                              f"epoch {s.epoch + 1}, step {s.step + 1}; lower the learning rate "
+                              f"(the last checkpoint in {self.checkpoint_dir} is intact)")
         for k, v in losses.items():
             v = float(v)
             s.log_sums[k] = s.log_sums.get(k, 0.0) + v
@@ -314,6 +319,11 @@ class Trainer:
         for net in self.nets.values():
             net.zero_grad(set_to_none=True)
         opt = self.optimizers[name]
+        if self.scaler is not None and name in self._stepped:
+            # a second step of one optimizer in a training_step: the scaler unscales each
+            # optimizer once per update
+            self.scaler.update()
+            self._stepped.clear()
         if self.scaler is not None:
             self.scaler.scale(loss).backward(retain_graph=retain_graph)
         else:
