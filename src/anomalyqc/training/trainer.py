@@ -303,12 +303,12 @@ class Trainer:
             raise ConfigError(f"training diverged: {', '.join(bad)} became {losses[bad[0]]} at "
                               f"epoch {s.epoch + 1}, step {s.step + 1}; lower the learning rate "
                               f"(the last checkpoint in {self.checkpoint_dir} is intact)")
-        for k, v in losses.items():
-            v = float(v)
-            s.log_sums[k] = s.log_sums.get(k, 0.0) + v
-            s.epoch_sums[k] = s.epoch_sums.get(k, 0.0) + v
-        s.log_steps += 1
-        s.epoch_steps += 1
+        if not bad:  # under fp16 the scaler skipped a step with an overflow: not averaged in
+            for k, v in losses.items():
+                s.log_sums[k] = s.log_sums.get(k, 0.0) + float(v)
+                s.epoch_sums[k] = s.epoch_sums.get(k, 0.0) + float(v)
+            s.log_steps += 1
+            s.epoch_steps += 1
         s.last_lr = {f"lr_{n}": self.base_lr[n] * self.schedule.factor for n in self.optimizers}
         self.schedule.after_step()
 
