@@ -221,6 +221,9 @@ def test_rotation_by_a_quarter_turn_and_flip_are_exact_on_image_mask_and_roi():
     flipped = warp_batch(b, torch.zeros(4, dtype=torch.float64), -torch.ones(4))
     for t, r in ((flipped.image, b.image), (flipped.mask, b.mask), (flipped.roi, b.roi)):
         torch.testing.assert_close(t, torch.flip(r, dims=(2,)), atol=1e-5, rtol=0)
+    both = warp_batch(b, torch.full((4,), math.pi / 2, dtype=torch.float64), -torch.ones(4))
+    torch.testing.assert_close(both.image, torch.rot90(torch.flip(b.image, dims=(2,)), 1, dims=(2, 3)),
+                               atol=1e-5, rtol=0)
 
 
 def test_augmentation_is_seeded_keeps_masks_binary_and_moves_them_with_the_image():
