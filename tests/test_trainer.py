@@ -226,6 +226,15 @@ def test_rotation_by_a_quarter_turn_and_flip_are_exact_on_image_mask_and_roi():
                                atol=1e-5, rtol=0)
 
 
+def test_rotation_of_a_non_square_image_turns_pixels_not_a_sheared_grid():
+    x = torch.rand(2, 1, 16, 32)
+    b = Batch(image=x, label=torch.zeros(2, dtype=torch.int64))
+    out = warp_batch(b, torch.full((2,), math.pi / 2, dtype=torch.float64), torch.ones(2)).image
+    # the central 16x16 square turns in place
+    torch.testing.assert_close(out[..., 8:24], torch.rot90(x[..., 8:24], 1, dims=(2, 3)),
+                               atol=1e-5, rtol=0)
+
+
 def test_augmentation_is_seeded_keeps_masks_binary_and_moves_them_with_the_image():
     b = _batch()
     b.image = b.mask.clone()  # an image that is its own mask: they must stay in step
