@@ -398,10 +398,10 @@ def evaluate_run(run: str | Path, data: str | Path, report: str | Path | None = 
     run = Path(run)
     report_json = Path(report) if report else run / "report" / METRICS_FILE
     check_metrics_file(report_json.name)
-    metrics_target(report_json, "report")
     check_output_folder(report_json.parent, "report folder", [data], run,
                         "pass --report FILE.json in a folder outside the data and outside "
                         "the run folder's top level (the default is RUN/report/metrics.json)")
+    metrics_target(report_json, "report")
     report_check = replaceable_output("report", "report.html")
     _check_output_early(report_json.parent, report_check)
     det = load_detector(run)
