@@ -24,3 +24,8 @@ class CalibrationError(AnomalyQCError):
 
 class ConfigError(AnomalyQCError):
     """An option has a value that cannot work."""
+
+
+class DataWarning(UserWarning):
+    """Input that is read, but in a way the user should know about (a channel conversion, a
+    strong stretch, 12-bit data in 16-bit files). The CLI prints each as one line."""
