@@ -1,12 +1,14 @@
 """anomalyqc command line: thin wrappers over anomalyqc.workflow and friends.
 
-Errors a user can fix (AnomalyQCError) are printed as one line and exit with status 2.
+Errors a user can fix (AnomalyQCError) are printed as one line and exit with status 2;
+warnings about odd but readable input (DataWarning) as one `warning:` line each.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import warnings
 from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
@@ -15,10 +17,11 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress as RichProgress
 from rich.progress import TaskID
 
-from anomalyqc.errors import AnomalyQCError
+from anomalyqc.errors import AnomalyQCError, DataWarning
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Visual anomaly detection for pharmaceutical quality control.")
@@ -41,11 +44,24 @@ class ThresholdMethod(str, Enum):
 
 
 def _run(job: Callable[[], Any]) -> Any:
-    try:
-        return job()
-    except AnomalyQCError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+    with warnings.catch_warnings():  # restores the previous showwarning on the way out
+        warnings.simplefilter("always", DataWarning)  # the library says each kind once
+        default_show = warnings.showwarning
+
+        def show(message: Warning | str, category: type[Warning], *args: Any,
+                 **kwargs: Any) -> None:
+            if issubclass(category, DataWarning):
+                console.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False,
+                              soft_wrap=True)
+            else:
+                default_show(message, category, *args, **kwargs)
+
+        warnings.showwarning = show
+        try:
+            return job()
+        except AnomalyQCError as exc:
+            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
 
 
 def _parse_sets(items: list[str]) -> dict[str, Any]:

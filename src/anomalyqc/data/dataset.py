@@ -3,10 +3,15 @@
 Pixels are read in __getitem__ only, so a dataset of any size streams through a
 DataLoader. The channel count is fixed when the dataset is built (not on first access),
 so that every DataLoader worker agrees on it.
+
+ROI files that a layout finds (Record.roi_path) are not read: the embedding detectors score
+the whole image, so Sample.roi stays None and the dataset says so once. They are for the
+reconstruction detector (GRD-Net, issue 8), which scores inside the ROI.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from anomalyqc.data.io import read_image, read_mask
 from anomalyqc.data.layouts import Record
-from anomalyqc.data.transforms import ImageTransform, check_channels, convert_channels
+from anomalyqc.data.transforms import ImageTransform, check_channels, convert_noted
 from anomalyqc.errors import ConfigError, DataError
 from anomalyqc.types import Batch, Sample
 
@@ -43,9 +48,19 @@ class ImageDataset(Dataset[Sample]):
         explicit = channels if channels is not None else transform.channels
         self.convert = explicit is not None
         self.channels: int = explicit if explicit is not None else self._first_channels()
+        self._note_unused_rois()
 
     def _first_channels(self) -> int:
-        return int(read_image(self.records[0].path).shape[2])
+        return int(read_image(self.records[0].path, notes=self.transform.notes).shape[2])
+
+    def _note_unused_rois(self) -> None:
+        rois = [str(r.roi_path.parent) for r in self.records if r.roi_path is not None]
+        if rois:
+            self.transform.notes.warn(
+                "roi",
+                f"ROI masks in {os.path.commonpath(rois)} are not used by the embedding "
+                "detectors, which score the whole image (they are for GRD-Net, issue 8)",
+            )
 
     def __len__(self) -> int:
         return len(self.records)
@@ -54,23 +69,21 @@ class ImageDataset(Dataset[Sample]):
         record = self.records[index]
         image = self._read_image(record.path)
         mask = self._read_aligned(record.mask_path, record.path, image, "mask")
-        roi = self._read_aligned(record.roi_path, record.path, image, "ROI")
-        image_t, mask_t, roi_t = self.transform(image, mask, roi)
+        image_t, mask_t, _ = self.transform(image, mask, source=record.path)
         return Sample(
             image=image_t,
             label=record.label,
             mask=mask_t,
-            roi=roi_t,
             defect_type=record.defect_type,
             path=str(record.path),
         )
 
     def _read_image(self, path: Path) -> np.ndarray:
-        image = read_image(path)
+        image = read_image(path, notes=self.transform.notes)
         if image.shape[2] == self.channels:
             return image
         if self.convert:
-            return convert_channels(image, self.channels)
+            return convert_noted(image, self.channels, self.transform.notes, path)
         first = self.records[0].path
         raise DataError(
             f"image {path} has {image.shape[2]} channel(s) but the dataset has {self.channels} "

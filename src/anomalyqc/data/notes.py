@@ -25,4 +25,4 @@ class InputNotes:
         if kind in self.said:
             return
         self.said.add(kind)
-        warnings.warn(f"{message} (said once per dataset)", DataWarning, stacklevel=3)
+        warnings.warn(f"{message} (said once, not per image)", DataWarning, stacklevel=3)
