@@ -91,6 +91,23 @@ def _print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
 
 
+def _print_line(text: str) -> None:
+    """A stdout line that may hold file names which are not valid UTF-8 (Linux allows any
+    bytes): they go out as their original bytes instead of failing with UnicodeEncodeError
+    where stdout is strict UTF-8."""
+    try:
+        sys.stdout.write(text + "\n")
+    except UnicodeEncodeError:
+        encoding = sys.stdout.encoding or "utf-8"
+        try:
+            data = (text + "\n").encode(encoding, "surrogateescape")
+        except UnicodeEncodeError:
+            data = (text + "\n").encode(encoding, "backslashreplace")
+        sys.stdout.flush()
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+
+
 class _Bars:
     """The progress callback the CLI hands to the library (anomalyqc.progress.Progress): one
     rich bar per description, drawn on stderr because stdout carries the JSON. Nothing is drawn
@@ -290,7 +307,7 @@ def predict(
         rows = _run(lambda: predict_paths(run, inputs, out, batch_size, progress=bars))
     for r in rows:
         decision = r["decision"] or "uncalibrated (run `anomalyqc calibrate` first)"
-        sys.stdout.write(f"{r['path']}\t{r['score']:.4f}\t{decision}\t{r['heatmap']}\n")
+        _print_line(f"{r['path']}\t{r['score']:.4f}\t{decision}\t{r['heatmap']}")
 
 
 @app.command()

@@ -9,7 +9,9 @@ predict_paths: run folder + image files -> score, decision and heatmap per image
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import resource
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -417,7 +419,7 @@ def predict_paths(run: str | Path, inputs: Iterable[str | Path], out: str | Path
         pred = det.predict(x)
         for i, f in enumerate(chunk):
             score = float(pred.score[i])
-            heat = _unique(out / f"{f.parent.name}_{f.stem}_heatmap.png", used)
+            heat = _unique(out / _heatmap_name(f), used)
             atomic_write_bytes(heat, overlay_png(x[i], pred.anomaly_map[i, 0], threshold))
             rows.append({
                 "path": str(f),
@@ -429,6 +431,23 @@ def predict_paths(run: str | Path, inputs: Iterable[str | Path], out: str | Path
             })
     atomic_write_json(out / "predictions.json", rows)
     return rows
+
+
+# Bytes a heatmap's name may take: under NAME_MAX (255) with room for _unique's "_k" and the
+# ".<name>.<12 hex>.tmp" of an atomic write.
+_MAX_HEATMAP_NAME = 220
+
+
+def _heatmap_name(image: Path) -> str:
+    """<folder>_<stem>_heatmap.png, shortened (with a hash of the full name, so distinct
+    long names stay distinct) when an image's 255-byte name would not fit."""
+    stem, suffix = f"{image.parent.name}_{image.stem}", "_heatmap.png"
+    if len(os.fsencode(stem + suffix)) <= _MAX_HEATMAP_NAME:
+        return stem + suffix
+    tag = "_" + hashlib.sha256(os.fsencode(stem)).hexdigest()[:8]
+    while len(os.fsencode(stem + tag + suffix)) > _MAX_HEATMAP_NAME:
+        stem = stem[:-1]  # by character, so a multi-byte character is never cut in half
+    return stem + tag + suffix
 
 
 def _unique(path: Path, used: set[Path]) -> Path:
