@@ -12,7 +12,7 @@ reconstruction detector (GRD-Net, issue 8), which scores inside the ROI.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from anomalyqc.data.io import read_image, read_mask
 from anomalyqc.data.layouts import Record
 from anomalyqc.data.transforms import ImageTransform, check_channels, convert_noted
-from anomalyqc.errors import ConfigError, DataError
+from anomalyqc.errors import AnomalyQCError, ConfigError, DataError
 from anomalyqc.types import Batch, Sample
 
 
@@ -118,13 +118,42 @@ def make_loader(
         raise ConfigError(f"batch size must be at least 1, got {batch_size}")
     if num_workers < 0:
         raise ConfigError(f"num_workers must be 0 or more, got {num_workers}")
-    return DataLoader(
+    return _Loader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
         num_workers=num_workers,
         collate_fn=Batch.collate,
     )
+
+
+class _Loader(DataLoader[Sample]):
+    """A DataLoader whose worker errors read as the worker raised them. torch re-raises an
+    exception from a worker process with the worker's whole traceback as its message, which
+    turns a one-line DataError into a page; this puts the one line back."""
+
+    def __iter__(self) -> Iterator[Batch]:  # type: ignore[override]
+        it = super().__iter__()
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except AnomalyQCError as exc:
+                message = _worker_message(exc)
+                if message is None:
+                    raise
+                raise type(exc)(message) from None
+            yield batch
+
+
+def _worker_message(exc: AnomalyQCError) -> str | None:
+    """The original message of an error torch wrapped in a worker traceback, else None."""
+    text = str(exc)
+    marker = f"{type(exc).__module__}.{type(exc).__qualname__}: "
+    if not text.startswith("Caught ") or marker not in text:
+        return None
+    return text.rsplit(marker, 1)[1].strip()
 
 
 def _hw(shape: tuple[int, ...]) -> str:

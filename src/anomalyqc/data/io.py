@@ -33,6 +33,7 @@ except ImportError:  # optional speed-up: OpenCV decodes everything without it
 
 from anomalyqc.data.headers import PNG_SIGNATURE, Header, HeaderError, read_header
 from anomalyqc.data.notes import InputNotes
+from anomalyqc.data.orientation import upright
 from anomalyqc.data.transforms import check_channels, convert_channels, resize_mask
 from anomalyqc.errors import ConfigError, DataError
 
@@ -191,7 +192,7 @@ def _decode(path: Path, kind: str) -> tuple[np.ndarray, bool, Header]:
         if bad:
             raise fail(f"has {bad} non-finite pixel value(s) (NaN or infinity)",
                        "fix or remove the file: a NaN pixel has no defined anomaly score")
-    return _upright(raw, header.orientation), bgr, header
+    return upright(raw, header.format, header.orientation), bgr, header
 
 
 def _read_bytes(path: Path, fail: Fail) -> bytes:
@@ -246,25 +247,6 @@ def _checked_header(data: bytes, fail: Fail) -> Header:
         raise fail(f"{header.format} with {header.pages} {what}; only single-image files "
                    "are scored", "save each page as its own file")
     return header
-
-
-# EXIF orientation -> the array operation that shows the image as a viewer displays it.
-_UPRIGHT: dict[int, Callable[[np.ndarray], np.ndarray]] = {
-    2: lambda a: a[:, ::-1],
-    3: lambda a: a[::-1, ::-1],
-    4: lambda a: a[::-1],
-    5: lambda a: a.swapaxes(0, 1),
-    6: lambda a: np.rot90(a, -1),
-    7: lambda a: a[::-1, ::-1].swapaxes(0, 1),
-    8: lambda a: np.rot90(a, 1),
-}
-
-
-def _upright(raw: np.ndarray, orientation: int) -> np.ndarray:
-    """OpenCV's IMREAD_UNCHANGED ignores EXIF orientation; a mask must turn with its image,
-    so it is applied here for both."""
-    op = _UPRIGHT.get(orientation)
-    return raw if op is None else np.ascontiguousarray(op(raw))
 
 
 def _bytes(n: int) -> str:
