@@ -206,7 +206,8 @@ def test_image_transform_shapes() -> None:
     assert image.shape == (3, 16, 16) and image.dtype == torch.float32
     assert mask is not None and mask.shape == (1, 16, 16) and mask.dtype == torch.float32
     assert set(mask.unique().tolist()) == {0.0, 1.0} and roi is None
-    gray = ImageTransform(12, channels=1).image(rgb_image().astype(np.float32) / 255)
+    with pytest.warns(DataWarning, match="RGB but the model takes gray"):
+        gray = ImageTransform(12, channels=1).image(rgb_image().astype(np.float32) / 255)
     assert gray.shape == (1, 12, 12)
     with pytest.raises(ConfigError):
         ImageTransform(16, crop_size=20)
@@ -311,8 +312,10 @@ def test_explicit_channels_convert_mixed_dataset(tmp_path: Path) -> None:
         Record(write(tmp_path / "a.png", rgb_image()), GOOD, "good"),
         Record(write(tmp_path / "b.png", gray_image()), GOOD, "good"),
     ]
-    assert ImageDataset(recs, ImageTransform(8), channels=3)[1].image.shape == (3, 8, 8)
-    assert ImageDataset(recs, ImageTransform(8), channels=1)[0].image.shape == (1, 8, 8)
+    with pytest.warns(DataWarning, match="b.png is gray but the model takes RGB"):
+        assert ImageDataset(recs, ImageTransform(8), channels=3)[1].image.shape == (3, 8, 8)
+    with pytest.warns(DataWarning, match="a.png is RGB but the model takes gray"):
+        assert ImageDataset(recs, ImageTransform(8), channels=1)[0].image.shape == (1, 8, 8)
 
 
 # ---------------------------------------------------------------------------- bad input

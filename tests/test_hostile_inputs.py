@@ -16,13 +16,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from conftest import SMALL, invoke
 
 from anomalyqc.data import ImageDataset, ImageTransform, Record, mvtec_records, read_image, read_mask
 from anomalyqc.data import io as image_io
 from anomalyqc.data.headers import read_header
 from anomalyqc.errors import ConfigError, DataError, DataWarning
 from anomalyqc.types import GOOD
-from conftest import SMALL, invoke
 
 PNG_SIG = b"\x89PNG\r\n\x1a\n"
 
