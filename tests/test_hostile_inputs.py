@@ -279,6 +279,30 @@ def test_multi_page_tiff_is_refused_naming_the_page_count(tmp_path):
         read_image(path)
 
 
+def with_second_ifd(tiff: bytes, subfile: int) -> bytes:
+    """Chain a second 2x2 IFD (NewSubfileType `subfile`) after the first one of tiff_bytes."""
+    (count,) = struct.unpack("<H", tiff[8:10])
+    at = len(tiff) + len(tiff) % 2
+    entries = [(254, 4, subfile), (256, 4, 2), (257, 4, 2), (258, 3, 8), (259, 3, 1),
+               (262, 3, 1), (273, 4, at + 2 + 12 * 10 + 4), (277, 3, 1), (278, 4, 2),
+               (279, 4, 4)]
+    ifd = struct.pack("<H", len(entries))
+    for tag, kind, value in sorted(entries):
+        packed = struct.pack("<Hxx", value) if kind == 3 else struct.pack("<I", value)
+        ifd += struct.pack("<HHI", tag, kind, 1) + packed
+    patched = tiff[:10 + 12 * count] + struct.pack("<I", at) + tiff[14 + 12 * count:]
+    return patched + b"\x00" * (at - len(tiff)) + ifd + struct.pack("<I", 0) + bytes(4)
+
+
+def test_tiff_thumbnail_is_not_a_page(tmp_path):
+    pixels = np.arange(16, dtype=np.uint8).reshape(4, 4)
+    with_thumb = with_second_ifd(tiff_bytes(pixels), subfile=1)
+    got = read_image(put(tmp_path / "thumb.tif", with_thumb))
+    np.testing.assert_array_equal(np.rint(got[..., 0] * 255), pixels)
+    with pytest.raises(DataError, match="TIFF with 2 pages"):
+        read_image(put(tmp_path / "two.tif", with_second_ifd(tiff_bytes(pixels), subfile=2)))
+
+
 def test_animated_png_is_refused(tmp_path):
     png = encode(".png", np.zeros((8, 8), np.uint8))
     apng = with_chunk_after_ihdr(png, b"acTL", struct.pack(">II", 2, 0))

@@ -18,11 +18,12 @@ from dataclasses import dataclass
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
-# Past this many chained IFDs a TIFF is refused as multi-page anyway; stop counting there.
+# Chained IFDs looked at, at most (a hostile file could chain millions).
 _MAX_PAGES_COUNTED = 10_000
 # JPEG start-of-frame markers: C0-CF except DHT (C4), JPG (C8) and DAC (CC).
 _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
-_TAG_WIDTH, _TAG_LENGTH, _TAG_ORIENTATION = 256, 257, 274
+_TAG_SUBFILE, _TAG_WIDTH, _TAG_LENGTH, _TAG_ORIENTATION = 254, 256, 257, 274
+_REDUCED_RESOLUTION = 1  # NewSubfileType bit of a thumbnail/preview IFD (not a page)
 
 
 class HeaderError(ValueError):
@@ -154,7 +155,7 @@ def _bmp(data: bytes) -> Header:
 
 # ----------------------------------------------------------------------------------- TIFF
 
-# (struct code, size) of the TIFF field types that can hold a size or an orientation.
+# (struct code, size) of the TIFF field types of the tags read: sizes, orientation, subfile.
 _TYPES = {3: ("H", 2), 4: ("I", 4), 16: ("Q", 8)}
 
 
@@ -165,15 +166,18 @@ def _tiff(data: bytes) -> Header:
     if _TAG_WIDTH not in tags or _TAG_LENGTH not in tags:
         raise HeaderError("TIFF without ImageWidth/ImageLength tags")
     pages, seen = 1, {offset}
-    while next_offset and pages < _MAX_PAGES_COUNTED:
+    while next_offset and len(seen) < _MAX_PAGES_COUNTED:
         if next_offset in seen or next_offset >= len(data):
             break  # a loop or a dangling offset: count what is there
         seen.add(next_offset)
-        pages += 1
         try:
-            next_offset = _ifd_tags(data, next_offset, endian, big)[1]
+            later, following = _ifd_tags(data, next_offset, endian, big)
         except (struct.error, IndexError):
-            break  # a corrupt later page: already more than one, which is refused
+            pages += 1  # a corrupt later page still makes the file more than one image
+            break
+        if not later.get(_TAG_SUBFILE, 0) & _REDUCED_RESOLUTION:  # thumbnails are no pages
+            pages += 1
+        next_offset = following
     orientation = tags.get(_TAG_ORIENTATION, 1)
     return Header("TIFF", tags[_TAG_WIDTH], tags[_TAG_LENGTH], pages=pages,
                   orientation=orientation if orientation in range(1, 9) else 1)
@@ -204,7 +208,8 @@ def _ifd_tags(data: bytes, offset: int, endian: str, big: bool) -> tuple[dict[in
     for i in range(count):
         entry = data[base + i * entry_size:base + (i + 1) * entry_size]
         tag, kind = struct.unpack(endian + "HH", entry[:4])
-        if kind not in _TYPES or tag not in (_TAG_WIDTH, _TAG_LENGTH, _TAG_ORIENTATION):
+        if kind not in _TYPES or tag not in (_TAG_SUBFILE, _TAG_WIDTH, _TAG_LENGTH,
+                                             _TAG_ORIENTATION):
             continue
         code, _ = _TYPES[kind]
         value_at = 12 if big else 8  # the value sits in the entry when it fits, as ours do
