@@ -19,7 +19,7 @@ from dataclasses import dataclass
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 # Chained IFDs looked at, at most (a hostile file could chain millions).
-_MAX_PAGES_COUNTED = 10_000
+_MAX_IFDS = 10_000
 # JPEG start-of-frame markers: C0-CF except DHT (C4), JPG (C8) and DAC (CC).
 _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 _TAG_SUBFILE, _TAG_WIDTH, _TAG_LENGTH, _TAG_ORIENTATION = 254, 256, 257, 274
@@ -166,7 +166,7 @@ def _tiff(data: bytes) -> Header:
     if _TAG_WIDTH not in tags or _TAG_LENGTH not in tags:
         raise HeaderError("TIFF without ImageWidth/ImageLength tags")
     pages, seen = 1, {offset}
-    while next_offset and len(seen) < _MAX_PAGES_COUNTED:
+    while next_offset and len(seen) < _MAX_IFDS:
         if next_offset in seen or next_offset >= len(data):
             break  # a loop or a dangling offset: count what is there
         seen.add(next_offset)
