@@ -208,6 +208,19 @@ def test_unknown_format_is_refused_without_decoding(tmp_path, monkeypatch):
         read_image(path)
 
 
+def test_broken_headers_are_one_line(tmp_path, monkeypatch):
+    no_decoding(monkeypatch)
+    with pytest.raises(DataError, match=r"zero.png: PNG header declares a 5x0 \(HxW\) image"):
+        read_image(put(tmp_path / "zero.png", png_bomb(0, 5)))
+    jpeg = encode(".jpg", np.zeros((8, 8), np.uint8))
+    sof = jpeg.index(b"\xff\xc0")
+    no_frame = jpeg[:sof] + b"\xff\xd9"  # markers end before any frame header
+    with pytest.raises(DataError, match="noframe.jpg: JPEG without a frame header"):
+        read_image(put(tmp_path / "noframe.jpg", no_frame))
+    with pytest.raises(DataError, match="cut.tif: TIFF header cut short"):
+        read_image(put(tmp_path / "cut.tif", b"II*\x00" + struct.pack("<I", 8) + b"\x05"))
+
+
 # -------------------------------------------------------------------- huge and odd files
 
 

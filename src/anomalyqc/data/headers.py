@@ -72,7 +72,7 @@ def read_header(data: bytes) -> Header | None:
     except (struct.error, IndexError) as exc:
         raise HeaderError(f"{fmt} header cut short ({exc})") from exc
     if header.width <= 0 or header.height <= 0:
-        raise HeaderError(f"{fmt} header declares a {header.width}x{header.height} (WxH) image")
+        raise HeaderError(f"{fmt} header declares a {header.height}x{header.width} (HxW) image")
     return header
 
 
