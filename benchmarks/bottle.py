@@ -42,6 +42,8 @@ DETECTORS = {
     "mhbc_global_cov": ("mhbc", ["--set", "covariance=global"]),
     "mhbc_euclidean": ("mhbc", ["--set", "covariance=none"]),
     "mhbc_pca48": ("mhbc", ["--set", "reduction=pca", "--set", "reduced_dim=48"]),
+    **{f"{d}_eps{e}": (d, ["--set", f"eps={e}"]) for d in ("padim", "mhbc")
+       for e in ("0.1", "1", "10", "100")},
 }
 VARIANTS = ["padim", "padim_random100", "mhbc", "mhbc_two_pass", "mhbc_pooled_cov",
             "mhbc_global_cov", "mhbc_euclidean", "patchcore", "patchcore_patch_max",
@@ -49,6 +51,10 @@ VARIANTS = ["padim", "padim_random100", "mhbc", "mhbc_two_pass", "mhbc_pooled_co
 # The multi-modal case (README, "Where MhBC-PatchCore's clusters pay off").
 MULTIMODAL = ["padim", "mhbc", "mhbc_k64", "mhbc_two_pass", "mhbc_pooled_cov", "mhbc_global_cov",
               "mhbc_euclidean", "patchcore", "patchcore_1pct", "patchcore_kmeans_1pct"]
+
+# The covariance regularisation eps (B.6) against the per-location covariance's noise.
+REGULARISATION = ["padim", *(f"padim_eps{e}" for e in ("0.1", "1", "10", "100")),
+                  "mhbc", *(f"mhbc_eps{e}" for e in ("1", "10", "100")), "mhbc_euclidean"]
 
 
 def run_json(args: list[str]) -> dict:
@@ -61,8 +67,8 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--work", type=Path, default=Path("/tmp/anomalyqc_bench"))
     ap.add_argument("--only", nargs="*", default=["patchcore", "padim", "mhbc"],
-                    help=f"any of {', '.join(DETECTORS)}; 'variants' or 'multimodal' for "
-                         "those tables")
+                    help=f"any of {', '.join(DETECTORS)}; 'variants', 'multimodal' or "
+                         "'regularisation' for those tables")
     ap.add_argument("--image-size", default="256")
     ap.add_argument("--name", default="bottle", help="results file benchmarks/results/NAME.json")
     ap.add_argument("--no-latency", action="store_true", help="skip `anomalyqc benchmark`")
@@ -70,7 +76,7 @@ def main() -> None:
     started = provenance()  # at the start: the commit the figures come from
     if not (args.data / "train" / "good").is_dir() and not (args.data / "good").is_dir():
         sys.exit(f"no dataset at {args.data}: pass --data")
-    groups = {"variants": VARIANTS, "multimodal": MULTIMODAL}
+    groups = {"variants": VARIANTS, "multimodal": MULTIMODAL, "regularisation": REGULARISATION}
     only = [n for o in args.only for n in groups.get(o, [o])]
     results = {}
     for name in only:

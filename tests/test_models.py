@@ -17,7 +17,15 @@ import torch
 from anomalyqc.errors import ConfigError, DataError, ModelFileError
 from anomalyqc.models import Mhbc, Padim, Patchcore, detector_class
 from anomalyqc.models.base import Detector
-from anomalyqc.models.storage import CONFIG_FILE, FORMAT, WEIGHTS_FILE, load_detector
+from anomalyqc.models.storage import (
+    CONFIG_FILE,
+    FORMAT,
+    MANIFEST_FILE,
+    WEIGHTS_FILE,
+    load_detector,
+    read_manifest,
+    write_manifest,
+)
 from anomalyqc.stats.kmeans import OnlineKMeans
 from anomalyqc.stats.moments import OnlineMoments
 from anomalyqc.types import Batch
@@ -234,7 +242,7 @@ def test_save_load_gives_identical_predictions(tmp_path, name, params):
     det = fitted(name, n_train=8, **params)
     before = det.predict(TEST_BAD)
     run = det.save(tmp_path / "run")
-    assert sorted(p.name for p in run.iterdir()) == [CONFIG_FILE, WEIGHTS_FILE]
+    assert sorted(p.name for p in run.iterdir()) == [CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE]
     cfg = json.loads((run / CONFIG_FILE).read_text())
     assert cfg["format"] == FORMAT and cfg["detector"] == name
     assert cfg["params"]["channels"] == 3
@@ -400,6 +408,7 @@ def test_load_weights_of_another_detector(saved_run, tmp_path):
     cfg = json.loads((run / CONFIG_FILE).read_text())
     cfg["detector"] = "mhbc"  # PaDiM's parameters are all valid MhBC parameters
     (run / CONFIG_FILE).write_text(json.dumps(cfg))
+    write_manifest(run)  # a consistent forgery: the weights check must still catch it
     with pytest.raises(ModelFileError, match=WEIGHTS_FILE) as err:
         load_detector(run)
     assert "centroids" in str(err.value)
@@ -605,3 +614,64 @@ def test_fitting_again_starts_from_scratch(name):
     det.fit(batches(SHARD_B))
     ref = fresh(name, SHARD_B)
     torch.testing.assert_close(det.predict(TEST_GOOD[:2]).score, ref.predict(TEST_GOOD[:2]).score)
+
+
+# ------------------------------------------------------------------ manifest and model id
+def test_manifest_records_identity_and_load_sets_model_id(saved_run, tmp_path):
+    run = copy_run(saved_run, tmp_path / "run")
+    manifest = read_manifest(run)
+    assert len(manifest.model_id) == 16 and manifest.detector == "padim"
+    assert manifest.input_size == (64, 64) and manifest.channels == 3
+    assert set(manifest.files) == {CONFIG_FILE, WEIGHTS_FILE}
+    assert load_detector(run).model_id == manifest.model_id
+
+
+def test_model_id_follows_the_bytes_of_config_and_weights(tmp_path):
+    a = fitted("padim", n_train=6)
+    a.save(tmp_path / "a")
+    first = a.model_id
+    a.save(tmp_path / "a2")
+    assert a.model_id == first  # same model, same bytes, same id
+    b = fitted("padim", n_train=7)
+    b.save(tmp_path / "b")
+    assert b.model_id != first
+
+
+def test_edited_config_is_refused(saved_run, tmp_path):
+    run = copy_run(saved_run, tmp_path / "run")
+    cfg = json.loads((run / CONFIG_FILE).read_text())
+    cfg["params"]["blur_sigma"] = 0.5  # still a valid config: only the manifest can tell
+    (run / CONFIG_FILE).write_text(json.dumps(cfg))
+    with pytest.raises(ModelFileError, match=CONFIG_FILE) as err:
+        load_detector(run)
+    assert "does not match" in str(err.value) and MANIFEST_FILE in str(err.value)
+
+
+def test_weights_from_another_run_are_refused(tmp_path):
+    a, b = fitted("padim", n_train=6), fitted("padim", n_train=7)
+    run_a, run_b = a.save(tmp_path / "a"), b.save(tmp_path / "b")
+    (run_a / WEIGHTS_FILE).write_bytes((run_b / WEIGHTS_FILE).read_bytes())
+    with pytest.raises(ModelFileError, match=WEIGHTS_FILE) as err:
+        load_detector(run_a)
+    assert "SHA-256" in str(err.value)
+
+
+def test_missing_or_corrupt_manifest(saved_run, tmp_path):
+    run = copy_run(saved_run, tmp_path / "run")
+    (run / MANIFEST_FILE).write_text("{\"format\": \"anomalyqc-manifest\"")
+    with pytest.raises(ModelFileError, match=MANIFEST_FILE) as err:
+        load_detector(run)
+    assert "corrupt" in str(err.value)
+    (run / MANIFEST_FILE).unlink()
+    with pytest.raises(ModelFileError, match=MANIFEST_FILE) as err:
+        load_detector(run)
+    assert "missing" in str(err.value)
+
+
+def test_garbage_weights_behind_a_matching_manifest(saved_run, tmp_path):
+    run = copy_run(saved_run, tmp_path / "run")
+    (run / WEIGHTS_FILE).write_bytes(b"\x00garbage\xff" * 100)
+    write_manifest(run)
+    with pytest.raises(ModelFileError, match=WEIGHTS_FILE) as err:
+        load_detector(run)
+    assert "not a safetensors file" in str(err.value)

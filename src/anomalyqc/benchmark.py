@@ -18,6 +18,7 @@ from anomalyqc.data import records_for
 from anomalyqc.data.io import read_image
 from anomalyqc.errors import DataError
 from anomalyqc.models.storage import load_detector
+from anomalyqc.options import at_least
 from anomalyqc.workflow import FIT_INFO_FILE, peak_rss_mb, transform_for
 
 
@@ -29,6 +30,9 @@ def _summary(ms: list[float]) -> dict[str, float]:
 
 def benchmark_run(run: str | Path, data: str | Path, batch_size: int = 16,
                   repeats: int = 50, warmup: int = 3) -> dict[str, Any]:
+    at_least(batch_size, 1, "batch_size")
+    at_least(repeats, 1, "repeats")
+    at_least(warmup, 0, "warmup")
     run = Path(run)
     det = load_detector(run)
     tf = transform_for(det)

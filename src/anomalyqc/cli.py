@@ -22,6 +22,15 @@ from rich.progress import Progress as RichProgress
 from rich.progress import TaskID
 
 from anomalyqc.errors import AnomalyQCError, DataWarning
+from anomalyqc.fileio import json_safe
+from anomalyqc.options import (
+    at_least,
+    file_target,
+    folder_target,
+    metrics_target,
+    no_dedicated_sets,
+    threshold_options,
+)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Visual anomaly detection for pharmaceutical quality control.")
@@ -88,7 +97,8 @@ def _parse_size(text: str, option: str) -> int | tuple[int, int]:
 
 
 def _print_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    """Strict JSON on stdout (NaN and inf as null), like every file we write."""
+    sys.stdout.write(json.dumps(json_safe(obj), indent=2, default=str, allow_nan=False) + "\n")
 
 
 def _print_line(text: str) -> None:
@@ -191,11 +201,22 @@ def fit(
                                    "torchrun; gloo on CPU, NCCL with CUDA)."),
 ) -> None:
     """Fit a detector on the good training images and save it to a run folder."""
+    from anomalyqc.models.base import detector_class
     from anomalyqc.workflow import fit_run
 
+    sets = _parse_sets(set_)
     params = {"backbone": backbone, "image_size": _parse_size(image_size, "--image-size"),
               "crop_size": _parse_size(crop_size, "--crop-size") if crop_size else None,
-              **_parse_sets(set_)}
+              **sets}
+
+    def check() -> None:  # everything that can be refused before any image is read
+        at_least(batch_size, 1, "--batch-size")
+        at_least(workers, 0, "--workers")
+        no_dedicated_sets(sets)
+        folder_target(out, "--out")
+        detector_class(detector.value)(params)  # parameter ranges and types, one line
+
+    _run(check)
     if nproc > 1:
         from anomalyqc.launch import relaunch_with_torchrun
 
@@ -222,6 +243,7 @@ def merge(
     exactly up to K-Means re-clustering; PatchCore as the union of the banks)."""
     from anomalyqc.workflow import merge_runs
 
+    _run(lambda: folder_target(out, "--out"))
     _run(lambda: merge_runs(runs, out))
     _print_json(json.loads((out / "fit_info.json").read_text()))
     console.print(f"merged model saved to {out}")
@@ -233,8 +255,9 @@ def evaluate(
     data: Path = typer.Option(..., "--data", help="Dataset with a labelled test split."),
     report: Path | None = typer.Option(None, help="Write the metrics JSON here (the HTML "
                                                      "report goes beside it)."),
-    threshold_method: ThresholdMethod = typer.Option(ThresholdMethod.f1,
-                                                     help="How to choose the threshold."),
+    threshold_method: ThresholdMethod | None = typer.Option(
+        None, help="How to choose the threshold when the run has none, or with "
+                   "--recalibrate (default f1)."),
     threshold: float | None = typer.Option(None, help="Threshold for --threshold-method "
                                                          "fixed."),
     recalibrate: bool = typer.Option(False, help="Choose a new threshold even if the run "
@@ -249,11 +272,21 @@ def evaluate(
     Without ground-truth masks (no ground_truth/ folder, or --no-masks) pixel_auroc and
     aupro are null and the report has no ground-truth column.
     """
+    from anomalyqc.evaluation.threshold_file import threshold_path
     from anomalyqc.workflow import evaluate_run
 
+    def check() -> str:
+        at_least(batch_size, 1, "--batch-size")
+        if report is not None:
+            metrics_target(report)
+        stored = threshold_path(run)
+        return threshold_options(threshold_method.value if threshold_method else None,
+                                 threshold, recalibrate, stored if stored.is_file() else None)
+
+    method = _run(check)
     with _Bars() as bars:
-        metrics = _run(lambda: evaluate_run(run, data, report, threshold_method.value, threshold,
-                                            recalibrate or threshold_method.value == "fixed",
+        metrics = _run(lambda: evaluate_run(run, data, report, method, threshold,
+                                            recalibrate or method == "fixed",
                                             batch_size, progress=bars, masks=not no_masks))
     _print_json(metrics)
     for note in metrics["notes"]:
@@ -284,10 +317,18 @@ def calibrate(
     from anomalyqc.workflow import calibrate_run
 
     del no_masks  # calibration never reads masks (see the option's help)
+
+    def check() -> None:
+        at_least(batch_size, 1, "--batch-size")
+        threshold_options(threshold_method.value, threshold)
+
+    _run(check)
     with _Bars() as bars:
         result = _run(lambda: calibrate_run(run, data, threshold_method.value, threshold,
                                             batch_size, progress=bars))
     _print_json(result)
+    for note in result["notes"]:
+        console.print(f"note: {note}", highlight=False, soft_wrap=True)
     console.print(f"threshold {result['threshold']:.6g} ({result['threshold_method']}) chosen "
                   f"by `anomalyqc calibrate` on {data}, saved to {result['threshold_file']}",
                   highlight=False, soft_wrap=True)
@@ -300,14 +341,28 @@ def predict(
     out: Path = typer.Option(..., "--out", help="Folder for heatmaps and predictions.json."),
     batch_size: int = typer.Option(8),
 ) -> None:
-    """Score images: score, decision (when the run is calibrated) and a heatmap each."""
+    """Score images: score, decision (when the run is calibrated) and a heatmap each.
+
+    An image whose score is not a finite number (the detector failed on it) is a defect,
+    calibrated or not, with a warning: a failure is never passed as good.
+    """
     from anomalyqc.workflow import predict_paths
 
+    def check() -> None:
+        at_least(batch_size, 1, "--batch-size")
+        folder_target(out, "--out")
+
+    _run(check)
     with _Bars() as bars:
         rows = _run(lambda: predict_paths(run, inputs, out, batch_size, progress=bars))
     for r in rows:
+        if r["score"] is None:
+            console.print(f"warning: {r['path']}: {r['reason']}", highlight=False,
+                          soft_wrap=True)
+    for r in rows:
         decision = r["decision"] or "uncalibrated (run `anomalyqc calibrate` first)"
-        _print_line(f"{r['path']}\t{r['score']:.4f}\t{decision}\t{r['heatmap']}")
+        score = "non-finite" if r["score"] is None else f"{r['score']:.4f}"
+        _print_line(f"{r['path']}\t{score}\t{decision}\t{r['heatmap']}")
 
 
 @app.command()
@@ -321,6 +376,13 @@ def benchmark(
     """Fit time and memory (from the fit), latency, throughput and peak RSS, as JSON."""
     from anomalyqc.benchmark import benchmark_run
 
+    def check() -> None:
+        at_least(batch_size, 1, "--batch-size")
+        at_least(repeats, 1, "--repeats")
+        if out is not None:
+            file_target(out, "--out", "benchmark.json")
+
+    _run(check)
     result = _run(lambda: benchmark_run(run, data, batch_size, repeats))
     if out:
         from anomalyqc.fileio import atomic_write_json

@@ -12,6 +12,7 @@ creates, so run folders and reports are readable by whoever the user's umask all
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import stat
@@ -95,9 +96,22 @@ def atomic_write_bytes(path: str | Path, data: bytes, durable: bool = True) -> N
         fh.write(data)
 
 
+def json_safe(obj: Any) -> Any:
+    """`obj` with every NaN or infinite float replaced by None: strict JSON has no NaN, and
+    a bare NaN in a file makes most readers other than Python's fail on the whole file."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def atomic_write_json(path: str | Path, obj: Any) -> None:
-    """Indented JSON with sorted keys, so that reruns diff cleanly."""
-    text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
+    """Indented, strict JSON (non-finite floats as null) with sorted keys, so that reruns
+    diff cleanly."""
+    text = json.dumps(json_safe(obj), indent=2, sort_keys=True, allow_nan=False) + "\n"
     atomic_write_bytes(path, text.encode("utf-8"))
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import resource
 import time
@@ -30,6 +31,7 @@ from anomalyqc.errors import CalibrationError, ConfigError, DataError, ModelFile
 from anomalyqc.fileio import atomic_write_bytes, atomic_write_json
 from anomalyqc.models.base import Detector, detector_class
 from anomalyqc.models.storage import load_detector
+from anomalyqc.options import at_least, metrics_target
 from anomalyqc.progress import Progress, tracked
 from anomalyqc.types import GOOD, Batch, Sample
 
@@ -210,8 +212,19 @@ class Results:
     masks: list[np.ndarray | None] = field(default_factory=list)
     images: list[np.ndarray] = field(default_factory=list)
 
-    def stacked_maps(self) -> np.ndarray:
-        return np.stack(self.maps).astype(np.float32)
+    def stacked_maps(self, above: float | None = None) -> np.ndarray:
+        """(N, 1, H, W) float32; a non-finite pixel ranks above every finite one and above
+        `above` (see rank_non_finite), so a failed image's map counts as anomalous."""
+        from anomalyqc.evaluation.metrics import rank_non_finite
+
+        maps = np.stack(self.maps).astype(np.float32)
+        if not np.isfinite(maps).all():
+            maps = rank_non_finite(maps, above).astype(np.float32)
+        return maps
+
+    def non_finite(self) -> list[str]:
+        """Paths of the images whose score is NaN or infinite: the detector failed on them."""
+        return [p for p, s in zip(self.paths, self.scores, strict=True) if not math.isfinite(s)]
 
 
 def predict_dataset(det: Detector, dataset: ImageDataset, batch_size: int = 8,
@@ -261,25 +274,40 @@ def calibrate_run(run: str | Path, data: str | Path, threshold_method: str = "f1
     threshold it did not pick. Only image labels are used, so masks are never read.
     """
     from anomalyqc.evaluation import select_threshold, threshold_metrics
+    from anomalyqc.evaluation.metrics import rank_non_finite
     from anomalyqc.evaluation.threshold_file import write_threshold
     from anomalyqc.evaluation.thresholds import check_threshold_options
 
+    check_threshold_options(threshold_method, threshold_value)
+    at_least(batch_size, 1, "batch_size")
     run = Path(run)
     det = load_detector(run)
     dataset = dataset_for(det, data, "test", masks=False)
-    check_threshold_options(threshold_method, threshold_value)
     if threshold_method != "fixed":
         _check_both_classes(dataset, data, "thresholds")
     res = predict_dataset(det, dataset, batch_size, keep_images=False, progress=progress)
-    labels, scores = np.asarray(res.labels), np.asarray(res.scores)
-    choice = select_threshold(labels, scores, threshold_method, threshold_value)
+    labels = np.asarray(res.labels)
+    choice = select_threshold(labels, rank_non_finite(res.scores), threshold_method,
+                              threshold_value)
     stored = write_threshold(run, choice, data, "calibrate")
-    at = threshold_metrics(labels, scores, choice.value)
+    at = threshold_metrics(labels, rank_non_finite(res.scores, choice.value), choice.value)
     return {"threshold": choice.value, "threshold_method": choice.method,
             "calibration_data": str(data), "n_good": int((labels == GOOD).sum()),
             "n_defect": int((labels != GOOD).sum()),
             **{f"calibration_{k}": at[k] for k in ("f1", "accuracy", "tpr", "tnr")},
+            "n_non_finite_scores": len(res.non_finite()), "notes": _non_finite_notes(res),
             "threshold_file": str(stored.path)}
+
+
+def _non_finite_notes(res: Results) -> list[str]:
+    """A note naming the images whose score was NaN or infinite, or none."""
+    bad = res.non_finite()
+    if not bad:
+        return []
+    shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+    return [f"{len(bad)} of {len(res.scores)} images had a non-finite (NaN or infinite) "
+            f"score: ranked as the most anomalous and counted as rejected (defect) at the "
+            f"threshold; check these images and the model: {shown}"]
 
 
 # ------------------------------------------------------------------------------ evaluate
@@ -312,14 +340,17 @@ def evaluate_run(run: str | Path, data: str | Path, report: str | Path | None = 
         threshold_metrics,
         write_report,
     )
+    from anomalyqc.evaluation.metrics import rank_non_finite
     from anomalyqc.evaluation.report import check_metrics_file
     from anomalyqc.evaluation.threshold_file import read_threshold, write_threshold
     from anomalyqc.evaluation.thresholds import check_threshold_options
 
+    at_least(batch_size, 1, "batch_size")
     run = Path(run)
     det = load_detector(run)
     report_json = Path(report) if report else run / "report" / METRICS_FILE
     check_metrics_file(report_json.name)
+    metrics_target(report_json, "report")
     dataset = dataset_for(det, data, "test", masks=masks)
     _check_both_classes(dataset, data, "AUROC and thresholds")
     stored = None if calibrate else read_threshold(run)  # a corrupt file fails before scoring
@@ -328,7 +359,8 @@ def evaluate_run(run: str | Path, data: str | Path, report: str | Path | None = 
     has_masks = any(r.mask_path is not None for r in dataset.records if r.label != GOOD)
     res = predict_dataset(det, dataset, batch_size, keep_images=True, progress=progress)
     labels = np.asarray(res.labels)
-    scores = np.asarray(res.scores)
+    raw_scores = np.asarray(res.scores)  # NaN where the detector failed: rejected below
+    scores = rank_non_finite(raw_scores)
 
     if stored is not None:
         choice = stored.choice
@@ -340,11 +372,12 @@ def evaluate_run(run: str | Path, data: str | Path, report: str | Path | None = 
         source = (f"fixed by --threshold, saved to {written.path}" if choice.method == "fixed"
                   else f"chosen on {data} (test split) itself, saved to {written.path}")
 
-    notes: list[str] = []
+    scores = rank_non_finite(raw_scores, choice.value)  # a failed image is never "good"
+    notes: list[str] = _non_finite_notes(res)
     metrics: dict[str, Any] = {"detector": det.name, "data": str(data),
                                "image_auroc": image_auroc(labels, scores)}
     if has_masks:
-        maps = res.stacked_maps()
+        maps = res.stacked_maps(choice.value)
         gt = np.stack([m if m is not None else np.zeros((1, *det.input_size), np.uint8)
                        for m in res.masks])
         metrics["pixel_auroc"] = pixel_auroc(gt, maps)
@@ -364,13 +397,14 @@ def evaluate_run(run: str | Path, data: str | Path, report: str | Path | None = 
     metrics["threshold_source"] = source
     metrics["n_good"] = int((labels == GOOD).sum())
     metrics["n_defect"] = int((labels != GOOD).sum())
+    metrics["n_non_finite_scores"] = len(res.non_finite())
     metrics["notes"] = notes
     metrics["report_html"] = str(report_json.parent / "report.html")
     metrics["metrics_json"] = str(report_json)
 
     images = np.stack(res.images).astype(np.float32) / 255.0
-    write_report(report_json.parent, metrics, labels, scores, res.paths, images=images,
-                 masks=gt, maps=res.stacked_maps(), threshold=choice.value,
+    write_report(report_json.parent, metrics, labels, raw_scores, res.paths, images=images,
+                 masks=gt, maps=res.stacked_maps(choice.value), threshold=choice.value,
                  n_examples=n_examples, metrics_file=report_json.name)
     return metrics
 
@@ -404,7 +438,13 @@ def load_threshold(run: str | Path) -> float | None:
 def predict_paths(run: str | Path, inputs: Iterable[str | Path], out: str | Path,
                   batch_size: int = 8,
                   progress: Progress | None = None) -> list[dict[str, Any]]:
-    """Score image files; write a heatmap overlay per image and predictions.json to `out`."""
+    """Score image files; write a heatmap overlay per image and predictions.json to `out`.
+
+    Each row has a decision and its reason: "score >= threshold" (defect), "score <
+    threshold" (good), "uncalibrated" (no decision), or, for a NaN or infinite score (the
+    detector failed on the image), "non-finite score: rejected" (defect, score null).
+    """
+    at_least(batch_size, 1, "batch_size")
     det = load_detector(run)
     threshold = load_threshold(run)
     tf = transform_for(det)
@@ -421,11 +461,12 @@ def predict_paths(run: str | Path, inputs: Iterable[str | Path], out: str | Path
             score = float(pred.score[i])
             heat = _unique(out / _heatmap_name(f), used)
             atomic_write_bytes(heat, overlay_png(x[i], pred.anomaly_map[i, 0], threshold))
+            decision, reason = decide(score, threshold)
             rows.append({
                 "path": str(f),
-                "score": score,
-                "decision": None if threshold is None else
-                ("defect" if score >= threshold else "good"),
+                "score": score if math.isfinite(score) else None,
+                "decision": decision,
+                "reason": reason,
                 "threshold": threshold,
                 "heatmap": str(heat),
             })
@@ -450,6 +491,18 @@ def _heatmap_name(image: Path) -> str:
     return stem + tag + suffix
 
 
+def decide(score: float, threshold: float | None) -> tuple[str | None, str]:
+    """(decision, reason) for one image. A score that is not a finite number means the
+    detector failed on the image: that is a defect whatever the threshold, never a pass
+    (NaN >= threshold is False, which would read as good)."""
+    if not math.isfinite(score):
+        return "defect", "non-finite score: rejected"
+    if threshold is None:
+        return None, "uncalibrated"
+    return ("defect", "score >= threshold") if score >= threshold else ("good",
+                                                                        "score < threshold")
+
+
 def _unique(path: Path, used: set[Path]) -> Path:
     """A file name not yet used in this call (same-named images from different folders)."""
     candidate, k = path, 1
@@ -468,7 +521,9 @@ def overlay_png(image: torch.Tensor, amap: torch.Tensor, threshold: float | None
     img = img.expand(3, -1, -1) if img.shape[0] == 1 else img
     bgr = cv2.cvtColor(img.permute(1, 2, 0).numpy(), cv2.COLOR_RGB2BGR)
     m = amap.float().numpy()
-    top = max(float(m.max()), threshold or 0.0, 1e-12)
+    finite = np.isfinite(m)
+    top = max(float(m[finite].max()) if finite.any() else 0.0, threshold or 0.0, 1e-12)
+    m = np.where(finite, m, top)  # a failed pixel shows as the hottest, inside the contour
     norm = np.clip(m / top * 255, 0, 255).astype(np.uint8)
     heat = cv2.applyColorMap(norm, cv2.COLORMAP_JET)
     blend = cv2.addWeighted(bgr, 0.55, heat, 0.45, 0)

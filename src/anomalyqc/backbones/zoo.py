@@ -31,6 +31,10 @@ class BackboneSpec:
     std: tuple[float, float, float] = IMAGENET_STD
     # Default channel pooling of the concatenated embedding (thesis 8.3.5.2); 0 = none.
     channel_pool: int = 0
+    # Smallest image side the backbone takes: its deepest stride (16). Below it the stride-16
+    # layer sees less than one cell of real input; efficientnet_lite0 fails outright under
+    # 16 pixels (a 3x3 kernel larger than its padded input), the others give a 1x1 grid.
+    min_size: int = 16
 
 
 class _EfficientNetBody(nn.Module):

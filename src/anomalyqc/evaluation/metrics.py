@@ -8,6 +8,7 @@ which would copy everything to float64 and sort it several times.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import cv2
@@ -43,6 +44,28 @@ def _labels_scores(labels: ArrayLike, scores: ArrayLike) -> tuple[np.ndarray, np
             "invalid output (check the model file and the input images)"
         )
     return y.astype(bool), s
+
+
+def rank_non_finite(values: ArrayLike, above: float | None = None) -> np.ndarray:
+    """A float copy of `values` in which every NaN or infinite value is replaced by one
+    number larger than every finite value and than `above` (a threshold).
+
+    A non-finite score means the detector failed on that image, and a failure must never
+    pass as good: it ranks as the most anomalous image for AUROC and thresholds, and it is
+    rejected at any threshold <= `above`. The metric functions themselves refuse non-finite
+    input, so a caller has to choose this treatment (and say so) explicitly.
+    """
+    v = np.array(_to_numpy(values), dtype=np.float64)
+    bad = ~np.isfinite(v)
+    if not bad.any():
+        return v
+    finite = v[~bad]
+    top = float(finite.max()) if finite.size else 0.0
+    if above is not None and math.isfinite(above):
+        top = max(top, float(above))
+    sub = top + max(1.0, abs(top))
+    v[bad] = sub if math.isfinite(sub) else np.nextafter(top, np.inf)
+    return v
 
 
 def _require_both_classes(y: np.ndarray, what: str) -> None:

@@ -20,7 +20,13 @@ from typing import Any
 import numpy as np
 
 from anomalyqc.errors import CalibrationError, ConfigError
-from anomalyqc.evaluation.metrics import ArrayLike, _labels_scores, _to_numpy, roc_curve_points
+from anomalyqc.evaluation.metrics import (
+    ArrayLike,
+    _labels_scores,
+    _to_numpy,
+    rank_non_finite,
+    roc_curve_points,
+)
 from anomalyqc.fileio import atomic_write_bytes
 
 _EXAMPLE_NAME = re.compile(r"^(worst|best)_(defect|good)_\d+_.*\.png$")
@@ -285,12 +291,14 @@ def write_report(
     {"schema": "anomalyqc-metrics/1", **metrics, "n_good", "n_defect", "threshold" (the
     image threshold or null), "pixel_threshold", "images": [{"path", "label" (0 good, 1
     defect), "score", "decision" ("good" | "defect" | null)}]}. NaN and infinite figures
-    are written as null.
+    are written as null; an image with a non-finite score ranks as the most anomalous and
+    is decided "defect" (see rank_non_finite).
     """
     out = Path(out_dir)
     check_metrics_file(metrics_file)
     out.mkdir(parents=True, exist_ok=True)
-    y, s = _labels_scores(labels, scores)
+    raw = _to_numpy(scores).astype(np.float64).ravel()
+    y, s = _labels_scores(labels, rank_non_finite(raw, threshold))
     paths = [str(p) for p in paths]
     if len(paths) != y.size:
         raise ValueError(f"got {len(paths)} paths for {y.size} scores")
@@ -319,8 +327,8 @@ def write_report(
         **metrics_js,
         **own,
         "images": [
-            {"path": p, "label": int(lab), "score": float(sc), "decision": d}
-            for p, lab, sc, d in zip(paths, y.tolist(), s.tolist(), decisions)
+            {"path": p, "label": int(lab), "score": _jsonable(sc), "decision": d}
+            for p, lab, sc, d in zip(paths, y.tolist(), raw.tolist(), decisions)
         ],
     }
     atomic_write_bytes(
@@ -345,7 +353,7 @@ def write_report(
             name = f"{kind}_{rank:02d}_{stem}.png"
             decision = decisions[i]
             title = (
-                f"{paths[i]}  |  score {s[i]:.5g}  |  label {_label_name(y[i])}"
+                f"{paths[i]}  |  score {raw[i]:.5g}  |  label {_label_name(y[i])}"
                 f"  |  decision {decision or 'n/a'}"
             )
             png = _example_png(
@@ -364,7 +372,7 @@ def write_report(
                     "kind": kind,
                     "file": f"examples/{name}",
                     "path": paths[i],
-                    "score": float(s[i]),
+                    "score": float(raw[i]),
                     "label": _label_name(y[i]),
                     "decision": decision,
                     "correct": None if decision is None else decision == _label_name(y[i]),

@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from anomalyqc.data.transforms import as_hw
 from anomalyqc.errors import ConfigError
+from anomalyqc.models.validation import parameter_error
 from anomalyqc.progress import Progress
 from anomalyqc.types import Batch, Prediction
 
@@ -26,10 +27,38 @@ D = TypeVar("D", bound="Detector")
 class DetectorConfig(BaseModel):
     """Parameters every detector has: the input it expects."""
 
-    model_config = ConfigDict(extra="forbid")
+    # NaN or inf in a parameter (eps=NaN) would reach the scores: refused like any bad value.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     image_size: int | tuple[int, int] = 256  # an int is a square, a pair is (height, width)
     crop_size: int | tuple[int, int] | None = None
     channels: int | None = None  # fixed at fit time from the data when left unset
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, data: Any) -> Any:
+        """pydantic reads true as 1; in a number parameter it is a typo, not a value."""
+        if isinstance(data, dict):
+            for key, value in data.items():
+                field = cls.model_fields.get(key)
+                if isinstance(value, bool) and field is not None and field.annotation is not bool:
+                    raise ValueError(f"{key}={value!r}: must be a number, not true/false")
+        return data
+
+    @field_validator("channels")
+    @classmethod
+    def _gray_or_rgb(cls, v: int | None) -> int | None:
+        if v not in (None, 1, 3):
+            raise ValueError("must be 1 (gray), 3 (RGB) or null (from the data)")
+        return v
+
+    @model_validator(mode="after")
+    def _crop_inside_image(self) -> DetectorConfig:
+        if self.crop_size is not None:
+            (ch, cw), (ih, iw) = as_hw(self.crop_size), as_hw(self.image_size)
+            if ch > ih or cw > iw:
+                raise ValueError(f"crop_size {ch}x{cw} must fit inside image_size {ih}x{iw} "
+                                 f"(the crop is taken after resizing)")
+        return self
 
     @field_validator("image_size", "crop_size", mode="before")
     @classmethod
@@ -53,8 +82,11 @@ class Detector(ABC):
         try:
             self.config = self.config_cls(**base)
         except ValidationError as exc:
-            raise ConfigError(f"invalid parameters for {self.name}: {exc}") from exc
+            raise parameter_error(self.name, self.config_cls.model_fields, exc) from None
         self.fitted = False
+        # Set when the model is saved to or loaded from a run folder (models/storage.py):
+        # what thresholds, reports and predictions record to name the model they came from.
+        self.model_id: str | None = None
 
     @property
     def input_size(self) -> tuple[int, int]:

@@ -10,9 +10,11 @@ from typing import Any, Literal, TypeVar
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
 from anomalyqc.backbones import FeatureExtractor
+from anomalyqc.backbones.zoo import BACKBONES
+from anomalyqc.data.transforms import as_hw
 from anomalyqc.errors import ConfigError, DataError
 from anomalyqc.models.base import Detector, DetectorConfig, images_of
 from anomalyqc.progress import Progress, tracked
@@ -39,10 +41,34 @@ class EmbeddingConfig(DetectorConfig):
     # Image score: "map_max" = max of the smoothed map (default), "patch_max" = max of the raw
     # patch scores (the PatchCore paper's s*); PatchCore adds "reweighted".
     image_score: Literal["map_max", "patch_max"] = "map_max"
-    seed: int = 0
+    seed: int = Field(0, ge=0)  # numpy's generators refuse negative seeds
     allow_download: bool = True  # torchvision weights not in the torch cache
     # False builds the backbone with random weights: for tests of the plumbing only.
     pretrained: bool = True
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, v: str) -> str:
+        if v not in BACKBONES:
+            raise ValueError(f"unknown backbone; choose one of: {', '.join(sorted(BACKBONES))}")
+        return v
+
+    @field_validator("patch_size")
+    @classmethod
+    def _odd_patch(cls, v: int) -> int:
+        if v % 2 == 0:  # an even window shifts the grid by half a cell
+            raise ValueError("must be odd (1, 3, 5, ...)")
+        return v
+
+    @model_validator(mode="after")
+    def _size_the_backbone_takes(self) -> EmbeddingConfig:
+        least = BACKBONES[self.backbone].min_size
+        for name, size in (("image_size", self.image_size), ("crop_size", self.crop_size)):
+            if size is not None and min(as_hw(size)) < least:
+                h, w = as_hw(size)
+                raise ValueError(f"{name}={h}x{w} is too small for {self.backbone}: each side "
+                                 f"must be at least {least} pixels")
+        return self
 
 
 class EmbeddingDetector(Detector):
@@ -68,6 +94,7 @@ class EmbeddingDetector(Detector):
     def reset(self) -> None:
         """Forget everything learnt: a second fit starts from scratch (estimator contract)."""
         self.fitted = False
+        self.model_id = None
         self.reduction_mean = None
         self.reduction_matrix = None
         self.grid = None

@@ -1,15 +1,24 @@
-"""Run folders: config.json + weights.safetensors, written atomically, never pickled.
+"""Run folders: config.json + weights.safetensors + manifest.json, never pickled.
 
     run/
       config.json          format, package version, detector name, parameters
       weights.safetensors  tensors only
+      manifest.json        SHA-256 of config and weights, the model id, detector, version,
+                           input size and channels; written last, so a folder whose files
+                           disagree with it was changed, swapped or half-written
       threshold.json       written by `calibrate` (or `evaluate` without one), optional;
                            read and written only by anomalyqc.evaluation.threshold_file
+
+The model id is the SHA-256 of the config's and the weights' digests: two runs share it only
+when both files are byte for byte the same, so a threshold, report or prediction that
+records it can always be traced to, and checked against, the model that made it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,10 +34,14 @@ if TYPE_CHECKING:  # models.base imports this module lazily, in save and load
     from anomalyqc.models.base import Detector
 
 FORMAT = "anomalyqc-run"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: manifest.json and model ids
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.safetensors"
+MANIFEST_FILE = "manifest.json"
 THRESHOLD_FILE = "threshold.json"
+MANIFEST_FORMAT = "anomalyqc-manifest"
+MODEL_FILES = (CONFIG_FILE, WEIGHTS_FILE)  # what the model id covers
+MODEL_ID_CHARS = 16  # 64 bits of the SHA-256: enough to tell models apart, short to read
 
 
 def save_detector(detector: Detector, run_dir: str | Path) -> Path:
@@ -38,7 +51,9 @@ def save_detector(detector: Detector, run_dir: str | Path) -> Path:
     run.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in detector.state_tensors().items()}
     with atomic_path(run / WEIGHTS_FILE) as tmp:
-        save_file(tensors, tmp, metadata={"format": FORMAT, "detector": detector.name})
+        # One metadata key: safetensors writes a map's keys in no fixed order, and the model
+        # id needs the same model to give the same bytes.
+        save_file(tensors, tmp, metadata={"format": f"{FORMAT}:{detector.name}"})
     atomic_write_json(run / CONFIG_FILE, {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -46,7 +61,110 @@ def save_detector(detector: Detector, run_dir: str | Path) -> Path:
         "detector": detector.name,
         "params": detector.config.model_dump(mode="json"),
     })
+    detector.model_id = write_manifest(run).model_id
     return run
+
+
+# ------------------------------------------------------------------------------ identity
+def file_sha256(path: str | Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def model_id_of(digests: dict[str, str]) -> str:
+    """The model id from the SHA-256 digests of MODEL_FILES."""
+    joined = "\n".join(f"{name} {digests[name]}" for name in MODEL_FILES)
+    return hashlib.sha256(joined.encode()).hexdigest()[:MODEL_ID_CHARS]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a run folder holds, as written by `fit` (see the module docstring)."""
+
+    model_id: str
+    detector: str
+    package_version: str
+    input_size: tuple[int, int]
+    channels: int | None
+    files: dict[str, str]  # file name -> SHA-256
+    path: Path
+
+
+def write_manifest(run_dir: str | Path) -> Manifest:
+    """Seal the run's config and weights as they are on disk now (the last step of a save)."""
+    run = Path(run_dir)
+    cfg = read_run_config(run)
+    digests = {name: file_sha256(run / name) for name in MODEL_FILES}
+    from anomalyqc.models.base import detector_class
+
+    det = detector_class(str(cfg.get("detector")))(cfg.get("params") or {})
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "model_id": model_id_of(digests),
+        "detector": det.name,
+        "package_version": str(cfg.get("package_version")),
+        "input_size": list(det.input_size),
+        "channels": det.config.channels,
+        "files": digests,
+    }
+    atomic_write_json(run / MANIFEST_FILE, manifest)
+    return _manifest_from(manifest, run / MANIFEST_FILE)
+
+
+def read_manifest(run_dir: str | Path, verify: bool = True) -> Manifest:
+    """The run's manifest; verify=True also checks every file against its SHA-256.
+
+    Any disagreement is a ModelFileError naming the file: a model whose config and weights
+    do not belong together must never score an image.
+    """
+    run = Path(run_dir)
+    path = run / MANIFEST_FILE
+    if not path.is_file():
+        raise ModelFileError(f"{path} is missing: the run folder is incomplete (a fit that was "
+                             f"stopped, or files copied by hand); retrain or restore the run")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        manifest = _manifest_from(raw, path)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError,
+            ValueError) as exc:
+        raise ModelFileError(f"{path} is corrupt ({exc}); retrain or restore the run") from None
+    if verify:
+        for name in MODEL_FILES:
+            if name not in manifest.files:
+                raise ModelFileError(f"{path} does not list {name}; retrain or restore the run")
+            target = run / name
+            if not target.is_file():
+                raise ModelFileError(f"{target} is missing; the run folder is incomplete: "
+                                     f"retrain or restore the run")
+            if file_sha256(target) != manifest.files[name]:
+                raise ModelFileError(
+                    f"{target} does not match {path} (SHA-256 differs): it was edited, "
+                    f"corrupted or swapped after `fit` wrote it; retrain or restore the run")
+        if model_id_of(manifest.files) != manifest.model_id:
+            raise ModelFileError(f"{path} is corrupt (its model id does not match its file "
+                                 f"digests); retrain or restore the run")
+    return manifest
+
+
+def _manifest_from(raw: Any, path: Path) -> Manifest:
+    if not isinstance(raw, dict) or raw.get("format") != MANIFEST_FORMAT:
+        raise ValueError(f"not an anomalyqc manifest (no format {MANIFEST_FORMAT!r})")
+    files = raw["files"]
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        raise ValueError("\"files\" must map file names to SHA-256 digests")
+    size = raw["input_size"]
+    if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) for v in size)):
+        raise ValueError(f"\"input_size\" is {size!r}, not [height, width]")
+    channels = raw["channels"]
+    if channels is not None and not isinstance(channels, int):
+        raise ValueError(f"\"channels\" is {channels!r}, not an integer")
+    return Manifest(str(raw["model_id"]), str(raw["detector"]), str(raw["package_version"]),
+                    (size[0], size[1]), channels, dict(files), path)
+
+
+def run_model_id(run_dir: str | Path) -> str:
+    """The verified model id of a run folder."""
+    return read_manifest(run_dir).model_id
 
 
 def read_run_config(run_dir: str | Path) -> dict[str, Any]:
@@ -82,6 +200,7 @@ MERGE_STATE_PREFIXES = ("moments.", "kmeans.")
 def load_detector(run_dir: str | Path, merge_state: bool = False) -> Detector:
     """The detector saved in a run folder; merge_state=True also reads what `merge` needs."""
     from anomalyqc.models.base import detector_class
+    from anomalyqc.models.validation import check_finite_tensors, detector_from_params
 
     run = Path(run_dir)
     cfg = read_run_config(run)
@@ -89,6 +208,7 @@ def load_detector(run_dir: str | Path, merge_state: bool = False) -> Detector:
     weights = run / WEIGHTS_FILE
     if not weights.is_file():
         raise ModelFileError(f"{weights} is missing; the run folder is incomplete: retrain")
+    manifest = read_manifest(run)
     try:
         if merge_state:
             tensors = load_file(weights)
@@ -99,13 +219,15 @@ def load_detector(run_dir: str | Path, merge_state: bool = False) -> Detector:
     except (SafetensorError, OSError, ValueError) as exc:
         raise ModelFileError(f"{weights} is corrupt or not a safetensors file ({exc}); "
                              f"retrain or restore the run") from exc
-    det = cls(cfg.get("params") or {})
+    check_finite_tensors(tensors, weights)
+    det = detector_from_params(cls, cfg.get("params", {}), run / CONFIG_FILE)
     try:
         det.load_state_tensors(tensors)
     except (KeyError, ValueError, RuntimeError) as exc:
         raise ModelFileError(f"{weights} does not hold a valid {cls.name} model ({exc}); "
                              f"retrain or restore the run") from exc
     det.fitted = True
+    det.model_id = manifest.model_id
     return det
 
 

@@ -54,9 +54,11 @@ class MhbcConfig(EmbeddingConfig):
     covariance: Literal["local", "pooled", "global", "none"] = "local"
     passes: Literal[1, 2] = 1  # 2 = moments first, then K-Means with the final factor
     eps: float = Field(0.01, gt=0)  # covariance regularisation (B.6, D.3)
-    init_images: int = 32  # images buffered to seed K-Means (bounded memory)
-    refresh_growth: float = 1.0  # refactorise when the image count grew by this fraction
-    coreset_ratio: float = 0.1  # clustering="coreset": fraction of images kept per location
+    init_images: int = Field(32, ge=1)  # images buffered to seed K-Means (bounded memory)
+    # refactorise when the image count grew by this fraction (0: at every batch)
+    refresh_growth: float = Field(1.0, ge=0)
+    # clustering="coreset": fraction of images kept per location
+    coreset_ratio: float = Field(0.1, gt=0, le=1)
     # Save the running moments and K-Means sums/counts so that runs can be merged later
     # (`anomalyqc merge`); the moments are as large as the Cholesky factors.
     keep_moments: bool = True

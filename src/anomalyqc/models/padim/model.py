@@ -29,7 +29,7 @@ class PadimConfig(EmbeddingConfig):
     # and on generated vial strips and patches).
     patch_size: int = Field(1, ge=1)
     blur_sigma: float = Field(2.0, ge=0)
-    eps: float = 0.01  # covariance regularisation (B.6)
+    eps: float = Field(0.01, gt=0)  # covariance regularisation (B.6)
     # Save the running moments with the model so that runs can be merged later
     # (`anomalyqc merge`); they are as large as the Cholesky factors (P x D(D+1)/2 float64).
     keep_moments: bool = True
