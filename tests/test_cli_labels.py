@@ -19,6 +19,7 @@ from conftest import invoke, stdout_json
 from sklearn.metrics import roc_auc_score
 
 from anomalyqc.evaluation import select_threshold, threshold_metrics
+from anomalyqc.evaluation.report import example_width
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +69,7 @@ def test_evaluate_with_image_labels_only(layouts, run_copy: Path, tmp_path: Path
     examples = list((report.parent / "examples").glob("*.png"))
     assert examples
     for ex in examples:
-        assert cv2.imread(str(ex)).shape[1] == 9 * 80  # three 3-inch panels at 80 dpi
+        assert cv2.imread(str(ex)).shape[1] == example_width(64, 64, 3)  # three panels
 
 
 def test_same_images_score_the_same_in_every_layout(layouts, run_copy: Path, tmp_path: Path):

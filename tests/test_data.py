@@ -380,7 +380,7 @@ def test_missing_mask(tmp_path: Path) -> None:
     assert all(r.mask_path is None for r in mvtec_records(root, "test", masks=False))
     folder = make_folder(tmp_path / "vials")
     (folder / "masks/dent/d1_mask.png").unlink()
-    msg = raises_naming(DataError, folder_records, folder, mask_dir="masks")
+    msg = raises_naming(DataError, folder_records, folder, mask_dir="masks", roi_dir="rois")
     assert "d1.png" in msg and "d1_mask.png" in msg
 
 

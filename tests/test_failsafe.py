@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SMALL, invoke, stdout_json
+from conftest import SMALL, invoke, reseal, stdout_json
 from safetensors.torch import load_file, save_file
 from sklearn.metrics import roc_auc_score
 
@@ -183,6 +183,7 @@ def test_non_finite_weights_are_refused_naming_file_and_tensor(run_copy: Path, t
     t.view(-1)[3] = value
     tensors[tensor_name] = t
     save_file(tensors, weights)
+    reseal(run_copy)  # a consistent forgery: the finiteness check must catch it
     if tensor_name.startswith("moments."):  # read only when merging
         with pytest.raises(ModelFileError, match=f"'{tensor_name}'"):
             load_detector(run_copy, merge_state=True)
@@ -218,6 +219,9 @@ def test_bad_params_in_config_json_are_a_model_file_error(run_copy: Path, tiny_v
     cfg = json.loads(cfg_path.read_text())
     cfg["params"] = {**cfg["params"], **params} if isinstance(params, dict) else params
     cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(ModelFileError, match="config.json.*does not match"):
+        load_detector(run_copy)  # the manifest catches any edit
+    reseal(run_copy)  # a consistent forgery: the params check must catch it
     with pytest.raises(ModelFileError, match="config.json"):
         load_detector(run_copy)
     r = invoke("predict", run_copy, tiny_vials / "test" / "good", "--out", tmp_path / "p")

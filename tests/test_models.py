@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import reseal
 
 from anomalyqc.errors import ConfigError, DataError, ModelFileError
 from anomalyqc.models import Mhbc, Padim, Patchcore, detector_class
@@ -24,7 +25,6 @@ from anomalyqc.models.storage import (
     WEIGHTS_FILE,
     load_detector,
     read_manifest,
-    write_manifest,
 )
 from anomalyqc.stats.kmeans import OnlineKMeans
 from anomalyqc.stats.moments import OnlineMoments
@@ -408,7 +408,7 @@ def test_load_weights_of_another_detector(saved_run, tmp_path):
     cfg = json.loads((run / CONFIG_FILE).read_text())
     cfg["detector"] = "mhbc"  # PaDiM's parameters are all valid MhBC parameters
     (run / CONFIG_FILE).write_text(json.dumps(cfg))
-    write_manifest(run)  # a consistent forgery: the weights check must still catch it
+    reseal(run)  # a consistent forgery: the weights check must still catch it
     with pytest.raises(ModelFileError, match=WEIGHTS_FILE) as err:
         load_detector(run)
     assert "centroids" in str(err.value)
@@ -671,7 +671,7 @@ def test_missing_or_corrupt_manifest(saved_run, tmp_path):
 def test_garbage_weights_behind_a_matching_manifest(saved_run, tmp_path):
     run = copy_run(saved_run, tmp_path / "run")
     (run / WEIGHTS_FILE).write_bytes(b"\x00garbage\xff" * 100)
-    write_manifest(run)
+    reseal(run)
     with pytest.raises(ModelFileError, match=WEIGHTS_FILE) as err:
         load_detector(run)
     assert "not a safetensors file" in str(err.value)

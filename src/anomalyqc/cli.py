@@ -69,7 +69,9 @@ def _run(job: Callable[[], Any]) -> Any:
         try:
             return job()
         except AnomalyQCError as exc:
-            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            # escaped: a file name like "lot[/b].png" in the message is text, not markup
+            console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False,
+                          soft_wrap=True)
             raise typer.Exit(2) from None
 
 
@@ -101,21 +103,15 @@ def _print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(json_safe(obj), indent=2, default=str, allow_nan=False) + "\n")
 
 
-def _print_line(text: str) -> None:
-    """A stdout line that may hold file names which are not valid UTF-8 (Linux allows any
-    bytes): they go out as their original bytes instead of failing with UnicodeEncodeError
-    where stdout is strict UTF-8."""
-    try:
-        sys.stdout.write(text + "\n")
-    except UnicodeEncodeError:
-        encoding = sys.stdout.encoding or "utf-8"
-        try:
-            data = (text + "\n").encode(encoding, "surrogateescape")
-        except UnicodeEncodeError:
-            data = (text + "\n").encode(encoding, "backslashreplace")
-        sys.stdout.flush()
-        sys.stdout.buffer.write(data)
-        sys.stdout.buffer.flush()
+def _print_listing(result: dict[str, Any]) -> None:
+    """One stderr line: images found and scored, entries skipped and the first few of them
+    (all of them are in the command's JSON output and report)."""
+    from anomalyqc.data.listing import skipped_summary
+
+    if "images_found" in result:
+        console.print(skipped_summary(result["images_found"], result.get("images_scored"),
+                                      result.get("skipped") or []),
+                      highlight=False, soft_wrap=True, markup=False)
 
 
 class _Bars:
@@ -230,7 +226,8 @@ def fit(
         return
     info = json.loads((out / "fit_info.json").read_text())
     _print_json(info)
-    console.print(f"model saved to {out}")
+    _print_listing(info)
+    console.print(f"model saved to {out}", markup=False, highlight=False)
 
 
 @app.command()
@@ -246,7 +243,7 @@ def merge(
     _run(lambda: folder_target(out, "--out"))
     _run(lambda: merge_runs(runs, out))
     _print_json(json.loads((out / "fit_info.json").read_text()))
-    console.print(f"merged model saved to {out}")
+    console.print(f"merged model saved to {out}", markup=False, highlight=False)
 
 
 @app.command()
@@ -289,9 +286,11 @@ def evaluate(
                                             recalibrate or method == "fixed",
                                             batch_size, progress=bars, masks=not no_masks))
     _print_json(metrics)
+    _print_listing(metrics)
     for note in metrics["notes"]:
-        console.print(f"note: {note}", highlight=False, soft_wrap=True)
-    console.print(f"report: {metrics['report_html']}", highlight=False, soft_wrap=True)
+        console.print(f"note: {note}", highlight=False, soft_wrap=True, markup=False)
+    console.print(f"report: {metrics['report_html']}", highlight=False, soft_wrap=True,
+                  markup=False)
 
 
 @app.command()
@@ -328,10 +327,11 @@ def calibrate(
                                             batch_size, progress=bars))
     _print_json(result)
     for note in result["notes"]:
-        console.print(f"note: {note}", highlight=False, soft_wrap=True)
+        console.print(f"note: {note}", highlight=False, soft_wrap=True, markup=False)
+    _print_listing(result)
     console.print(f"threshold {result['threshold']:.6g} ({result['threshold_method']}) chosen "
                   f"by `anomalyqc calibrate` on {data}, saved to {result['threshold_file']}",
-                  highlight=False, soft_wrap=True)
+                  highlight=False, soft_wrap=True, markup=False)
 
 
 @app.command()
@@ -362,7 +362,9 @@ def predict(
     for r in rows:
         decision = r["decision"] or "uncalibrated (run `anomalyqc calibrate` first)"
         score = "non-finite" if r["score"] is None else f"{r['score']:.4f}"
-        _print_line(f"{r['path']}\t{score}\t{decision}\t{r['heatmap']}")
+        sys.stdout.write(f"{r['path']}\t{score}\t{decision}\t{r['heatmap']}\n")
+    _print_listing({"images_found": rows.found, "images_scored": len(rows),
+                    "skipped": [s.to_dict() for s in rows.skipped]})
 
 
 @app.command()

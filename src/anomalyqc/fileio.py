@@ -24,12 +24,14 @@ from typing import Any
 import numpy as np
 
 from anomalyqc.errors import DataError
+from anomalyqc.pathtext import fit_name
 
 
 def _new_temp(folder: Path, name: str) -> Path:
     """Create an empty, new temporary file beside the target; the umask sets its mode."""
     for _ in range(100):
-        tmp = folder / f".{name}.{secrets.token_hex(6)}.tmp"
+        # cut so that a target name of up to 255 bytes still gets a creatable temporary name
+        tmp = folder / fit_name(f".{name}", f".{secrets.token_hex(6)}.tmp")
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:

@@ -9,7 +9,6 @@ predict_paths: run folder + image files -> score, decision and heatmap per image
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -24,14 +23,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from anomalyqc.data import ImageDataset, ImageTransform, make_loader, records_for
-from anomalyqc.data.io import IMAGE_EXTENSIONS, list_images, read_image
-from anomalyqc.data.layouts import Split
+from anomalyqc.data import ImageDataset, ImageTransform, make_loader
+from anomalyqc.data.io import IMAGE_EXTENSIONS, read_image
+from anomalyqc.data.layouts import Listing, Split, dataset_listing
+from anomalyqc.data.listing import Skipped, classify, leaf_listing
 from anomalyqc.errors import CalibrationError, ConfigError, DataError, ModelFileError
 from anomalyqc.fileio import atomic_write_bytes, atomic_write_json
 from anomalyqc.models.base import Detector, detector_class
 from anomalyqc.models.storage import load_detector
 from anomalyqc.options import at_least, metrics_target
+from anomalyqc.pathtext import display, fit_name
 from anomalyqc.progress import Progress, tracked
 from anomalyqc.types import GOOD, Batch, Sample
 
@@ -49,8 +50,21 @@ def transform_for(det: Detector) -> ImageTransform:
 
 
 def dataset_for(det: Detector, data: str | Path, split: Split, masks: bool = True) -> ImageDataset:
-    records = records_for(data, split, masks=masks)
-    return ImageDataset(records, transform_for(det), channels=det.config.channels)
+    return listed_dataset(det, data, split, masks)[0]
+
+
+def listed_dataset(det: Detector, data: str | Path, split: Split,
+                   masks: bool = True) -> tuple[ImageDataset, Listing]:
+    """The dataset of `split` and its listing (what was found and what was skipped)."""
+    listing = dataset_listing(data, split, masks=masks)
+    dataset = ImageDataset(listing.records, transform_for(det), channels=det.config.channels)
+    return dataset, listing
+
+
+def listing_summary(found: int, scored: int, skipped: Sequence[Skipped]) -> dict[str, Any]:
+    """The counts and skipped entries every report and the CLI show."""
+    return {"images_found": found, "images_scored": scored,
+            "skipped": [s.to_dict() for s in skipped]}
 
 
 # ------------------------------------------------------------------------------------ fit
@@ -65,8 +79,8 @@ def fit_run(detector: str, data: str | Path, out: str | Path, params: dict[str, 
     from anomalyqc import distributed
 
     det = detector_class(detector)(params or {})
-    records = records_for(data, "train")
-    good = [r for r in records if r.label == GOOD]
+    listing = dataset_listing(data, "train")
+    good = [r for r in listing.records if r.label == GOOD]
     if not good:
         raise DataError(f"{data} has no good training images")
     rank, world = distributed.world_from_env()
@@ -97,6 +111,7 @@ def fit_run(detector: str, data: str | Path, out: str | Path, params: dict[str, 
         "detector": det.name,
         "data": str(data),
         "n_images": len(good),
+        **listing_summary(len(good), len(good), listing.skipped),
         "fit_seconds": round(fit_s, 3),
         "data_loading_seconds": round(loader.load_s, 3),
         "peak_rss_mb": round(peak_rss_mb(), 1),
@@ -273,6 +288,7 @@ def calibrate_run(run: str | Path, data: str | Path, threshold_method: str = "f1
     Use data the run will not be evaluated on: `evaluate` then reports honest figures at a
     threshold it did not pick. Only image labels are used, so masks are never read.
     """
+    from anomalyqc.data.fingerprint import data_sha256
     from anomalyqc.evaluation import select_threshold, threshold_metrics
     from anomalyqc.evaluation.metrics import rank_non_finite
     from anomalyqc.evaluation.threshold_file import write_threshold
@@ -282,20 +298,23 @@ def calibrate_run(run: str | Path, data: str | Path, threshold_method: str = "f1
     at_least(batch_size, 1, "batch_size")
     run = Path(run)
     det = load_detector(run)
-    dataset = dataset_for(det, data, "test", masks=False)
+    dataset, listing = listed_dataset(det, data, "test", masks=False)
     if threshold_method != "fixed":
         _check_both_classes(dataset, data, "thresholds")
     res = predict_dataset(det, dataset, batch_size, keep_images=False, progress=progress)
     labels = np.asarray(res.labels)
     choice = select_threshold(labels, rank_non_finite(res.scores), threshold_method,
                               threshold_value)
-    stored = write_threshold(run, choice, data, "calibrate")
+    digest = data_sha256(listing.records, data)
+    stored = write_threshold(run, choice, data, "calibrate", data_sha256=digest)
     at = threshold_metrics(labels, rank_non_finite(res.scores, choice.value), choice.value)
     return {"threshold": choice.value, "threshold_method": choice.method,
-            "calibration_data": str(data), "n_good": int((labels == GOOD).sum()),
+            "calibration_data": display(data), "calibration_data_sha256": digest,
+            "n_good": int((labels == GOOD).sum()),
             "n_defect": int((labels != GOOD).sum()),
             **{f"calibration_{k}": at[k] for k in ("f1", "accuracy", "tpr", "tnr")},
             "n_non_finite_scores": len(res.non_finite()), "notes": _non_finite_notes(res),
+            **listing_summary(len(listing.records), len(res.scores), listing.skipped),
             "threshold_file": str(stored.path)}
 
 
@@ -330,8 +349,15 @@ def evaluate_run(run: str | Path, data: str | Path, report: str | Path | None = 
 
     `report` is the metrics JSON file (the HTML report goes beside it); by default both go
     to RUN/report/. The JSON is written once, by write_report, with the schema documented
-    there (the printed metrics plus the per-image rows).
+    there (the printed metrics plus the per-image rows). It may not go inside `data` (it
+    would be read as images next time) nor into a run folder: refused before any work.
+
+    The metrics carry what a reviewer needs to trace them: "identity" (model id, run,
+    threshold origin with the content hash of the data that chose it, the evaluated data
+    and its hash, software versions, date), "images_found", "images_scored", "skipped"
+    (entries of the data folder not read, with reasons) and "per_defect_type".
     """
+    from anomalyqc.data.fingerprint import annotations_sha256, data_sha256
     from anomalyqc.evaluation import (
         aupro,
         image_auroc,
@@ -341,17 +367,21 @@ def evaluate_run(run: str | Path, data: str | Path, report: str | Path | None = 
         write_report,
     )
     from anomalyqc.evaluation.metrics import rank_non_finite
-    from anomalyqc.evaluation.report import check_metrics_file
+    from anomalyqc.evaluation.report import check_metrics_file, per_type_stats
     from anomalyqc.evaluation.threshold_file import read_threshold, write_threshold
     from anomalyqc.evaluation.thresholds import check_threshold_options
+    from anomalyqc.placement import check_output_folder
 
     at_least(batch_size, 1, "batch_size")
     run = Path(run)
-    det = load_detector(run)
     report_json = Path(report) if report else run / "report" / METRICS_FILE
     check_metrics_file(report_json.name)
     metrics_target(report_json, "report")
-    dataset = dataset_for(det, data, "test", masks=masks)
+    check_output_folder(report_json.parent, "report folder", [data], run,
+                        "pass --report FILE.json in a folder outside the data and outside "
+                        "the run folder's top level (the default is RUN/report/metrics.json)")
+    det = load_detector(run)
+    dataset, listing = listed_dataset(det, data, "test", masks=masks)
     _check_both_classes(dataset, data, "AUROC and thresholds")
     stored = None if calibrate else read_threshold(run)  # a corrupt file fails before scoring
     if stored is None or threshold_value is not None:
@@ -361,16 +391,21 @@ def evaluate_run(run: str | Path, data: str | Path, report: str | Path | None = 
     labels = np.asarray(res.labels)
     raw_scores = np.asarray(res.scores)  # NaN where the detector failed: rejected below
     scores = rank_non_finite(raw_scores)
+    digest = data_sha256(listing.records, data)
 
     if stored is not None:
         choice = stored.choice
-        same = Path(stored.data).resolve() == Path(data).resolve()
+        same = (Path(stored.data).resolve() == Path(data).resolve()
+                or stored.data_sha256 == digest)
         source = stored.describe() + (" (this same data: optimistic figures)" if same else "")
+        origin = {"written_by": stored.written_by, "data": stored.data,
+                  "data_sha256": stored.data_sha256}
     else:
         choice = select_threshold(labels, scores, threshold_method, threshold_value)
-        written = write_threshold(run, choice, data, "evaluate")
+        written = write_threshold(run, choice, data, "evaluate", data_sha256=digest)
         source = (f"fixed by --threshold, saved to {written.path}" if choice.method == "fixed"
                   else f"chosen on {data} (test split) itself, saved to {written.path}")
+        origin = {"written_by": "evaluate", "data": written.data, "data_sha256": digest}
 
     scores = rank_non_finite(raw_scores, choice.value)  # a failed image is never "good"
     notes: list[str] = _non_finite_notes(res)
@@ -398,6 +433,10 @@ def evaluate_run(run: str | Path, data: str | Path, report: str | Path | None = 
     metrics["n_good"] = int((labels == GOOD).sum())
     metrics["n_defect"] = int((labels != GOOD).sum())
     metrics["n_non_finite_scores"] = len(res.non_finite())
+    metrics["per_defect_type"] = per_type_stats(labels, scores, res.defect_types, choice.value)
+    metrics.update(listing_summary(len(listing.records), len(res.scores), listing.skipped))
+    metrics["identity"] = _identity(det, run, data, digest, annotations_sha256(
+        listing.records, data), {"value": choice.value, "method": choice.method, **origin})
     metrics["notes"] = notes
     metrics["report_html"] = str(report_json.parent / "report.html")
     metrics["metrics_json"] = str(report_json)
@@ -405,26 +444,90 @@ def evaluate_run(run: str | Path, data: str | Path, report: str | Path | None = 
     images = np.stack(res.images).astype(np.float32) / 255.0
     write_report(report_json.parent, metrics, labels, raw_scores, res.paths, images=images,
                  masks=gt, maps=res.stacked_maps(choice.value), threshold=choice.value,
-                 n_examples=n_examples, metrics_file=report_json.name)
+                 n_examples=n_examples, metrics_file=report_json.name,
+                 defect_types=res.defect_types)
     return metrics
 
 
+def _identity(det: Detector, run: Path, data: str | Path, digest: str,
+              annotations: str | None, threshold_origin: dict[str, Any]) -> dict[str, Any]:
+    """Which model, threshold, data and software a report's figures belong to."""
+    import datetime as dt
+
+    from anomalyqc.provenance import package_versions
+
+    return {"model_id": det.model_id, "detector": det.name, "run": display(run.resolve()),
+            "threshold_origin": threshold_origin, "data": display(Path(data).resolve()),
+            "data_sha256": digest, "annotations_sha256": annotations,
+            "software": package_versions(),
+            "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
+
+
 # ------------------------------------------------------------------------------- predict
-def image_files(inputs: Iterable[str | Path]) -> list[Path]:
-    """Expand files and folders (non-recursive) into a list of image files."""
+PREDICT_SUBFOLDER = "subfolder of an input folder (predict does not recurse: pass it as an input)"
+SKIPPED_FILE = "skipped.json"
+
+
+@dataclass
+class Inputs:
+    """predict's inputs expanded: the image files, the entries of input folders that were
+    not read (with reasons), the input folders, and the folders of input files named one
+    by one."""
+
+    files: list[Path]
+    skipped: list[Skipped]
+    folders: list[Path]
+    file_folders: list[Path]
+
+
+def expand_inputs(inputs: Iterable[str | Path]) -> Inputs:
+    """Files and folders (not recursive) -> image files, in the order given.
+
+    In a folder every entry that is not an image is listed as skipped (subfolders too: say
+    so rather than recurse). An input named explicitly must be a regular file or a folder:
+    a FIFO, a dangling symlink or a missing path is an error, since it was asked for.
+    """
     files: list[Path] = []
+    skipped: list[Skipped] = []
+    folders: list[Path] = []
+    file_folders: list[Path] = []
     for item in inputs:
         p = Path(item)
-        if p.is_dir():
-            found = list_images(p)
+        entry = classify(p, hidden=False)
+        if entry.kind == "folder":
+            found, skips = leaf_listing(p, PREDICT_SUBFOLDER)
             if not found:
-                raise DataError(f"{p} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+                why = f"; skipped: {'; '.join(map(str, skips[:3]))}" if skips else ""
+                raise DataError(f"{display(p)} holds no images "
+                                f"({', '.join(sorted(IMAGE_EXTENSIONS))}){why}")
             files.extend(found)
-        elif p.is_file():
+            skipped.extend(skips)
+            folders.append(p)
+        elif entry.kind in ("image", "file"):  # named explicitly: let the reader judge it
             files.append(p)
+            file_folders.append(p.parent)
+        elif not os.path.lexists(p):
+            raise DataError(f"{display(p)} does not exist; check the path")
         else:
-            raise DataError(f"{p} does not exist")
-    return files
+            raise DataError(f"{display(p)} cannot be scored: {entry.reason}; pass image files "
+                            "or folders")
+    return Inputs(files, skipped, folders, file_folders)
+
+
+def image_files(inputs: Iterable[str | Path]) -> list[Path]:
+    """Expand files and folders (non-recursive) into a list of image files (expand_inputs
+    also says what was skipped)."""
+    return expand_inputs(inputs).files
+
+
+class Predictions(list[dict[str, Any]]):
+    """The rows of predictions.json, with what the input expansion found and skipped."""
+
+    def __init__(self, rows: Iterable[dict[str, Any]], found: int,
+                 skipped: Sequence[Skipped]) -> None:
+        super().__init__(rows)
+        self.found = found
+        self.skipped = list(skipped)
 
 
 def load_threshold(run: str | Path) -> float | None:
@@ -437,18 +540,29 @@ def load_threshold(run: str | Path) -> float | None:
 
 def predict_paths(run: str | Path, inputs: Iterable[str | Path], out: str | Path,
                   batch_size: int = 8,
-                  progress: Progress | None = None) -> list[dict[str, Any]]:
+                  progress: Progress | None = None) -> Predictions:
     """Score image files; write a heatmap overlay per image and predictions.json to `out`.
 
     Each row has a decision and its reason: "score >= threshold" (defect), "score <
     threshold" (good), "uncalibrated" (no decision), or, for a NaN or infinite score (the
     detector failed on the image), "non-finite score: rejected" (defect, score null).
+
+    predictions.json stays a list of rows (its documented format); what the input folders
+    held that was not scored goes beside it in skipped.json: {"images_found",
+    "images_scored", "skipped": [{"path", "reason"}]}. `out` may not be an input folder,
+    inside one, the folder of an input file, or a run folder (refused before any work).
     """
+    from anomalyqc.placement import check_output_folder
+
     at_least(batch_size, 1, "batch_size")
+    expanded = expand_inputs(inputs)
+    check_output_folder(out, "--out folder", expanded.folders, run,
+                        "choose a new folder outside the inputs and the run folder",
+                        beside=expanded.file_folders)
     det = load_detector(run)
     threshold = load_threshold(run)
     tf = transform_for(det)
-    files = image_files(inputs)
+    files = expanded.files
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
@@ -459,36 +573,22 @@ def predict_paths(run: str | Path, inputs: Iterable[str | Path], out: str | Path
         pred = det.predict(x)
         for i, f in enumerate(chunk):
             score = float(pred.score[i])
-            heat = _unique(out / _heatmap_name(f), used)
+            # display(): the name is valid UTF-8, so predictions.json names the file exactly
+            heat = _unique(out, display(f"{f.parent.name}_{f.stem}"), "_heatmap.png", used)
             atomic_write_bytes(heat, overlay_png(x[i], pred.anomaly_map[i, 0], threshold))
             decision, reason = decide(score, threshold)
             rows.append({
-                "path": str(f),
+                "path": display(f),
                 "score": score if math.isfinite(score) else None,
                 "decision": decision,
                 "reason": reason,
                 "threshold": threshold,
-                "heatmap": str(heat),
+                "heatmap": display(heat),
             })
     atomic_write_json(out / "predictions.json", rows)
-    return rows
-
-
-# Bytes a heatmap's name may take: under NAME_MAX (255) with room for _unique's "_k" and the
-# ".<name>.<12 hex>.tmp" of an atomic write.
-_MAX_HEATMAP_NAME = 220
-
-
-def _heatmap_name(image: Path) -> str:
-    """<folder>_<stem>_heatmap.png, shortened (with a hash of the full name, so distinct
-    long names stay distinct) when an image's 255-byte name would not fit."""
-    stem, suffix = f"{image.parent.name}_{image.stem}", "_heatmap.png"
-    if len(os.fsencode(stem + suffix)) <= _MAX_HEATMAP_NAME:
-        return stem + suffix
-    tag = "_" + hashlib.sha256(os.fsencode(stem)).hexdigest()[:8]
-    while len(os.fsencode(stem + tag + suffix)) > _MAX_HEATMAP_NAME:
-        stem = stem[:-1]  # by character, so a multi-byte character is never cut in half
-    return stem + tag + suffix
+    atomic_write_json(out / SKIPPED_FILE,
+                      listing_summary(len(files), len(rows), expanded.skipped))
+    return Predictions(rows, len(files), expanded.skipped)
 
 
 def decide(score: float, threshold: float | None) -> tuple[str | None, str]:
@@ -503,35 +603,33 @@ def decide(score: float, threshold: float | None) -> tuple[str | None, str]:
                                                                         "score < threshold")
 
 
-def _unique(path: Path, used: set[Path]) -> Path:
-    """A file name not yet used in this call (same-named images from different folders)."""
-    candidate, k = path, 1
+def _unique(folder: Path, stem: str, suffix: str, used: set[Path]) -> Path:
+    """A file name not yet used in this call (same-named images from different folders),
+    cut to fit the 255-byte name limit (a heatmap of a 255-byte input name)."""
+    candidate, k = folder / fit_name(stem, suffix), 1
     while candidate in used:
-        candidate = path.with_name(f"{path.stem}_{k}{path.suffix}")
+        candidate = folder / fit_name(stem, f"_{k}{suffix}")
         k += 1
     used.add(candidate)
     return candidate
 
 
 def overlay_png(image: torch.Tensor, amap: torch.Tensor, threshold: float | None) -> bytes:
-    """Input with the anomaly map in jet over it; the decision contour when a threshold exists."""
+    """Input with the anomaly map in jet over it; the decision contour when a threshold
+    exists. Small inputs are upscaled with whole pixels (as in the report) so a 3-pixel
+    spot stays visible."""
     import cv2
 
-    img = (image.clamp(0, 1) * 255).byte()
-    img = img.expand(3, -1, -1) if img.shape[0] == 1 else img
-    bgr = cv2.cvtColor(img.permute(1, 2, 0).numpy(), cv2.COLOR_RGB2BGR)
+    from anomalyqc.evaluation.report import display_scale, heat_panel, rgb8
+
+    rgb = rgb8(image.numpy())
     m = amap.float().numpy()
     finite = np.isfinite(m)
     top = max(float(m[finite].max()) if finite.any() else 0.0, threshold or 0.0, 1e-12)
     m = np.where(finite, m, top)  # a failed pixel shows as the hottest, inside the contour
-    norm = np.clip(m / top * 255, 0, 255).astype(np.uint8)
-    heat = cv2.applyColorMap(norm, cv2.COLORMAP_JET)
-    blend = cv2.addWeighted(bgr, 0.55, heat, 0.45, 0)
-    if threshold is not None:
-        contours, _ = cv2.findContours((m >= threshold).astype(np.uint8), cv2.RETR_EXTERNAL,
-                                       cv2.CHAIN_APPROX_SIMPLE)
-        cv2.drawContours(blend, contours, -1, (255, 255, 255), 1)
-    ok, buf = cv2.imencode(".png", blend)
+    scale = display_scale(*m.shape)
+    blend = heat_panel(rgb, m, (0.0, top), threshold, scale)
+    ok, buf = cv2.imencode(".png", np.ascontiguousarray(blend[..., ::-1]))
     if not ok:  # pragma: no cover - cv2 failure
         raise RuntimeError("could not encode heatmap PNG")
     return buf.tobytes()

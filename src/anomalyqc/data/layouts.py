@@ -31,6 +31,20 @@ Plain folders (detected when ROOT/good exists)::
   included, so use the MVTec layout when you need held-out good images). A dataset with
   its own train/good folder is read with the MVTec rules.
 
+Nothing is left out silently: every listing returns, with its records, the entries it did
+not read and why (see anomalyqc.data.listing). In a type folder that is every entry that is
+not a readable image (unsupported extensions, hidden files, subfolders, dangling symlinks,
+symlink loops, FIFOs, folders named like images); in a split folder or the dataset root, the
+image-like entries and the folders that are not part of the layout (documentation such as
+readme.txt or meta.json, and hidden entries of the root, are not listed). Images directly in
+a split folder are an error, as before; images loose in the dataset root are skipped.
+
+A folder named like annotations (masks, mask, ground_truth, roi, rois, labels; any case)
+where a type folder is expected is an error rather than a defect class: read as defects,
+its masks would be scored as defective images. In the folder layout, pass it as mask_dir or
+roi_dir (or list the real defect folders with defect_dirs); in an MVTec test/ or train/
+folder, move it to ROOT/ground_truth/ (masks) or ROOT/roi/ (ROIs).
+
 Sidecar files (masks, ROIs) may have any image extension. Mask/image size mismatches are
 checked when a sample is loaded (see ImageDataset), since that needs the pixels.
 """
@@ -42,8 +56,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from anomalyqc.data.io import IMAGE_EXTENSIONS, is_image_file, list_images
+from anomalyqc.data.io import IMAGE_EXTENSIONS, is_image_file
+from anomalyqc.data.listing import FolderScan, Skipped, leaf_listing, scan
 from anomalyqc.errors import ConfigError, DataError
+from anomalyqc.pathtext import display
 from anomalyqc.types import DEFECT, GOOD
 
 Split = Literal["train", "test"]
@@ -55,6 +71,11 @@ MVTEC_LAYOUT = (
     "ROOT/ground_truth/<defect>/<name>_mask.png"
 )
 FOLDER_LAYOUT = "expected the folder layout: ROOT/good/*.png, ROOT/<defect>/*.png"
+MVTEC_ROOT_ENTRIES = ("train", "test", "ground_truth", "roi")
+# Folder names that hold annotations, never a defect class (compared lower-cased).
+ANNOTATION_NAMES = frozenset({"masks", "mask", "ground_truth", "roi", "rois", "labels"})
+LOOSE_IN_ROOT = "image loose in the dataset root (not in a type folder)"
+NESTED = "subfolder of a type folder (types are one level deep: not read)"
 
 
 @dataclass
@@ -68,6 +89,14 @@ class Record:
     roi_path: Path | None = None
 
 
+@dataclass
+class Listing:
+    """The records of a dataset split and the entries that were not read (with reasons)."""
+
+    records: list[Record]
+    skipped: list[Skipped]
+
+
 # --------------------------------------------------------------------------- MVTec AD
 
 
@@ -76,8 +105,14 @@ def mvtec_records(root: str | Path, split: Split = "train", masks: bool = True) 
 
     masks=True reads the masks the split has: all defect images' or none (image labels
     only); masks for some but not all is an error. masks=False ignores masks altogether
-    (image-level evaluation of a partly annotated dataset).
+    (image-level evaluation of a partly annotated dataset). mvtec_listing also says what
+    was skipped.
     """
+    return mvtec_listing(root, split, masks).records
+
+
+def mvtec_listing(root: str | Path, split: Split = "train", masks: bool = True) -> Listing:
+    """mvtec_records and the entries of the root, the split and its type folders not read."""
     root = _existing_root(root)
     _check_split(split)
     if split == "train" and not (root / "train" / GOOD_TYPE).is_dir():
@@ -86,12 +121,19 @@ def mvtec_records(root: str | Path, split: Split = "train", masks: bool = True) 
     split_dir = root / split
     if not split_dir.is_dir():
         raise DataError(f"{root} has no {split}/ folder ({split_dir}); {MVTEC_LAYOUT}")
-    _reject_loose_images(split_dir, f"put them in {split_dir / GOOD_TYPE} or {split_dir}/<defect>")
+    skipped = _root_skips(scan(root), MVTEC_ROOT_ENTRIES,
+                          "folder not part of the MVTec layout (train, test, ground_truth, roi)")
+    split_scan = scan(split_dir)
+    _reject_loose_images(split_scan, f"put them in {split_dir / GOOD_TYPE} or {split_dir}/<defect>")
+    skipped += _split_skips(split_scan)
+    type_dirs = split_scan.folders
+    _reject_annotation_folders(type_dirs, "move it to ROOT/ground_truth/<defect>/ (masks) or "
+                                          "ROOT/roi/<split>/<type>/ (ROIs)")
     records: list[Record] = []
-    for type_dir in _subfolders(split_dir):
+    for type_dir in type_dirs:
         mask_folder = root / "ground_truth" / type_dir.name
         roi_folder = root / "roi" / split / type_dir.name
-        records += _type_records(
+        found, skips = _type_records(
             type_dir,
             mask_folder if masks else None,
             ("_mask",),
@@ -99,10 +141,12 @@ def mvtec_records(root: str | Path, split: Split = "train", masks: bool = True) 
             hint="add images or remove the folder",
             require_masks=False,
         )
+        records += found
+        skipped += skips
     if not records:
         raise DataError(f"split folder {split_dir} has no images; {MVTEC_LAYOUT}")
     _check_all_or_no_masks(records, root)
-    return records
+    return Listing(records, skipped)
 
 
 def _check_all_or_no_masks(records: list[Record], root: Path) -> None:
@@ -127,6 +171,17 @@ def folder_records(
     roi_dir: str | None = None,
 ) -> list[Record]:
     """Records of a plain folder dataset: good images first, then each defect folder."""
+    return folder_listing(root, good_dir, defect_dirs, mask_dir, roi_dir).records
+
+
+def folder_listing(
+    root: str | Path,
+    good_dir: str = GOOD_TYPE,
+    defect_dirs: Sequence[str] | None = None,
+    mask_dir: str | None = None,
+    roi_dir: str | None = None,
+) -> Listing:
+    """folder_records and the entries of the root and the type folders not read."""
     root = _existing_root(root)
     good = root / good_dir
     if not good.is_dir():
@@ -137,9 +192,13 @@ def folder_records(
         "add images or remove the folder (if it holds masks or ROIs, pass it as "
         "mask_dir / roi_dir; or list the defect folders with defect_dirs)"
     )
+    root_scan = scan(root)
+    defects = _defect_folders(root_scan, good_dir, defect_dirs, (mask_dir, roi_dir))
+    used = {good_dir, *(n for n in (mask_dir, roi_dir) if n), *(d.name for d in defects)}
+    skipped = _root_skips(root_scan, tuple(used), "folder not listed in defect_dirs")
     records: list[Record] = []
-    for type_dir in [good, *_defect_folders(root, good_dir, defect_dirs, (mask_dir, roi_dir))]:
-        records += _type_records(
+    for type_dir in [good, *defects]:
+        found, skips = _type_records(
             type_dir,
             mask_root / type_dir.name if mask_root else None,
             ("", "_mask"),
@@ -148,19 +207,26 @@ def folder_records(
             roi_suffixes=("", "_roi"),
             good_type=good_dir,
         )
-    return records
+        records += found
+        skipped += skips
+    return Listing(records, skipped)
 
 
 def _defect_folders(
-    root: Path,
+    root_scan: FolderScan,
     good_dir: str,
     defect_dirs: Sequence[str] | None,
     reserved: Iterable[str | None],
 ) -> list[Path]:
-    """The named defect folders (each must exist), or every other non-hidden subfolder."""
+    """The named defect folders (each must exist), or every other non-hidden subfolder;
+    a folder named like annotations among those is an error (see the module docstring)."""
+    root = root_scan.folder
     if defect_dirs is None:
         skip = {good_dir, *(r for r in reserved if r)}
-        return [d for d in _subfolders(root) if d.name not in skip]
+        folders = [d for d in root_scan.folders if d.name not in skip]
+        _reject_annotation_folders(folders, "pass it as mask_dir / roi_dir, or list the defect "
+                                            "folders with defect_dirs")
+        return folders
     folders = [root / name for name in defect_dirs]
     for folder in folders:
         if not folder.is_dir():
@@ -210,15 +276,30 @@ def records_for(
 
     Folder layout: train = good images only, test = all images. mask_dir, roi_dir,
     good_dir and defect_dirs only apply to the folder layout; masks=False drops masks in
-    both.
+    both. dataset_listing also says what was skipped.
     """
+    return dataset_listing(root, split, masks=masks, good_dir=good_dir, defect_dirs=defect_dirs,
+                           mask_dir=mask_dir, roi_dir=roi_dir).records
+
+
+def dataset_listing(
+    root: str | Path,
+    split: Split = "test",
+    *,
+    masks: bool = True,
+    good_dir: str = GOOD_TYPE,
+    defect_dirs: Sequence[str] | None = None,
+    mask_dir: str | None = None,
+    roi_dir: str | None = None,
+) -> Listing:
+    """records_for and the entries that were not read, with reasons."""
     _check_split(split)
     if detect_layout(root, good_dir) == "mvtec":
-        return mvtec_records(root, split, masks=masks)
-    records = folder_records(root, good_dir, defect_dirs, mask_dir if masks else None, roi_dir)
+        return mvtec_listing(root, split, masks=masks)
+    listing = folder_listing(root, good_dir, defect_dirs, mask_dir if masks else None, roi_dir)
     if split == "train":
-        records = [r for r in records if r.label == GOOD]
-    return records
+        listing.records = [r for r in listing.records if r.label == GOOD]
+    return listing
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -234,16 +315,17 @@ def _type_records(
     roi_suffixes: tuple[str, ...] = ("_roi",),
     good_type: str = GOOD_TYPE,
     require_masks: bool = True,
-) -> list[Record]:
-    """Records of one type folder.
+) -> tuple[list[Record], list[Skipped]]:
+    """Records of one type folder, and its entries that are not images.
 
     With a mask folder and require_masks, a defect image without its mask is an error;
     without require_masks its mask_path is left None (the caller checks the whole split).
     """
-    images = list_images(type_dir)
+    images, skipped = leaf_listing(type_dir, NESTED)
     if not images:
         exts = " ".join(sorted(IMAGE_EXTENSIONS))
-        raise DataError(f"folder {type_dir} has no images ({exts}); {hint}")
+        found = f"; skipped: {'; '.join(map(str, skipped[:3]))}" if skipped else ""
+        raise DataError(f"folder {display(type_dir)} has no images ({exts}{found}); {hint}")
     is_good = type_dir.name == good_type
     defect_type = GOOD_TYPE if is_good else type_dir.name
     masks = _index(mask_folder) if mask_folder is not None and not is_good else None
@@ -258,7 +340,7 @@ def _type_records(
                 raise _missing_mask(image, mask_folder, mask_suffixes)
         roi = _sidecar(rois, image.stem, roi_suffixes)
         records.append(Record(image, GOOD if is_good else DEFECT, defect_type, mask, roi))
-    return records
+    return records, skipped
 
 
 def _missing_mask(
@@ -296,17 +378,54 @@ def _existing_root(root: str | Path) -> Path:
     return root
 
 
-def _subfolders(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+def _root_skips(root_scan: FolderScan, layout: tuple[str, ...], folder_reason: str) -> list[Skipped]:
+    """Entries of a dataset root that look like data but are not read: images and anything
+    named like one, and folders outside the layout. Hidden entries and other files
+    (readme.txt, license.txt, meta.json) are documentation and not listed."""
+    out = []
+    for e in root_scan.entries:
+        if e.kind == "hidden" or e.path.name in layout:
+            continue
+        if e.kind == "image":
+            out.append(Skipped(e.path, LOOSE_IN_ROOT))
+        elif e.kind == "folder":
+            out.append(Skipped(e.path, "a folder named like an image" if e.named_like_image
+                               else folder_reason))
+        elif e.named_like_image:  # broken, or an image extension that is not a regular file
+            out.append(Skipped(e.path, e.reason))
+    return out
 
 
-def _reject_loose_images(split_dir: Path, fix: str) -> None:
+def _split_skips(split_scan: FolderScan) -> list[Skipped]:
+    """Entries of an MVTec split folder other than its type folders and loose images (an
+    error): hidden folders, and entries named like images that are not readable files."""
+    out = []
+    for e in split_scan.entries:
+        if e.kind == "hidden" and e.path.is_dir():
+            out.append(Skipped(e.path, e.reason))
+        elif e.kind in ("broken", "file") and e.named_like_image:
+            out.append(Skipped(e.path, e.reason))
+    return out
+
+
+def _reject_annotation_folders(folders: list[Path], fix: str) -> None:
+    """A masks/ (ground_truth, roi, labels...) folder read as a defect class would score
+    every mask as a defective image: refuse the ambiguous layout."""
+    for folder in folders:
+        if folder.name.lower() in ANNOTATION_NAMES:
+            raise DataError(
+                f"{display(folder)} is named like an annotation folder, but it is where the "
+                f"layout expects a defect type (its files would be scored as defective "
+                f"images); {fix}; or rename it if it really is a defect type")
+
+
+def _reject_loose_images(split_scan: FolderScan, fix: str) -> None:
     """Images directly in a split folder have no type; refuse rather than ignore them."""
-    loose = list_images(split_dir)
+    loose = split_scan.images
     if loose:
         raise DataError(
-            f"{len(loose)} image(s) directly in {split_dir} (e.g. {loose[0].name}) have no "
-            f"type folder; {fix}"
+            f"{len(loose)} image(s) directly in {display(split_scan.folder)} (e.g. "
+            f"{display(loose[0].name)}) have no type folder; {fix}"
         )
 
 

@@ -1,6 +1,7 @@
 """The run's threshold.json: the only reader and writer of that file.
 
     {"image": ThresholdChoice fields, "data": absolute path of the data that chose it,
+     "data_sha256": content hash of its images (anomalyqc.data.fingerprint),
      "written_by": "calibrate" | "evaluate"}
 
 A file that is not valid JSON, lacks a field or has a field of the wrong type is a
@@ -20,6 +21,7 @@ from anomalyqc.errors import ModelFileError
 from anomalyqc.evaluation.thresholds import ThresholdChoice
 from anomalyqc.fileio import atomic_write_json
 from anomalyqc.models.storage import THRESHOLD_FILE
+from anomalyqc.pathtext import display
 
 WRITERS = ("calibrate", "evaluate")
 
@@ -32,6 +34,7 @@ class StoredThreshold:
     data: str
     written_by: str | None  # None in files written before the field existed
     path: Path
+    data_sha256: str | None = None  # None in files written before the field existed
 
     @property
     def value(self) -> float:
@@ -48,14 +51,15 @@ def threshold_path(run: str | Path) -> Path:
 
 
 def write_threshold(run: str | Path, choice: ThresholdChoice, data: str | Path,
-                    written_by: str) -> StoredThreshold:
-    """Store `choice` in the run (atomically); `data` is recorded as an absolute path."""
+                    written_by: str, data_sha256: str | None = None) -> StoredThreshold:
+    """Store `choice` in the run (atomically); `data` is recorded as an absolute path, with
+    the content hash of its images when given."""
     if written_by not in WRITERS:
         raise ValueError(f"written_by must be one of {WRITERS}, got {written_by!r}")
     path = threshold_path(run)
-    stored = StoredThreshold(choice, str(Path(data).resolve()), written_by, path)
+    stored = StoredThreshold(choice, display(Path(data).resolve()), written_by, path, data_sha256)
     atomic_write_json(path, {"image": choice.to_dict(), "data": stored.data,
-                             "written_by": written_by})
+                             "data_sha256": data_sha256, "written_by": written_by})
     return stored
 
 
@@ -85,7 +89,10 @@ def read_threshold(run: str | Path) -> StoredThreshold | None:
     written_by = raw.get("written_by")
     if written_by is not None and written_by not in WRITERS:
         raise _corrupt(path, f"\"written_by\" is {written_by!r}, not one of {', '.join(WRITERS)}")
-    return StoredThreshold(choice, data, written_by, path)
+    digest = raw.get("data_sha256")
+    if digest is not None and not isinstance(digest, str):
+        raise _corrupt(path, f"\"data_sha256\" is {digest!r}, not a hex digest")
+    return StoredThreshold(choice, data, written_by, path, digest)
 
 
 def _is_number(x: Any) -> bool:

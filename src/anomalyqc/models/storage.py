@@ -61,7 +61,8 @@ def save_detector(detector: Detector, run_dir: str | Path) -> Path:
         "detector": detector.name,
         "params": detector.config.model_dump(mode="json"),
     })
-    detector.model_id = write_manifest(run).model_id
+    detector.model_id = write_manifest(run, detector.input_size,
+                                       detector.config.channels).model_id
     return run
 
 
@@ -90,21 +91,19 @@ class Manifest:
     path: Path
 
 
-def write_manifest(run_dir: str | Path) -> Manifest:
+def write_manifest(run_dir: str | Path, input_size: tuple[int, int],
+                   channels: int | None) -> Manifest:
     """Seal the run's config and weights as they are on disk now (the last step of a save)."""
     run = Path(run_dir)
     cfg = read_run_config(run)
     digests = {name: file_sha256(run / name) for name in MODEL_FILES}
-    from anomalyqc.models.base import detector_class
-
-    det = detector_class(str(cfg.get("detector")))(cfg.get("params") or {})
     manifest = {
         "format": MANIFEST_FORMAT,
         "model_id": model_id_of(digests),
-        "detector": det.name,
+        "detector": str(cfg.get("detector")),
         "package_version": str(cfg.get("package_version")),
-        "input_size": list(det.input_size),
-        "channels": det.config.channels,
+        "input_size": [int(v) for v in input_size],
+        "channels": channels,
         "files": digests,
     }
     atomic_write_json(run / MANIFEST_FILE, manifest)

@@ -200,6 +200,9 @@ class Scene:
     droplets: list[Blob]
     light: dict[str, float]
     texture_seed: int
+    # (n_vials,) slope of the liquid surface (px per px, + = lower on the right) while a moving
+    # strip tilts it; None = level (the still images of vials.py).
+    meniscus_tilt: np.ndarray | None = None
 
 
 @dataclass
@@ -221,8 +224,10 @@ def vial_cx(geo: Geometry, v: int) -> float:
 def meniscus_at(scene: Scene, geo: Geometry, v: int, x: float, y: float) -> float:
     """Meniscus row at column x of vial v (it climbs towards the walls)."""
     hw = float(geo.half_width(y))
-    t = min(abs(x - vial_cx(geo, v)) / max(hw, 0.5), 1.0)
-    return float(scene.meniscus_y[v] - scene.meniscus_curv[v] * t * t)
+    u = x - vial_cx(geo, v)
+    t = min(abs(u) / max(hw, 0.5), 1.0)
+    tilt = 0.0 if scene.meniscus_tilt is None else float(scene.meniscus_tilt[v]) * u
+    return float(scene.meniscus_y[v] - scene.meniscus_curv[v] * t * t + tilt)
 
 
 def sample_scene(rng: np.random.Generator, cfg: VialStripConfig, geo: Geometry) -> Scene:
@@ -477,6 +482,30 @@ def _draw_scratch(cv: Canvas, p: dict[str, Any]) -> None:
     cv.img[sy, sx] += p["sign"] * p["contrast"] * a
 
 
+def _draw_soft_particle(cv: Canvas, p: dict[str, Any]) -> None:
+    """Particle stuck on the inner wall: seen through the plastic, so blurred and part-opaque."""
+    for x, y, r in p["discs"]:
+        sy, sx = _window(cv, x, y, 2.0 * r + 1.0)
+        if sy.start >= sy.stop or sx.start >= sx.stop:
+            continue
+        d = np.hypot(cv.X[sy, sx] - x, cv.Y[sy, sx] - y) / max(r, 0.3)
+        a = p["opacity"] * np.exp(-(d**2)) * cv.vial[sy, sx]
+        cv.img[sy, sx] = cv.img[sy, sx] * (1.0 - a) + p["level"] * a
+
+
+def _draw_foam(cv: Canvas, p: dict[str, Any]) -> None:
+    """Foam on the liquid surface: a crowd of small bubbles, drawn over liquid and air alike."""
+    for x, y, r, strength in p["blobs"]:
+        sy, sx = _window(cv, x, y, r * 1.5)
+        if sy.start >= sy.stop or sx.start >= sx.stop:
+            continue
+        d = np.hypot(cv.X[sy, sx] - x, cv.Y[sy, sx] - y) / r
+        patch = cv.img[sy, sx]
+        new = patch * (1.0 - strength * np.exp(-(((d - 0.8) / 0.3) ** 2)))
+        new += 12.0 * strength * np.exp(-((d / 0.35) ** 2))
+        cv.img[sy, sx] = patch + (new - patch) * cv.vial[sy, sx]
+
+
 def _draw_burn(cv: Canvas, p: dict[str, Any]) -> None:
     """Soft dark smudge (a burn is brownish; in gray it only darkens)."""
     x0, y0 = p["center"]
@@ -510,6 +539,8 @@ def render_noiseless(
     idx = np.flatnonzero(vial > 0.0)
     vi, ti = V.ravel()[idx], t.ravel()[idx]
     dm = Y.ravel()[idx] - (scene.meniscus_y[vi] - scene.meniscus_curv[vi] * ti * ti)
+    if scene.meniscus_tilt is not None:
+        dm -= scene.meniscus_tilt[vi] * U.ravel()[idx]
     wet = np.zeros_like(vial)
     wet.ravel()[idx] = np.clip(dm * ss + 0.5, 0.0, 1.0)
     web = np.clip(np.minimum(Y - geo.web_top, geo.web_bottom - Y) * ss + 0.5, 0.0, 1.0)
@@ -525,7 +556,10 @@ def render_noiseless(
         _draw_blob(cv, b, in_liquid=True, center_gain=30.0)
     for b in scene.droplets:
         _draw_blob(cv, b, in_liquid=False, center_gain=20.0)
-    drawers = {"black_spot": _draw_particle, "scratch": _draw_scratch, "burn": _draw_burn}
+    drawers = {
+        "black_spot": _draw_particle, "scratch": _draw_scratch, "burn": _draw_burn,
+        "soft_particle": _draw_soft_particle, "foam": _draw_foam,
+    }  # fmt: skip
     for d in defects:
         if d.kind in drawers:
             drawers[d.kind](cv, d.params)
