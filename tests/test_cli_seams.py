@@ -248,11 +248,14 @@ def test_crop_size_sets_the_heatmap_size(tiny_vials: Path, tmp_path: Path):
     assert json.loads(report.read_text())["pixel_auroc"] is not None  # masks cropped alike
 
 
-def test_two_loader_workers_fit_the_same_model(run_copy: Path, tiny_vials: Path,
-                                               tmp_path: Path):
-    run = tmp_path / "w2"
-    r = invoke("fit", "padim", "--data", tiny_vials, "--out", run, *SMALL, "--workers", 2)
-    assert r.exit_code == 0, r.output
+def test_two_loader_workers_fit_the_same_model(tiny_vials: Path, tmp_path: Path):
+    # Both fits here, under the same torch thread count (the shared session run may have
+    # been fitted under another, which changes float rounding in the backbone).
+    run_copy, run = tmp_path / "w0", tmp_path / "w2"
+    for out, workers in ((run_copy, 0), (run, 2)):
+        r = invoke("fit", "padim", "--data", tiny_vials, "--out", out, *SMALL, "--workers",
+                   workers)
+        assert r.exit_code == 0, r.output
     a, b = load_file(run_copy / "weights.safetensors"), load_file(run / "weights.safetensors")
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     scores = []

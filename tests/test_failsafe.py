@@ -384,7 +384,7 @@ def test_report_may_not_replace_a_file_that_is_not_a_metrics_file(run_copy: Path
     config = run_copy / "config.json"
     before = config.read_bytes()
     r = invoke("evaluate", run_copy, "--data", tiny_vials, "--report", config)
-    one_line_error(r, str(config), "not a metrics file")
+    one_line_error(r, str(config.parent), "run folder")
     assert config.read_bytes() == before and not (run_copy / "report.html").exists()
     # a metrics file an earlier evaluate wrote may be replaced
     report = tmp_path / "m.json"

@@ -27,7 +27,6 @@ from anomalyqc.options import (
     at_least,
     file_target,
     folder_target,
-    metrics_target,
     no_dedicated_sets,
     threshold_options,
 )
@@ -273,9 +272,7 @@ def evaluate(
     from anomalyqc.workflow import evaluate_run
 
     def check() -> str:
-        at_least(batch_size, 1, "--batch-size")
-        if report is not None:
-            metrics_target(report)
+        at_least(batch_size, 1, "--batch-size")  # --report is checked by evaluate_run first
         stored = threshold_path(run)
         return threshold_options(threshold_method.value if threshold_method else None,
                                  threshold, recalibrate, stored if stored.is_file() else None)

@@ -376,10 +376,10 @@ def evaluate_run(run: str | Path, data: str | Path, report: str | Path | None = 
     run = Path(run)
     report_json = Path(report) if report else run / "report" / METRICS_FILE
     check_metrics_file(report_json.name)
-    metrics_target(report_json, "report")
     check_output_folder(report_json.parent, "report folder", [data], run,
                         "pass --report FILE.json in a folder outside the data and outside "
                         "the run folder's top level (the default is RUN/report/metrics.json)")
+    metrics_target(report_json, "report")
     det = load_detector(run)
     dataset, listing = listed_dataset(det, data, "test", masks=masks)
     _check_both_classes(dataset, data, "AUROC and thresholds")
