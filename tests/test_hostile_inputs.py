@@ -452,6 +452,14 @@ def test_roi_masks_are_not_read_and_said_so_once(tmp_path):
     msgs = [str(w.message) for w in caught]
     assert len(msgs) == 1 and f"ROI masks in {root / 'roi/test'} are not used" in msgs[0]
     assert "GRD-Net, issue 8" in msgs[0]
+    # opted in (a detector that uses them), they are read, aligned and said nothing about
+    put(root / "roi/test/good/a_roi.png", encode(".png", np.full((8, 8), 255, np.uint8)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)
+        with_rois = ImageDataset(mvtec_records(root, "test"), ImageTransform(8), rois=True)
+        by_name = {Path(s.path).name: s for s in (with_rois[i] for i in range(len(with_rois)))}
+    assert by_name["a.png"].roi is not None and by_name["a.png"].roi.min() == 1.0
+    assert by_name["b.png"].roi is None  # no ROI file: the whole image (Batch fills ones)
 
 
 # -------------------------------------------------------------------------------- CLI

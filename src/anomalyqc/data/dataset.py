@@ -4,9 +4,10 @@ Pixels are read in __getitem__ only, so a dataset of any size streams through a
 DataLoader. The channel count is fixed when the dataset is built (not on first access),
 so that every DataLoader worker agrees on it.
 
-ROI files that a layout finds (Record.roi_path) are not read: the embedding detectors score
-the whole image, so Sample.roi stays None and the dataset says so once. They are for the
-reconstruction detector (GRD-Net, issue 8), which scores inside the ROI.
+ROI files that a layout finds (Record.roi_path) are read only with rois=True, which no
+command sets yet: the embedding detectors score the whole image, so Sample.roi stays None
+and the dataset says so once. ROIs are for the reconstruction detector (GRD-Net, issue 8),
+which scores inside them.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ class ImageDataset(Dataset[Sample]):
     channels: 1 or 3 converts every image (gray <-> RGB); None takes the transform's
     channels, and if that is None too, the channel count of the first image, and then a
     later image with a different count is an error (a silently mixed dataset would train a
-    model on inconsistent input).
+    model on inconsistent input). rois: read the records' ROI masks into Sample.roi (for a
+    detector that uses them); off, they are not opened and a warning says they are unused.
     """
 
     def __init__(
@@ -39,6 +41,7 @@ class ImageDataset(Dataset[Sample]):
         records: Sequence[Record],
         transform: ImageTransform,
         channels: int | None = None,
+        rois: bool = False,
     ) -> None:
         check_channels(channels)
         if not records:
@@ -48,7 +51,9 @@ class ImageDataset(Dataset[Sample]):
         explicit = channels if channels is not None else transform.channels
         self.convert = explicit is not None
         self.channels: int = explicit if explicit is not None else self._first_channels()
-        self._note_unused_rois()
+        self.rois = rois
+        if not rois:
+            self._note_unused_rois()
 
     def _first_channels(self) -> int:
         return int(read_image(self.records[0].path, notes=self.transform.notes).shape[2])
@@ -69,11 +74,14 @@ class ImageDataset(Dataset[Sample]):
         record = self.records[index]
         image = self._read_image(record.path)
         mask = self._read_aligned(record.mask_path, record.path, image, "mask")
-        image_t, mask_t, _ = self.transform(image, mask, source=record.path)
+        roi_path = record.roi_path if self.rois else None
+        roi = self._read_aligned(roi_path, record.path, image, "ROI")
+        image_t, mask_t, roi_t = self.transform(image, mask, roi, source=record.path)
         return Sample(
             image=image_t,
             label=record.label,
             mask=mask_t,
+            roi=roi_t,
             defect_type=record.defect_type,
             path=str(record.path),
         )
