@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from anomalyqc.evaluation.thresholds import ThresholdChoice
 from anomalyqc.errors import CalibrationError, ConfigError, DataError, ModelFileError
+from anomalyqc.evaluation.thresholds import ThresholdChoice
 from anomalyqc.line.decisions import AcceptancePolicy, acquisition_decisions, region_scores, strip_margin
 from anomalyqc.line.inspect import LineModels, inspect_acquisition, prepare_patches
 from anomalyqc.line.layout import default_layout
@@ -41,7 +41,9 @@ def test_region_vial_strip_rules() -> None:
     assert d["vial"].tolist() == [False, False, True, False, False]
     assert bool(d["strip"])
     s[1, 2, 1] = 1.99
-    assert not bool(acquisition_decisions(s, t)["strip"])  # the same score passes a region with a higher threshold
+    assert not bool(
+        acquisition_decisions(s, t)["strip"]
+    )  # the same score passes a region with a higher threshold
     assert bool(acquisition_decisions(s, np.array([1.0, 1.5, 3.0, 4.0]))["strip"])
 
 
@@ -128,7 +130,10 @@ def test_unknown_labels_are_left_out_and_a_missing_class_is_an_error() -> None:
         calibrate_thresholds(s, y2, REGIONS)
     y3 = y.copy()
     y3[:50, 0] = -1
-    assert calibrate_thresholds(s, y3, REGIONS)[0].n_good + calibrate_thresholds(s, y3, REGIONS)[0].n_defect == 150
+    assert (
+        calibrate_thresholds(s, y3, REGIONS)[0].n_good + calibrate_thresholds(s, y3, REGIONS)[0].n_defect
+        == 150
+    )
     with pytest.raises(ConfigError, match="metric"):
         calibrate_thresholds(s, y, REGIONS, "youden")
 
@@ -190,7 +195,9 @@ def test_one_batched_forward_pass_per_model(padim: Padim, monkeypatch: pytest.Mo
     np.testing.assert_allclose(res.scores.ravel(), real(x).score.numpy(), rtol=1e-4, atol=1e-5)
     assert res.heatmap.shape == LAYOUT.image_size
     calls.clear()
-    res2 = inspect_acquisition(frames, LAYOUT, LineModels.shared(padim, REGIONS), key_frames=(1, 2, 4), use_rank=True)
+    res2 = inspect_acquisition(
+        frames, LAYOUT, LineModels.shared(padim, REGIONS), key_frames=(1, 2, 4), use_rank=True
+    )
     assert calls == [100] and res2.sources[-2:] == ["rank_min", "rank_max"]
 
 
@@ -236,8 +243,9 @@ def test_inspect_refuses_bad_input(padim: Padim) -> None:
 
 def test_named_rank_images(padim: Padim) -> None:
     f = _frames(2)
-    res = inspect_acquisition({"rank_min": f.min(0), "rank_max": f.max(0)}, LAYOUT,
-                              LineModels.shared(padim, REGIONS))
+    res = inspect_acquisition(
+        {"rank_min": f.min(0), "rank_max": f.max(0)}, LAYOUT, LineModels.shared(padim, REGIONS)
+    )
     ref = inspect_acquisition(f, LAYOUT, LineModels.shared(padim, REGIONS), key_frames=(), use_rank=True)
     assert res.sources == ["rank_min", "rank_max"]
     np.testing.assert_allclose(res.scores, ref.scores, rtol=1e-5)

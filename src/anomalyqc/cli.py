@@ -378,15 +378,15 @@ def synth_kit(
                                                        "all the thesis's line defects)."),
 ) -> None:
     """A line test kit: good and defective strips, each acquired --runs times."""
-    from anomalyqc.synth.acquisition import AcquisitionConfig
+    from anomalyqc.synth.acquisition import LINE_DEFECT_TYPES, AcquisitionConfig
     from anomalyqc.synth.kit import generate_kit
     from anomalyqc.synth.vials import VialStripConfig
 
     def job() -> dict:
         at_least(height, 32, "--height")
         strip = VialStripConfig(height=height, vial_pitch=max(8, round(height / 4)))
-        kw = {"defect_types": tuple(t.strip() for t in defect_types.split(","))} if defect_types else {}
-        cfg = AcquisitionConfig(strip=strip, n_frames=frames, **kw)
+        types = tuple(t.strip() for t in defect_types.split(",")) if defect_types else LINE_DEFECT_TYPES
+        cfg = AcquisitionConfig(strip=strip, n_frames=frames, defect_types=types)
         return generate_kit(out, seed, n_good, n_defect, runs, cfg, patch_size, progress=bars)
 
     with _Bars() as bars:

@@ -53,7 +53,12 @@ def acquisition_decisions(scores: np.ndarray, thresholds: np.ndarray) -> dict[st
     patch = region_rejects(scores, thresholds)
     region = patch.any(axis=-3)
     vial = region.any(axis=-1)
-    return {"patch": patch, "region": region, "vial": vial, "strip": vial.any(axis=-1)}
+    return {
+        "patch": patch,
+        "region": np.asarray(region),
+        "vial": np.asarray(vial),
+        "strip": np.asarray(vial.any(axis=-1)),
+    }
 
 
 def region_scores(scores: np.ndarray) -> np.ndarray:
@@ -101,9 +106,11 @@ class AcceptancePolicy:
         return f"{self.k}/{self.n}"
 
     def describe(self) -> str:
-        return (f"a product is declared good when at least {self.k} of its {self.n} runs accept it, "
-                f"defective when at least {self.k} reject it, undecided otherwise; it is classified "
-                f"correctly when at least {self.k} of its {self.n} runs give its true label")
+        return (
+            f"a product is declared good when at least {self.k} of its {self.n} runs accept it, "
+            f"defective when at least {self.k} reject it, undecided otherwise; it is classified "
+            f"correctly when at least {self.k} of its {self.n} runs give its true label"
+        )
 
     def decide(self, run_rejects: np.ndarray) -> np.ndarray:
         """Product decisions from (P, n) run decisions (True = reject): (P,) of strings."""

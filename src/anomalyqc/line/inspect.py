@@ -44,25 +44,30 @@ class LineModels:
 
     @classmethod
     def from_runs(
-        cls, regions: list[str], default: str | Path | None = None,
+        cls,
+        regions: list[str],
+        default: str | Path | None = None,
         per_region: Mapping[str, str | Path] | None = None,
-    ) -> LineModels:  # fmt: skip
+    ) -> LineModels:
         """Load run folders (models.storage.load_detector); a run used by several regions is
         loaded once and shared. Every region needs a model: `default` or its own."""
         from anomalyqc.models.storage import load_detector
 
         per_region = dict(per_region or {})
         if unknown := sorted(set(per_region) - set(regions)):
-            raise ConfigError(f"--model {unknown[0]}=...: no region {unknown[0]!r} in the layout "
-                              f"(regions: {', '.join(regions)})")  # fmt: skip
+            raise ConfigError(
+                f"--model {unknown[0]}=...: no region {unknown[0]!r} in the layout "
+                f"(regions: {', '.join(regions)})"
+            )
         loaded: dict[str, Detector] = {}
         dets: dict[str, Detector] = {}
         runs: dict[str, str | None] = {}
         for r in regions:
             run = per_region.get(r, default)
             if run is None:
-                raise ConfigError(f"region {r} has no model; give --model RUN for all regions "
-                                  f"or --model {r}=RUN")  # fmt: skip
+                raise ConfigError(
+                    f"region {r} has no model; give --model RUN for all regions or --model {r}=RUN"
+                )
             key = str(Path(run).resolve())
             if key not in loaded:
                 loaded[key] = load_detector(run)
@@ -87,16 +92,23 @@ class LineModels:
         """One entry per distinct model: regions, run folder, detector, model id, input."""
         names = self.regions
         return [
-            {"regions": [names[i] for i in idx], "run": self.runs.get(names[idx[0]]),
-             "detector": d.name, "model_id": d.model_id, "input_size": list(d.input_size),
-             "channels": d.config.channels}
+            {
+                "regions": [names[i] for i in idx],
+                "run": self.runs.get(names[idx[0]]),
+                "detector": d.name,
+                "model_id": d.model_id,
+                "input_size": list(d.input_size),
+                "channels": d.config.channels,
+            }
             for d, idx in self.groups()
-        ]  # fmt: skip
+        ]
 
     def check_layout(self, layout: ProductLayout) -> None:
         if self.regions != layout.region_names:
-            raise ConfigError(f"models cover regions {self.regions}, layout {layout.name!r} has "
-                              f"{layout.region_names}; give a model for each region of the layout")  # fmt: skip
+            raise ConfigError(
+                f"models cover regions {self.regions}, layout {layout.name!r} has "
+                f"{layout.region_names}; give a model for each region of the layout"
+            )
 
 
 def prepare_patches(patches: torch.Tensor, detector: Detector) -> torch.Tensor:
@@ -109,13 +121,16 @@ def prepare_patches(patches: torch.Tensor, detector: Detector) -> torch.Tensor:
         elif c == 3 and want == 1:
             patches = (patches * _GRAY.to(patches)[None, :, None, None]).sum(1, keepdim=True)
         else:
-            raise DataError(f"the layout's patches have {c} channels and detector {detector.name} "
-                            f"takes {want}; only gray <-> RGB is converted: use a layout with "
-                            f"1 or 3 channels or a model trained on {c}-channel patches")  # fmt: skip
+            raise DataError(
+                f"the layout's patches have {c} channels and detector {detector.name} "
+                f"takes {want}; only gray <-> RGB is converted: use a layout with "
+                f"1 or 3 channels or a model trained on {c}-channel patches"
+            )
     size = as_hw(detector.config.image_size)
     if tuple(patches.shape[-2:]) != size:
-        patches = F.interpolate(patches, size=size, mode="bilinear", align_corners=False,
-                                antialias=patches.shape[-1] > size[1])  # fmt: skip
+        patches = F.interpolate(
+            patches, size=size, mode="bilinear", align_corners=False, antialias=patches.shape[-1] > size[1]
+        )
     if detector.config.crop_size is not None:
         (ch, cw), (h, w) = as_hw(detector.config.crop_size), size
         y0, x0 = (h - ch) // 2, (w - cw) // 2
@@ -190,8 +205,10 @@ def inspect_acquisition(
     """
     models.check_layout(layout)
     if thresholds is not None and thresholds.regions != layout.region_names:
-        raise ConfigError(f"thresholds are for regions {thresholds.regions}, layout {layout.name!r} "
-                          f"has {layout.region_names}")  # fmt: skip
+        raise ConfigError(
+            f"thresholds are for regions {thresholds.regions}, layout {layout.name!r} "
+            f"has {layout.region_names}"
+        )
     t0 = time.perf_counter()
     size = _cut_size(models, layout)
     if isinstance(frames_or_rank, Mapping):
@@ -226,6 +243,10 @@ def inspect_acquisition(
         full = full / torch.where(tv.abs() > 0, tv, torch.ones_like(tv))[None, None, :, None, None]
     heat = paste(full, layout).amax(dim=0)[0]
     t3 = time.perf_counter()
-    timings = {"cut": (t1 - t0) * 1e3, "forward": (t2 - t1) * 1e3, "aggregate": (t3 - t2) * 1e3,
-               "total": (t3 - t0) * 1e3}  # fmt: skip
+    timings = {
+        "cut": (t1 - t0) * 1e3,
+        "forward": (t2 - t1) * 1e3,
+        "aggregate": (t3 - t2) * 1e3,
+        "total": (t3 - t0) * 1e3,
+    }
     return InspectionResult(batch.sources, score_grid, decisions, heat.numpy(), timings)

@@ -69,24 +69,39 @@ def _confusion(c: dict[str, dict[str, int]]) -> str:
 def render_html(report: dict[str, Any]) -> str:
     """The report as one self-contained HTML page (images linked from examples/)."""
     e = html.escape
-    t1, t2, t3 = (report["table_10_1_region_vial"], report["table_10_2_strip"],
-                  report["table_10_3_run_policy"])  # fmt: skip
+    t1, t2, t3 = (
+        report["table_10_1_region_vial"],
+        report["table_10_2_strip"],
+        report["table_10_3_run_policy"],
+    )
     cols = list(t1)
-    rows1 = [[name, *[t1[c][key] for c in cols]] for name, key in (
-        ("Threshold", "threshold"), ("Accuracy", "accuracy"), ("TPR (defective rejected)", "tpr"),
-        ("TNR (good accepted)", "tnr"),
-        ("Mean inference time per patch (ms)", "mean_inference_ms_per_patch"))]  # fmt: skip
-    rows1.append(["Samples (good / defective)", *[f"{t1[c]['n_good']} / {t1[c]['n_defective']}" for c in cols]])
+    rows1 = [
+        [name, *[t1[c][key] for c in cols]]
+        for name, key in (
+            ("Threshold", "threshold"),
+            ("Accuracy", "accuracy"),
+            ("TPR (defective rejected)", "tpr"),
+            ("TNR (good accepted)", "tnr"),
+            ("Mean inference time per patch (ms)", "mean_inference_ms_per_patch"),
+        )
+    ]
+    rows1.append(
+        ["Samples (good / defective)", *[f"{t1[c]['n_good']} / {t1[c]['n_defective']}" for c in cols]]
+    )
     rows2 = [[f"Threshold {k}", v] for k, v in t2["thresholds"].items()] + [
-        ["Accuracy", t2["accuracy"]], ["TPR (defective rejected)", t2["tpr"]],
+        ["Accuracy", t2["accuracy"]],
+        ["TPR (defective rejected)", t2["tpr"]],
         ["TNR (good accepted)", t2["tnr"]],
         ["Acquisitions (good / defective)", f"{t2['n_good']} / {t2['n_defective']}"],
-        ["Mean inference time per strip (ms)", t2["mean_inference_ms_per_strip"]]]  # fmt: skip
+        ["Mean inference time per strip (ms)", t2["mean_inference_ms_per_strip"]],
+    ]
     rows3 = [[f"Threshold {k}", v] for k, v in t3["thresholds"].items()] + [
-        ["Acceptance policy", t3["policy"]], ["Accuracy", t3["accuracy"]],
+        ["Acceptance policy", t3["policy"]],
+        ["Accuracy", t3["accuracy"]],
         ["TPR (defective products classified defective)", t3["tpr"]],
         ["TNR (good products classified good)", t3["tnr"]],
-        ["Products (good / defective)", f"{t3['n_good']} / {t3['n_defective']}"]]  # fmt: skip
+        ["Products (good / defective)", f"{t3['n_good']} / {t3['n_defective']}"],
+    ]
     tm = report["timing"]
     rows_t = [[k, v["median"], v["p95"], v["max"]] for k, v in tm["stages"].items()]
     conf = "".join(
@@ -100,16 +115,23 @@ def render_html(report: dict[str, Any]) -> str:
         for it in items:
             img = f'<img src="{e(it["heatmap"])}" alt="heatmap">' if it.get("heatmap") else ""
             wp = it["worst_patch"]
-            figs.append(f"<figure>{img}<figcaption>{e(it['strip_id'])} run {it['run']}: worst patch "
-                        f"{e(wp['source'])}, vial {wp['vial']}, region {e(wp['region'])}; margin "
-                        f"(score - threshold) {_f(it['margin'])}</figcaption></figure>")  # fmt: skip
-    prod_err = _table(["strip", "label", "decision", "runs rejected", "runs"],
-                      [[p["strip_id"], p["label"], p["decision"], p["runs_rejected"], p["runs"]]
-                       for p in report["errors"]["products"]])  # fmt: skip
+            figs.append(
+                f"<figure>{img}<figcaption>{e(it['strip_id'])} run {it['run']}: worst patch "
+                f"{e(wp['source'])}, vial {wp['vial']}, region {e(wp['region'])}; margin "
+                f"(score - threshold) {_f(it['margin'])}</figcaption></figure>"
+            )
+    prod_err = _table(
+        ["strip", "label", "decision", "runs rejected", "runs"],
+        [
+            [p["strip_id"], p["label"], p["decision"], p["runs_rejected"], p["runs"]]
+            for p in report["errors"]["products"]
+        ],
+    )
     prov = report.get("provenance", {})
-    models = _table(["regions", "run", "detector", "model id"],
-                    [[", ".join(m["regions"]), m["run"], m["detector"], m["model_id"]]
-                     for m in report.get("models", [])])  # fmt: skip
+    models = _table(
+        ["regions", "run", "detector", "model id"],
+        [[", ".join(m["regions"]), m["run"], m["detector"], m["model_id"]] for m in report.get("models", [])],
+    )
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>anomalyqc line validation report</title>
 <style>
@@ -120,23 +142,23 @@ p.pos {{ background: #eef; padding: 0.5em; }}
 img {{ max-width: 100%; }}
 </style></head><body>
 <h1>anomalyqc line validation report</h1>
-<p class="pos"><b>Positive class: defective.</b> {e(report['positive_class'])}. A false reject is
+<p class="pos"><b>Positive class: defective.</b> {e(report["positive_class"])}. A false reject is
 a good unit rejected; a false accept is a defective unit accepted.</p>
-<p>Kit: <code>{e(str(report['kit']['path']))}</code> (sha256 {e(str(report['kit']['sha256']))});
-{report['n_acquisitions']} acquisitions; sources per acquisition: {e(', '.join(report['sources']))}.
-Date (UTC): {e(str(prov.get('utc')))}; anomalyqc {e(str(report.get('anomalyqc_version')))}.</p>
+<p>Kit: <code>{e(str(report["kit"]["path"]))}</code> (sha256 {e(str(report["kit"]["sha256"]))});
+{report["n_acquisitions"]} acquisitions; sources per acquisition: {e(", ".join(report["sources"]))}.
+Date (UTC): {e(str(prov.get("utc")))}; anomalyqc {e(str(report.get("anomalyqc_version")))}.</p>
 <h2>Models</h2>{models}
 <h2>Table 1: per region and vial</h2>{_table(["", *cols], rows1)}
 <h2>Table 2: per strip (eq. 10.3, one sample per acquisition)</h2>{_table(["", "Score"], rows2)}
 <h2>Table 3: per run with the acceptance policy (one sample per product)</h2>
-<p>{e(t3['policy_rule'])}.</p>{_table(["", "Score"], rows3)}
-<h2>Timing of the {tm['n_patches_per_batch']}-patch batch (ms)</h2>
-<p>{tm['n_batches_timed']} batches timed ({tm['warmup_batches_excluded']} warm-up excluded); budget
-{_f(tm['budget_ms'])} ms: p95 within budget {_f(tm['p95_within_budget'])}, max within budget
-{_f(tm['max_within_budget'])}.</p>{_table(["stage", "median", "p95", "max"], rows_t)}
+<p>{e(t3["policy_rule"])}.</p>{_table(["", "Score"], rows3)}
+<h2>Timing of the {tm["n_patches_per_batch"]}-patch batch (ms)</h2>
+<p>{tm["n_batches_timed"]} batches timed ({tm["warmup_batches_excluded"]} warm-up excluded); budget
+{_f(tm["budget_ms"])} ms: p95 within budget {_f(tm["p95_within_budget"])}, max within budget
+{_f(tm["max_within_budget"])}.</p>{_table(["stage", "median", "p95", "max"], rows_t)}
 <h2>Confusion matrices</h2>{conf}
 <h2>Errors per acquisition</h2>
-<p>Panels: key frame {e(str(report.get('panel_frame')))} | heatmap in threshold units (0..2,
+<p>Panels: key frame {e(str(report.get("panel_frame")))} | heatmap in threshold units (0..2,
 1 = the region's threshold) with rejected regions boxed.</p>
 {chr(10).join(figs)}
 <h2>Misclassified products</h2>{prod_err}

@@ -122,14 +122,20 @@ def load_thresholds(path: str | Path) -> RegionThresholds:
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConfigError(f"{path}: thresholds file not found; write it with `anomalyqc line calibrate`") from None
+        raise ConfigError(
+            f"{path}: thresholds file not found; write it with `anomalyqc line calibrate`"
+        ) from None
     except (OSError, ValueError) as err:
-        raise ModelFileError(f"{path}: not readable JSON ({err}); recalibrate with `anomalyqc line calibrate`") from None
+        raise ModelFileError(
+            f"{path}: not readable JSON ({err}); recalibrate with `anomalyqc line calibrate`"
+        ) from None
     if not isinstance(raw, dict) or raw.get("format") != THRESHOLDS_FORMAT:
         raise ModelFileError(f'{path}: "format" must be {THRESHOLDS_FORMAT!r}; not a line thresholds file')
     if raw.get("format_version") != THRESHOLDS_VERSION:
-        raise ModelFileError(f"{path}: format_version {raw.get('format_version')!r} is not supported "
-                             f"(expected {THRESHOLDS_VERSION}); recalibrate")  # fmt: skip
+        raise ModelFileError(
+            f"{path}: format_version {raw.get('format_version')!r} is not supported "
+            f"(expected {THRESHOLDS_VERSION}); recalibrate"
+        )
     try:
         order = [str(r) for r in raw["region_order"]]
         choices = [ThresholdChoice.from_dict(raw["regions"][r]) for r in order]

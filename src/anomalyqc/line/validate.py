@@ -94,15 +94,21 @@ def score_kit(
     return KitScores(kit, sources, acqs, np.stack(scores), np.stack(labels), timings)
 
 
-def calibrate(kit_scores: KitScores, method: str, models: LineModels, key_frames: tuple[int, ...],
-              use_rank: bool) -> RegionThresholds:  # fmt: skip
+def calibrate(
+    kit_scores: KitScores, method: str, models: LineModels, key_frames: tuple[int, ...], use_rank: bool
+) -> RegionThresholds:
     """Per-region thresholds from a scored calibration kit (see line.thresholds)."""
     regions = kit_scores.kit.layout.region_names
     rs = region_scores(kit_scores.scores)  # (A, V, R)
-    choices = calibrate_thresholds(rs.reshape(-1, len(regions)),
-                                   kit_scores.region_labels.reshape(-1, len(regions)), regions, method)  # fmt: skip
-    info = {"calibration_kit": str(kit_scores.kit.root), "calibration_kit_sha256": kit_digest(kit_scores.kit.root),
-            "metric": method, "sample": "one per (strip, run, vial), max over the region's patches"}  # fmt: skip
+    choices = calibrate_thresholds(
+        rs.reshape(-1, len(regions)), kit_scores.region_labels.reshape(-1, len(regions)), regions, method
+    )
+    info = {
+        "calibration_kit": str(kit_scores.kit.root),
+        "calibration_kit_sha256": kit_digest(kit_scores.kit.root),
+        "metric": method,
+        "sample": "one per (strip, run, vial), max over the region's patches",
+    }
     return RegionThresholds(regions, choices, models.model_ids(), tuple(key_frames), use_rank, info)
 
 
@@ -129,18 +135,29 @@ def _binary(labels: np.ndarray, rejects: np.ndarray) -> dict[str, Any]:
         return a / b if b else None
 
     return {
-        "n": n, "n_good": tn + fp, "n_defective": tp + fn,
-        "accuracy": ratio(tp + tn, n), "tpr": ratio(tp, tp + fn), "tnr": ratio(tn, tn + fp),
-        "precision": ratio(tp, tp + fp), "f1": ratio(2 * tp, 2 * tp + fp + fn),
-        "confusion": {"good": {"accepted": tn, "rejected": fp},
-                      "defective": {"accepted": fn, "rejected": tp}},
-    }  # fmt: skip
+        "n": n,
+        "n_good": tn + fp,
+        "n_defective": tp + fn,
+        "accuracy": ratio(tp + tn, n),
+        "tpr": ratio(tp, tp + fn),
+        "tnr": ratio(tn, tn + fp),
+        "precision": ratio(tp, tp + fp),
+        "f1": ratio(2 * tp, 2 * tp + fp + fn),
+        "confusion": {
+            "good": {"accepted": tn, "rejected": fp},
+            "defective": {"accepted": fn, "rejected": tp},
+        },
+    }
 
 
 def _percentile_stats(values: list[float]) -> dict[str, float]:
     a = np.asarray(values, np.float64)
-    return {"median": float(np.median(a)), "p95": float(np.percentile(a, 95)), "max": float(a.max()),
-            "mean": float(a.mean())}  # fmt: skip
+    return {
+        "median": float(np.median(a)),
+        "p95": float(np.percentile(a, 95)),
+        "max": float(a.max()),
+        "mean": float(a.mean()),
+    }
 
 
 def timing_summary(timings: list[dict[str, float]], n_patches: int, budget_ms: float) -> dict[str, Any]:
@@ -149,16 +166,24 @@ def timing_summary(timings: list[dict[str, float]], n_patches: int, budget_ms: f
     stages = {k: _percentile_stats([t[k] for t in used]) for k in ("cut", "forward", "aggregate", "total")}
     total = stages["total"]
     return {
-        "unit": "ms", "n_patches_per_batch": n_patches, "n_batches_timed": len(used),
-        "warmup_batches_excluded": len(timings) - len(used), "budget_ms": budget_ms,
-        "stages": stages, "median": total["median"], "p95": total["p95"], "max": total["max"],
+        "unit": "ms",
+        "n_patches_per_batch": n_patches,
+        "n_batches_timed": len(used),
+        "warmup_batches_excluded": len(timings) - len(used),
+        "budget_ms": budget_ms,
+        "stages": stages,
+        "median": total["median"],
+        "p95": total["p95"],
+        "max": total["max"],
         "mean_per_patch_ms": total["mean"] / n_patches,  # eq. 10.2
-        "p95_within_budget": total["p95"] <= budget_ms, "max_within_budget": total["max"] <= budget_ms,
-    }  # fmt: skip
+        "p95_within_budget": total["p95"] <= budget_ms,
+        "max_within_budget": total["max"] <= budget_ms,
+    }
 
 
-def build_report(test: KitScores, thresholds: RegionThresholds, policy: AcceptancePolicy,
-                 budget_ms: float) -> dict[str, Any]:  # fmt: skip
+def build_report(
+    test: KitScores, thresholds: RegionThresholds, policy: AcceptancePolicy, budget_ms: float
+) -> dict[str, Any]:
     """The three tables, confusion matrices, errors and timing (without provenance)."""
     layout = test.kit.layout
     regions = layout.region_names
@@ -176,12 +201,18 @@ def build_report(test: KitScores, thresholds: RegionThresholds, policy: Acceptan
         table1[name] = {"threshold": float(t[j]), **row, "mean_inference_ms_per_patch": per_patch}
     vial_known = (lab >= 0).all(axis=-1)
     vial_lab = (lab == 1).any(axis=-1)
-    table1["vial"] = {"threshold": None, **_binary(vial_lab[vial_known], dec["vial"][vial_known]),
-                      "mean_inference_ms_per_patch": None}  # fmt: skip
+    table1["vial"] = {
+        "threshold": None,
+        **_binary(vial_lab[vial_known], dec["vial"][vial_known]),
+        "mean_inference_ms_per_patch": None,
+    }
 
     y_acq = test.strip_labels
-    table2 = {"thresholds": thresholds.as_dict(), **_binary(y_acq, dec["strip"]),
-              "mean_inference_ms_per_strip": timing["stages"]["total"]["mean"]}  # fmt: skip
+    table2 = {
+        "thresholds": thresholds.as_dict(),
+        **_binary(y_acq, dec["strip"]),
+        "mean_inference_ms_per_strip": timing["stages"]["total"]["mean"],
+    }
 
     n_strips = len(test.kit.strips)
     per_strip: list[list[bool]] = [[] for _ in range(n_strips)]
@@ -189,26 +220,34 @@ def build_report(test: KitScores, thresholds: RegionThresholds, policy: Acceptan
         per_strip[i].append(bool(rej))
     counts = {len(r) for r in per_strip}
     if counts != {policy.n}:
-        raise ConfigError(f"acceptance policy {policy}: the kit's strips have {sorted(counts)} runs; "
-                          f"give --accept K/N with N the runs per strip")  # fmt: skip
+        raise ConfigError(
+            f"acceptance policy {policy}: the kit's strips have {sorted(counts)} runs; "
+            f"give --accept K/N with N the runs per strip"
+        )
     run_rejects = np.array(per_strip, bool)
     y_strip = test.kit.labels
     prod = policy.decide(run_rejects)
     correct = policy.correct(run_rejects, y_strip)
     conf = {
-        name: {d: int(((y_strip == lbl) & (prod == d)).sum())
-               for d in (PRODUCT_GOOD, PRODUCT_DEFECTIVE, PRODUCT_UNDECIDED)}
+        name: {
+            d: int(((y_strip == lbl) & (prod == d)).sum())
+            for d in (PRODUCT_GOOD, PRODUCT_DEFECTIVE, PRODUCT_UNDECIDED)
+        }
         for name, lbl in (("good", 0), ("defective", 1))
-    }  # fmt: skip
+    }
     n_def, n_good = int((y_strip == 1).sum()), int((y_strip == 0).sum())
     table3 = {
-        "thresholds": thresholds.as_dict(), "policy": str(policy), "policy_rule": policy.describe(),
-        "n": n_strips, "n_good": n_good, "n_defective": n_def,
+        "thresholds": thresholds.as_dict(),
+        "policy": str(policy),
+        "policy_rule": policy.describe(),
+        "n": n_strips,
+        "n_good": n_good,
+        "n_defective": n_def,
         "accuracy": float(correct.mean()),
         "tpr": float(correct[y_strip == 1].mean()) if n_def else None,
         "tnr": float(correct[y_strip == 0].mean()) if n_good else None,
         "confusion": conf,
-    }  # fmt: skip
+    }
 
     margin = strip_margin(test.scores, t)
     errors: dict[str, list[dict[str, Any]]] = {"false_rejects": [], "false_accepts": []}
@@ -217,21 +256,32 @@ def build_report(test: KitScores, thresholds: RegionThresholds, policy: Acceptan
             continue
         s_idx, v_idx, r_idx = np.unravel_index(
             int(np.nanargmax(np.where(np.isfinite(test.scores[a]), test.scores[a] - t, np.inf))),
-            test.scores[a].shape)  # fmt: skip
-        errors["false_rejects" if rej else "false_accepts"].append({
-            "strip_id": test.kit.strips[i].strip_id, "run": run, "acquisition": a,
-            "margin": float(margin[a]), "worst_patch": {"source": test.sources[s_idx], "vial": int(v_idx),
-                                                        "region": regions[r_idx]},
-            "defect_types": test.kit.strips[i].defect_types,
-        })  # fmt: skip
+            test.scores[a].shape,
+        )
+        errors["false_rejects" if rej else "false_accepts"].append(
+            {
+                "strip_id": test.kit.strips[i].strip_id,
+                "run": run,
+                "acquisition": a,
+                "margin": float(margin[a]),
+                "worst_patch": {"source": test.sources[s_idx], "vial": int(v_idx), "region": regions[r_idx]},
+                "defect_types": test.kit.strips[i].defect_types,
+            }
+        )
     # most confident errors first: a false reject far over, a false accept far under
     errors["false_rejects"].sort(key=lambda e: -(e["margin"] if np.isfinite(e["margin"]) else 1e300))
     errors["false_accepts"].sort(key=lambda e: e["margin"])
     product_errors = [
-        {"strip_id": s.strip_id, "label": "defective" if s.label else "good", "decision": str(prod[i]),
-         "runs_rejected": int(run_rejects[i].sum()), "runs": policy.n}
-        for i, s in enumerate(test.kit.strips) if not correct[i]
-    ]  # fmt: skip
+        {
+            "strip_id": s.strip_id,
+            "label": "defective" if s.label else "good",
+            "decision": str(prod[i]),
+            "runs_rejected": int(run_rejects[i].sum()),
+            "runs": policy.n,
+        }
+        for i, s in enumerate(test.kit.strips)
+        if not correct[i]
+    ]
     return {
         "positive_class": POSITIVE,
         "table_10_1_region_vial": table1,
