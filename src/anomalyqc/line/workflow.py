@@ -135,17 +135,18 @@ def validate_line(
     report = build_report(scores, thr, policy, budget_ms)
     out.mkdir(parents=True, exist_ok=True)
     thr.save(out / THRESHOLDS_FILE)
-    panel_frame = key_frames[0] if key_frames else None
+    panel_frame = key_frames[0] if key_frames else 1  # rank images only: show the first frame
     boxes = layout.boxes()
     for kind in ("false_rejects", "false_accepts"):
         for n, item in enumerate(report["errors"][kind]):
+            item["heatmap"] = None
             if n >= max_examples:
-                break
+                continue
             strip = kit.strips[scores.acquisitions[item["acquisition"]][0]]
             run = next(r for r in strip.runs if r.run == item["run"])
             frames = run.load_frames()
             res = inspect_acquisition(frames, layout, models, thr, key_frames, use_rank)
-            shown = frames[(panel_frame - 1) if panel_frame not in (None, -1) else -1]
+            shown = frames[key_frame_indices(len(frames), (panel_frame,))[0] if panel_frame else 0]
             name = f"{EXAMPLES}/{kind}_{strip.strip_id}_run{item['run']:02d}.png"
             write_panel(out / name, heatmap_panel(shown, res, boxes))
             item["heatmap"] = name
