@@ -249,3 +249,87 @@ def test_named_rank_images(padim: Padim) -> None:
     ref = inspect_acquisition(f, LAYOUT, LineModels.shared(padim, REGIONS), key_frames=(), use_rank=True)
     assert res.sources == ["rank_min", "rank_max"]
     np.testing.assert_allclose(res.scores, ref.scores, rtol=1e-5)
+
+
+# ------------------------------------------------------------------ report tables
+
+
+def _kit_scores() -> tuple:
+    """4 strips x 3 runs with hand-set scores (thresholds all 1.0): see the test for the cases."""
+    from anomalyqc.line.kit import Kit, RunRecord, StripRecord
+    from anomalyqc.line.validate import KitScores
+
+    def regions(v: int | None, r: int | None) -> np.ndarray:
+        a = np.zeros((5, 4), np.uint8)
+        if v is not None:
+            a[v, r] = 1
+        return a
+
+    spec = [("A", 0, (None, None)), ("B", 0, (None, None)), ("C", 1, (0, 2)), ("D", 1, (1, 1))]
+    strips = [
+        StripRecord(sid, lab, [], [RunRecord(sid, k, [], [], regions(*where)) for k in (1, 2, 3)])
+        for sid, lab, where in spec
+    ]
+    kit = Kit(Path("kit"), LAYOUT, strips, 4, {})
+    s = np.zeros((12, 2, 5, 4))
+    s[0, 1, 2, 3] = np.nan  # A run 1: a failed score (bottom of vial 2) rejects
+    s[3, 0, 4, 0] = s[4, 1, 4, 0] = 5.0  # B runs 1, 2: flag of vial 4
+    s[6, 0, 0, 2] = s[7, 1, 0, 2] = 1.0  # C runs 1, 2: liquid of vial 0, at the threshold
+    s[8, 0, 0, 2] = 0.99  # C run 3: just under
+    s[9, 0, 3, 0] = 2.0  # D run 1: flag of vial 3 (not where D's defect is)
+    acqs = [(i, k) for i in range(4) for k in (1, 2, 3)]
+    labels = np.stack([r.regions for st in strips for r in st.runs]).astype(np.int8)
+    timings = [
+        {"cut": 1.0, "forward": 10.0 * (a + 1), "aggregate": 1.0, "total": 12.0 + 10 * a} for a in range(12)
+    ]
+    thr = RegionThresholds(REGIONS, [ThresholdChoice(1.0, "fixed", 0.0, 0, 0)] * 4, {}, (1, 2), False)
+    return KitScores(kit, ["frame_1", "frame_2"], acqs, s, labels, timings), thr
+
+
+def test_report_tables_by_hand() -> None:
+    from anomalyqc.line.validate import build_report
+
+    ks, thr = _kit_scores()
+    rep = build_report(ks, thr, AcceptancePolicy(2, 3), budget_ms=100.0)
+    t2 = rep["table_10_2_strip"]
+    assert t2["confusion"] == {
+        "good": {"accepted": 3, "rejected": 3},
+        "defective": {"accepted": 3, "rejected": 3},
+    }
+    assert t2["tpr"] == 0.5 and t2["tnr"] == 0.5 and t2["accuracy"] == 0.5
+    t3 = rep["table_10_3_run_policy"]  # A good (2 of 3 accept), B defective, C defective (2 of 3), D good
+    assert t3["confusion"] == {
+        "good": {"good": 1, "defective": 1, "undecided": 0},
+        "defective": {"good": 1, "defective": 1, "undecided": 0},
+    }
+    assert (t3["accuracy"], t3["tpr"], t3["tnr"]) == (0.5, 0.5, 0.5)
+    assert sorted(p["strip_id"] for p in rep["errors"]["products"]) == ["B", "D"]
+    t1 = rep["table_10_1_region_vial"]
+    assert t1["liquid"]["confusion"] == {
+        "good": {"accepted": 57, "rejected": 0},
+        "defective": {"accepted": 1, "rejected": 2},
+    }
+    assert t1["flag"]["confusion"]["good"]["rejected"] == 3 and t1["flag"]["tpr"] is None
+    assert t1["shoulder"]["confusion"]["defective"] == {"accepted": 3, "rejected": 0}
+    assert t1["bottom"]["confusion"]["good"]["rejected"] == 1  # the NaN
+    assert t1["vial"]["confusion"] == {
+        "good": {"accepted": 50, "rejected": 4},
+        "defective": {"accepted": 4, "rejected": 2},
+    }
+    fr = rep["errors"]["false_rejects"]
+    assert [(e["strip_id"], e["run"]) for e in fr] == [
+        ("A", 1),
+        ("B", 1),
+        ("B", 2),
+    ]  # NaN first, then by margin
+    assert fr[0]["worst_patch"] == {"source": "frame_2", "vial": 2, "region": "bottom"}
+    assert {(e["strip_id"], e["run"]) for e in rep["errors"]["false_accepts"]} == {
+        ("C", 3),
+        ("D", 2),
+        ("D", 3),
+    }
+    tm = rep["timing"]  # first batch left out as warm-up: totals 22, 32, ..., 122
+    assert tm["n_batches_timed"] == 11 and tm["median"] == 72.0 and tm["max"] == 122.0
+    assert tm["p95_within_budget"] is False and tm["n_patches_per_batch"] == 40
+    assert tm["mean_per_patch_ms"] == pytest.approx(72.0 / 40)
+    json.dumps(rep, allow_nan=False)  # strict JSON as it stands
