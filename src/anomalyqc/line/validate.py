@@ -263,13 +263,15 @@ def build_report(
                 "strip_id": test.kit.strips[i].strip_id,
                 "run": run,
                 "acquisition": a,
-                "margin": float(margin[a]),
+                # score - threshold of the worst patch; null when a score was not finite
+                "margin": float(margin[a]) if np.isfinite(margin[a]) else None,
+                "non_finite_score": not bool(np.isfinite(margin[a])),
                 "worst_patch": {"source": test.sources[s_idx], "vial": int(v_idx), "region": regions[r_idx]},
                 "defect_types": test.kit.strips[i].defect_types,
             }
         )
     # most confident errors first: a false reject far over, a false accept far under
-    errors["false_rejects"].sort(key=lambda e: -(e["margin"] if np.isfinite(e["margin"]) else 1e300))
+    errors["false_rejects"].sort(key=lambda e: -(e["margin"] if e["margin"] is not None else np.inf))
     errors["false_accepts"].sort(key=lambda e: e["margin"])
     product_errors = [
         {
