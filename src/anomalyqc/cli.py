@@ -411,6 +411,161 @@ def benchmark(
     _print_json(result)
 
 
+# ----------------------------------------------------------------------------- line (issue 9)
+line_app = typer.Typer(no_args_is_help=True, help="The inspection line: layouts, thresholds "
+                                                  "per region, validation on a test kit.")
+app.add_typer(line_app, name="line")
+
+
+@synth_app.command("kit")
+def synth_kit(
+    out: Path = typer.Option(..., "--out", help="Kit folder to write (see anomalyqc.synth.kit)."),
+    seed: int = typer.Option(0, help="Random seed: the same seed gives identical files."),
+    n_good: int = typer.Option(120, help="Good strips."),
+    n_defect: int = typer.Option(141, help="Defective strips (split over the defect types)."),
+    runs: int = typer.Option(10, help="Acquisitions per strip."),
+    frames: int = typer.Option(16, help="Frames per acquisition."),
+    height: int = typer.Option(256, help="Strip height in px (vial pitch scales with it)."),
+    patch_size: int = typer.Option(256, help="Patch size written into the kit's layout.yaml."),
+    defect_types: str | None = typer.Option(None, help="Comma-separated defect types (default: "
+                                                       "all the thesis's line defects)."),
+) -> None:
+    """A line test kit: good and defective strips, each acquired --runs times."""
+    from anomalyqc.synth.acquisition import LINE_DEFECT_TYPES, AcquisitionConfig
+    from anomalyqc.synth.kit import generate_kit
+    from anomalyqc.synth.vials import VialStripConfig
+
+    def job() -> dict:
+        at_least(height, 32, "--height")
+        strip = VialStripConfig(height=height, vial_pitch=max(8, round(height / 4)))
+        types = tuple(t.strip() for t in defect_types.split(",")) if defect_types else LINE_DEFECT_TYPES
+        cfg = AcquisitionConfig(strip=strip, n_frames=frames, defect_types=types)
+        return generate_kit(out, seed, n_good, n_defect, runs, cfg, patch_size, progress=bars)
+
+    with _Bars() as bars:
+        summary = _run(job)
+    _print_json(summary)
+
+
+@line_app.command("layout")
+def line_layout(
+    out: Path = typer.Option(..., "--out", help="Layout YAML file to write."),
+    height: int = typer.Option(256, help="Strip height in px of the synthetic strip."),
+    patch_size: int = typer.Option(256, help="Square patch size the regions are resized to."),
+) -> None:
+    """Write the layout of the synthetic strip (5 vials x 4 regions) to edit for a product."""
+    from anomalyqc.line.layout import default_layout, write_layout
+    from anomalyqc.synth.vials import VialStripConfig
+
+    def job() -> None:
+        at_least(height, 32, "--height")
+        file_target(out, "--out", "layout.yaml")
+        write_layout(default_layout(VialStripConfig(height=height, vial_pitch=max(8, round(height / 4))),
+                                    patch_size), out)
+
+    _run(job)
+    console.print(f"layout written to {out}", highlight=False, soft_wrap=True)
+
+
+def _line_models(items: list[str]) -> tuple[Path | None, dict[str, Path]]:
+    """--model RUN (all regions) and --model REGION=RUN (one region), repeatable."""
+    default: Path | None = None
+    per: dict[str, Path] = {}
+    for item in items:
+        name, sep, run = item.partition("=")
+        if sep and name and "/" not in name and not Path(item).exists():
+            if name in per:
+                raise typer.BadParameter(f"region {name} given twice", param_hint="--model")
+            per[name] = Path(run)
+        elif default is None:
+            default = Path(item)
+        else:
+            raise typer.BadParameter("one shared RUN at most; give the others as REGION=RUN",
+                                     param_hint="--model")
+    return default, per
+
+
+def _key_frames(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(k) for k in text.split(",") if k.strip())
+    except ValueError:
+        raise typer.BadParameter(f"expected frame numbers like 1,8,16, got {text!r}",
+                                 param_hint="--key-frames") from None
+
+
+class LineMetric(str, Enum):
+    accuracy = "accuracy"
+    f1 = "f1"
+
+
+_MODEL_HELP = "RUN for every region, or REGION=RUN for one (repeatable)."
+_KEY_HELP = "Key frames, 1-based (-1 = last); empty with --rank for rank images only."
+
+
+@line_app.command("calibrate")
+def line_calibrate(
+    model: list[str] = typer.Option(..., "--model", help=_MODEL_HELP),
+    kit: Path = typer.Option(..., "--kit", help="Calibration kit (good and defective strips)."),
+    out: Path = typer.Option(..., "--out", help="Thresholds JSON file to write."),
+    layout: Path | None = typer.Option(None, help="Product layout (default: the kit's)."),
+    metric: LineMetric = typer.Option(LineMetric.accuracy, help="Maximised per region."),
+    key_frames: str = typer.Option("1,8,16", help=_KEY_HELP),
+    rank: bool = typer.Option(False, "--rank/--no-rank", help="Also inspect the rank images."),
+) -> None:
+    """Choose a threshold per region on a calibration kit and write them to --out."""
+    from anomalyqc.line.workflow import calibrate_line
+
+    default, per = _line_models(model)
+    frames = _key_frames(key_frames)
+    _run(lambda: file_target(out, "--out", "thresholds.json"))
+    with _Bars() as bars:
+        thr = _run(lambda: calibrate_line(kit, out, default, per, layout, metric.value, frames,
+                                          rank, progress=bars))
+    _print_json(thr.to_json())
+    console.print(f"thresholds written to {out}", highlight=False, soft_wrap=True)
+
+
+@line_app.command("validate")
+def line_validate(
+    model: list[str] = typer.Option(..., "--model", help=_MODEL_HELP),
+    kit: Path = typer.Option(..., "--kit", help="Test kit to validate on."),
+    out: Path = typer.Option(..., "--out", help="Report folder (report.json, report.html)."),
+    calibration: Path | None = typer.Option(None, help="Calibration kit: thresholds are "
+                                                       "chosen on it here."),
+    thresholds: Path | None = typer.Option(None, help="Thresholds file from `line calibrate` "
+                                                      "(instead of --calibration)."),
+    layout: Path | None = typer.Option(None, help="Product layout (default: the kit's)."),
+    metric: LineMetric = typer.Option(LineMetric.accuracy, help="With --calibration."),
+    accept: str = typer.Option("7/10", help="Acceptance policy K/N: a product is good (or "
+                                            "defective) when K of its N runs say so."),
+    budget_ms: float = typer.Option(500.0, help="Time budget of one batch, ms."),
+    key_frames: str = typer.Option("1,8,16", help=_KEY_HELP),
+    rank: bool = typer.Option(False, "--rank/--no-rank", help="Also inspect the rank images."),
+    max_examples: int = typer.Option(12, help="Heatmaps written per error kind."),
+) -> None:
+    """The thesis's three tables, confusion matrices, errors with heatmaps and batch timing on
+    a test kit (positive class: defective)."""
+    from anomalyqc.line.decisions import AcceptancePolicy
+    from anomalyqc.line.workflow import validate_line
+
+    default, per = _line_models(model)
+    frames = _key_frames(key_frames)
+
+    def check() -> AcceptancePolicy:
+        at_least(max_examples, 0, "--max-examples")
+        folder_target(out, "--out")
+        return AcceptancePolicy.parse(accept)
+
+    policy = _run(check)
+    with _Bars() as bars:
+        report = _run(lambda: validate_line(kit, out, default, per, layout, calibration,
+                                            thresholds, metric.value, policy, budget_ms, frames,
+                                            rank, max_examples, progress=bars))
+    _print_json({k: report[k] for k in ("positive_class", "table_10_1_region_vial",
+                                        "table_10_2_strip", "table_10_3_run_policy", "timing")})
+    console.print(f"report: {report['report_html']}", highlight=False, soft_wrap=True)
+
+
 def main() -> None:  # pragma: no cover
     app()
 
