@@ -37,7 +37,9 @@ from anomalyqc.types import Batch
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--detector", default="padim")
     ap.add_argument("--good", type=int, default=20)
     ap.add_argument("--defect", type=int, default=20)
@@ -53,13 +55,17 @@ def main() -> None:
     ap.add_argument("--rank", action="store_true")
     ap.add_argument("--accept", default="7/10")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--set", action="append", default=[], help="detector parameter KEY=VALUE (JSON value)")
+    ap.add_argument(
+        "--set", action="append", default=[], help="detector parameter KEY=VALUE (JSON value)"
+    )
     ap.add_argument("--work", type=Path, default=Path("/tmp/anomalyqc_line_kit"))
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     load_before = os.getloadavg()
-    cfg = AcquisitionConfig(strip=VialStripConfig(height=a.height, vial_pitch=a.height // 4), n_frames=a.frames)
+    cfg = AcquisitionConfig(
+        strip=VialStripConfig(height=a.height, vial_pitch=a.height // 4), n_frames=a.frames
+    )
     t0 = time.perf_counter()
     generate_kit(a.work / "train", 11, a.train_strips, 0, 2, cfg, a.image_size)
     generate_kit(a.work / "cal", 12, a.cal_good, a.cal_defect, a.cal_runs, cfg, a.image_size)
@@ -83,8 +89,15 @@ def main() -> None:
 
     keys = tuple(int(k) for k in a.key_frames.split(",") if k)
     t0 = time.perf_counter()
-    rep = validate_line(a.work / "test", a.work / "report", a.work / "run", calibration_kit=a.work / "cal",
-                        policy=AcceptancePolicy.parse(a.accept), key_frames=keys, use_rank=a.rank)  # fmt: skip
+    rep = validate_line(
+        a.work / "test",
+        a.work / "report",
+        a.work / "run",
+        calibration_kit=a.work / "cal",
+        policy=AcceptancePolicy.parse(a.accept),
+        key_frames=keys,
+        use_rank=a.rank,
+    )
     t_validate = time.perf_counter() - t0
     t1 = rep["table_10_1_region_vial"]
     summary = {
@@ -93,11 +106,22 @@ def main() -> None:
         "n_training_patches": int(x.shape[0]),
         "seconds": {"kits": t_kits, "fit": t_fit, "calibrate_and_validate": t_validate},
         "acquisitions_scored": rep["n_acquisitions"] + a.cal_runs * (a.cal_good + a.cal_defect),
-        "table_10_1": {k: {m: v[m] for m in ("threshold", "accuracy", "tpr", "tnr", "n_good", "n_defective")}
-                       for k, v in t1.items()},  # fmt: skip
-        "table_10_2": {m: rep["table_10_2_strip"][m] for m in ("accuracy", "tpr", "tnr", "n_good", "n_defective")},
-        "table_10_3": {m: rep["table_10_3_run_policy"][m] for m in ("policy", "accuracy", "tpr", "tnr", "confusion")},
-        "timing_ms": {k: rep["timing"][k] for k in ("median", "p95", "max", "n_patches_per_batch", "budget_ms")}
+        "table_10_1": {
+            k: {m: v[m] for m in ("threshold", "accuracy", "tpr", "tnr", "n_good", "n_defective")}
+            for k, v in t1.items()
+        },
+        "table_10_2": {
+            m: rep["table_10_2_strip"][m]
+            for m in ("accuracy", "tpr", "tnr", "n_good", "n_defective")
+        },
+        "table_10_3": {
+            m: rep["table_10_3_run_policy"][m]
+            for m in ("policy", "accuracy", "tpr", "tnr", "confusion")
+        },
+        "timing_ms": {
+            k: rep["timing"][k]
+            for k in ("median", "p95", "max", "n_patches_per_batch", "budget_ms")
+        }
         | {"stages_median": {k: v["median"] for k, v in rep["timing"]["stages"].items()}},
         "thesis": {"vial_accuracy": 0.987, "strip_accuracy": 0.959, "run_accuracy": 0.964},
         "load_average": {"before": load_before, "after": os.getloadavg()},
@@ -106,8 +130,16 @@ def main() -> None:
     }
     a.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(a.out, summary)
-    print(json.dumps({k: summary[k] for k in ("seconds", "table_10_2", "table_10_3", "timing_ms")}, indent=1))
-    print("vial accuracy", t1["vial"]["accuracy"], {k: round(v["accuracy"] or np.nan, 4) for k, v in t1.items()})
+    print(
+        json.dumps(
+            {k: summary[k] for k in ("seconds", "table_10_2", "table_10_3", "timing_ms")}, indent=1
+        )
+    )
+    print(
+        "vial accuracy",
+        t1["vial"]["accuracy"],
+        {k: round(v["accuracy"] or np.nan, 4) for k, v in t1.items()},
+    )
 
 
 if __name__ == "__main__":

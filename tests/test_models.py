@@ -675,3 +675,15 @@ def test_garbage_weights_behind_a_matching_manifest(saved_run, tmp_path):
     with pytest.raises(ModelFileError, match=WEIGHTS_FILE) as err:
         load_detector(run)
     assert "not a safetensors file" in str(err.value)
+
+
+def test_a_random_backbone_is_the_same_network_every_time_it_is_built():
+    """A run fitted with pretrained=False must meet the same features when loaded again."""
+    from anomalyqc.backbones.extractor import FeatureExtractor
+
+    torch.manual_seed(1)
+    a = FeatureExtractor("efficientnet_lite0", 1, pretrained=False)
+    torch.manual_seed(2)
+    b = FeatureExtractor("efficientnet_lite0", 1, pretrained=False)
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(pa, pb), name

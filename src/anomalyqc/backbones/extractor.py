@@ -17,6 +17,8 @@ from torch import nn
 from anomalyqc.backbones.zoo import BACKBONES, BackboneSpec
 from anomalyqc.errors import ConfigError
 
+RANDOM_BACKBONE_SEED = 0
+
 
 class FeatureExtractor(nn.Module):
     """Frozen backbone cut after its stride-16 layer, returning the aggregated embedding grid."""
@@ -37,7 +39,14 @@ class FeatureExtractor(nn.Module):
         spec: BackboneSpec = BACKBONES[name]
         self.name = name
         self.patch_size = patch_size
-        self.body, self.channels = spec.build(allow_download, pretrained)
+        if pretrained:
+            self.body, self.channels = spec.build(allow_download, pretrained)
+        else:
+            # Random weights from a fixed seed: a run saved with pretrained=False must meet
+            # the same network when it is loaded again, or its statistics mean nothing.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(RANDOM_BACKBONE_SEED)
+                self.body, self.channels = spec.build(allow_download, pretrained)
         self.channel_pool = spec.channel_pool if channel_pool is None else channel_pool
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
