@@ -70,15 +70,24 @@ def listing_summary(found: int, scored: int, skipped: Sequence[Skipped]) -> dict
 # ------------------------------------------------------------------------------------ fit
 def fit_run(detector: str, data: str | Path, out: str | Path, params: dict[str, Any] | None = None,
             batch_size: int = 8, num_workers: int = 0,
-            progress: Progress | None = None) -> Detector:
+            progress: Progress | None = None, resume: bool = False,
+            work_dir: str | Path | None = None) -> Detector:
     """Fit a detector on the good training images of `data` and save it to `out`.
 
     Under torchrun (WORLD_SIZE > 1) each process fits a disjoint shard of the images and
-    rank 0 saves the combined model (see anomalyqc.distributed).
+    rank 0 saves the combined model (see anomalyqc.distributed). A detector trained by
+    gradient descent (models.reconstruction) instead gets every image and the trainer
+    splits each epoch over the processes; its log, checkpoints and loss curves go to
+    `work_dir` (default `out`/training), where resume=True continues a stopped run.
     """
     from anomalyqc import distributed
+    from anomalyqc.models.reconstruction import ReconstructionDetector
 
     det = detector_class(detector)(params or {})
+    trains = isinstance(det, ReconstructionDetector)
+    if resume and not trains:
+        raise ConfigError(f"--resume is for detectors trained in epochs; {det.name} fits in one "
+                          f"pass: fit it again instead")
     listing = dataset_listing(data, "train")
     good = [r for r in listing.records if r.label == GOOD]
     if not good:
@@ -89,12 +98,15 @@ def fit_run(detector: str, data: str | Path, out: str | Path, params: dict[str, 
                         f"processes (each needs at least 2); use fewer processes")
     owns_group = distributed.init_from_env() if world > 1 else False
     try:
-        shard = distributed.shard(good, rank, world)
+        shard = good if trains else distributed.shard(good, rank, world)
         dataset = ImageDataset(shard, transform_for(det), channels=det.config.channels)
         det.config.channels = dataset.channels
         loader = _Timed(make_loader(dataset, batch_size, shuffle=False, num_workers=num_workers))
         started = time.perf_counter()
-        distributed.fit_sharded(det, loader, progress=progress)
+        if isinstance(det, ReconstructionDetector):
+            det.fit_dataset(dataset, progress, Path(work_dir or Path(out) / "training"), resume)
+        else:
+            distributed.fit_sharded(det, loader, progress=progress)
         fit_s = time.perf_counter() - started
         if rank == 0:
             det.save(out)
@@ -116,6 +128,7 @@ def fit_run(detector: str, data: str | Path, out: str | Path, params: dict[str, 
         "data_loading_seconds": round(loader.load_s, 3),
         "peak_rss_mb": round(peak_rss_mb(), 1),
         **{k: round(v, 3) for k, v in getattr(det, "fit_timings", {}).items()},
+        **getattr(det, "fit_report", {}),  # training figures of the epoch-trained detectors
     }
     if world > 1:
         info.update(processes=world,
