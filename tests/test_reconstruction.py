@@ -219,6 +219,10 @@ def test_cli_fit_evaluate_predict(detector, tiny_vials, tmp_path):
     good = sorted((tiny_vials / "test" / "good").iterdir())[0]
     r = invoke("predict", run, good, "--out", tmp_path / "pred")
     assert r.exit_code == 0, r.output
+    r = invoke("calibrate", run, "--data", tiny_vials)
+    assert r.exit_code == 0, r.output
+    r = invoke("benchmark", run, "--data", tiny_vials, "--repeats", 2, "--batch-size", 4)
+    assert r.exit_code == 0, r.output
 
 
 def test_cli_refusals(tiny_vials, tmp_path):
