@@ -80,14 +80,15 @@ class Ganomaly(ReconstructionDetector):
         g, d = ctx.nets["generator"], ctx.nets["discriminator"]
         x = batch.image
         n = len(x)
-        with ctx.autocast():
+        with ctx.autocast():  # forwards only: the losses (SSIM above all) stay in fp32
             x_hat, z, z_hat = g(x)
             _, feats = d(torch.cat([x, x_hat]))  # one forward of D per step (DDP)
-            losses = self._generator_losses(x, x_hat.float(), z, z_hat, feats[:n], feats[n:])
+        x_hat, feats = x_hat.float(), feats.float()
+        losses = self._generator_losses(x, x_hat, z.float(), z_hat.float(), feats[:n], feats[n:])
         ctx.step("generator", losses["loss"])
         with ctx.autocast():
             logits, _ = d(torch.cat([x, x_hat.detach()]))
-            d_loss = discriminator_loss(logits.float(), n)
+        d_loss = discriminator_loss(logits.float(), n)
         ctx.step("discriminator", d_loss)
         return {**{k: float(v.detach()) for k, v in losses.items()},
                 "d_loss": float(d_loss.detach())}

@@ -119,19 +119,19 @@ class Resganad(ReconstructionDetector):
         x = batch.image
         n = len(x)
         p = self.synth(x, roi=batch.roi, generator=ctx.generator)
-        with ctx.autocast():
+        with ctx.autocast():  # forwards only: the losses (SSIM above all) stay in fp32
             x_hat, z, z_hat = g(p.images)
             _, feats = d(torch.cat([x, x_hat]))  # one forward of D per step (DDP)
-            x_hat = x_hat.float()
-            terms = self._losses(x, x_hat, z.float(), z_hat.float())
-            terms["adv"] = feature_matching(feats[:n].float(), feats[n:].float())
-            terms["nse"] = noise_loss(x_hat, p.images, p.mask, p.noise, p.beta)
-            loss = (c.w_adv * terms["adv"] + c.w_con * terms["con"] + c.w_enc * terms["enc"]
-                    + c.w_nse * terms["nse"])
+        x_hat, feats = x_hat.float(), feats.float()
+        terms = self._losses(x, x_hat, z.float(), z_hat.float())
+        terms["adv"] = feature_matching(feats[:n], feats[n:])
+        terms["nse"] = noise_loss(x_hat, p.images, p.mask, p.noise, p.beta)
+        loss = (c.w_adv * terms["adv"] + c.w_con * terms["con"] + c.w_enc * terms["enc"]
+                + c.w_nse * terms["nse"])
         ctx.step("generator", loss)
         with ctx.autocast():
             logits, _ = d(torch.cat([x, x_hat.detach()]))
-            d_loss = discriminator_loss(logits.float(), n)
+        d_loss = discriminator_loss(logits.float(), n)
         ctx.step("discriminator", d_loss)
         return {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in terms.items()},
                 "d_loss": float(d_loss.detach())}
