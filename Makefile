@@ -20,7 +20,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/anomalyqc synth vials --out $(DEMO)/vials --seed 0 --n-train 200 --n-test-good 40 --n-test-defect 40
 	$(VENV)/bin/anomalyqc synth vials --out $(DEMO)/calib --seed 1 --n-train 0 --n-test-good 40 --n-test-defect 40
-	$(VENV)/bin/anomalyqc fit mhbc --data $(DEMO)/vials --out $(DEMO)/run_mhbc --image-size 256x320
+	$(VENV)/bin/anomalyqc fit mhbc --data $(DEMO)/vials --out $(DEMO)/run_mhbc --image-size 256x320 --overwrite
 	$(VENV)/bin/anomalyqc calibrate $(DEMO)/run_mhbc --data $(DEMO)/calib
 	$(VENV)/bin/anomalyqc evaluate $(DEMO)/run_mhbc --data $(DEMO)/vials --report $(DEMO)/report/metrics.json
 	@echo "Demo done. Report: $(DEMO)/report/report.html  (metrics: $(DEMO)/report/metrics.json)"

@@ -177,7 +177,8 @@ def run_ours(name: str, data: Path, work: Path) -> dict[str, Any]:
     run = work / "ours" / name
     logs = work / "logs"
     fit, wall = run_json(CLI + ["fit", name, "--data", str(data), "--out", str(run),
-                                "--image-size", str(IMAGE_SIZE)], logs / f"ours_{name}_fit.log")
+                                "--image-size", str(IMAGE_SIZE), "--overwrite"],
+                         logs / f"ours_{name}_fit.log")
     metrics, _ = run_json(CLI + ["evaluate", str(run), "--data", str(data), "--recalibrate",
                                  "--report", str(work / "ours" / f"{name}_report" /
                                                  "metrics.json")],

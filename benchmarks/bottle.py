@@ -84,7 +84,7 @@ def main() -> None:
         t = time.perf_counter()
         detector, extra = DETECTORS[name]
         fit = run_json(["fit", detector, "--data", str(args.data), "--out", str(run),
-                        "--image-size", str(args.image_size), *extra])
+                        "--image-size", str(args.image_size), "--overwrite", *extra])
         wall = time.perf_counter() - t
         metrics = run_json(["evaluate", str(run), "--data", str(args.data), "--recalibrate",
                             "--report", str(args.work / args.name / f"{name}_report" /

@@ -45,7 +45,8 @@ def main() -> None:
         row = {}
         for n, folder in ((args.small, small), (args.large, data)):
             out = subprocess.run(CLI + ["fit", name, "--data", str(folder), "--out",
-                                        str(args.work / f"{name}_{n}"), *EXTRA[name]],
+                                        str(args.work / f"{name}_{n}"), "--overwrite",
+                                        *EXTRA[name]],
                                  check=True, stdout=subprocess.PIPE, text=True).stdout
             info = json.loads(out[out.index("{"):out.rindex("}") + 1])
             row[n] = {"peak_rss_mb": info["peak_rss_mb"], "fit_seconds": info["fit_seconds"]}

@@ -108,7 +108,8 @@ def main() -> None:
         for nproc in (1, 2):
             run = args.work / f"{name}_{nproc}p"
             info = last_json(cli("fit", name, "--data", data, "--out", run, "--image-size",
-                                 args.image_size, "--nproc", nproc, *EXTRA[name]))
+                                 args.image_size, "--nproc", nproc, "--overwrite",
+                                 *EXTRA[name]))
             m = last_json(cli("evaluate", run, "--data", data, "--recalibrate", "--report",
                               args.work / f"{name}_{nproc}p_report" / "metrics.json"))
             row[f"{nproc}p"] = {"fit_seconds": info["fit_seconds"],

@@ -68,7 +68,7 @@ def test_corrupt_threshold_file_is_a_model_file_error_naming_it(tmp_path: Path, 
     path = tmp_path / "threshold.json"
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
     with pytest.raises(ModelFileError) as info:
-        read_threshold(tmp_path)
+        read_threshold(tmp_path, "0123456789abcdef")
     message = str(info.value)
     assert str(path) in message and "anomalyqc calibrate" in message and "\n" not in message
 

@@ -117,7 +117,7 @@ def test_a_non_finite_score_is_a_defect_even_uncalibrated(monkeypatch, tiny_run:
 
 def test_decision_reasons_follow_the_threshold(run_copy: Path, tiny_vials: Path,
                                                tmp_path: Path):
-    r = invoke("evaluate", run_copy, "--data", tiny_vials, "--report", tmp_path / "m.json")
+    r = invoke("evaluate", run_copy, "--data", tiny_vials, "--report", tmp_path / "rep" / "m.json")
     assert r.exit_code == 0, r.output
     out = tmp_path / "p"
     r = invoke("predict", run_copy, *sorted((tiny_vials / "test").iterdir()), "--out", out)
@@ -370,10 +370,10 @@ def test_evaluate_never_replaces_a_calibrated_threshold_by_accident(run_copy: Pa
                    "--recalibrate")
     assert (run_copy / "threshold.json").read_bytes() == before
     # the ways out the messages name both work
-    r = invoke("evaluate", run_copy, "--data", tiny_vials, "--report", tmp_path / "a.json",
+    r = invoke("evaluate", run_copy, "--data", tiny_vials, "--report", tmp_path / "ra" / "a.json",
                "--recalibrate", "--threshold-method", "fixed", "--threshold", 3)
     assert r.exit_code == 0 and stdout_json(r.stdout)["threshold"] == 3, r.output
-    r = invoke("evaluate", run_copy, "--data", tiny_vials, "--report", tmp_path / "b.json",
+    r = invoke("evaluate", run_copy, "--data", tiny_vials, "--report", tmp_path / "rb" / "b.json",
                "--recalibrate", "--threshold-method", "accuracy")
     assert r.exit_code == 0 and stdout_json(r.stdout)["threshold_method"] == "accuracy"
 
@@ -387,7 +387,7 @@ def test_report_may_not_replace_a_file_that_is_not_a_metrics_file(run_copy: Path
     one_line_error(r, str(config.parent), "run folder")
     assert config.read_bytes() == before and not (run_copy / "report.html").exists()
     # a metrics file an earlier evaluate wrote may be replaced
-    report = tmp_path / "m.json"
+    report = tmp_path / "rep" / "m.json"  # a report replaces its folder: one of its own
     assert invoke("evaluate", run_copy, "--data", tiny_vials, "--report", report).exit_code == 0
     r = invoke("evaluate", run_copy, "--data", tiny_vials, "--report", report)
     assert r.exit_code == 0, r.output

@@ -210,7 +210,7 @@ def test_cli_fit_evaluate_predict(detector, tiny_vials, tmp_path):
     info = stdout_json(r.output)
     assert info["detector"] == detector and info["epochs_run"] == 2
     assert info["seconds_per_epoch"] > 0 and math.isfinite(info["best_validation_loss"])
-    assert (run / "training" / "log.csv").is_file()
+    assert (run / "training" / "log.csv").is_file() and info["training_folder"] == "training"
     assert json.loads((run / "config.json").read_text())["params"]["epochs"] == 2
     r = invoke("evaluate", run, "--data", tiny_vials)
     assert r.exit_code == 0, r.output
@@ -267,8 +267,10 @@ def test_cli_killed_then_resumed_matches_the_uninterrupted_run(detector, tiny_vi
     child = subprocess.run([sys.executable, str(HERE), "fit", detector, str(tiny_vials),
                             str(killed)], env=env, capture_output=True, text=True, timeout=300)
     assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
-    assert not (killed / "weights.safetensors").exists()
-    meta = json.loads((killed / "training" / "checkpoint" / "checkpoint.json").read_text())
+    assert not killed.exists()  # the run folder appears only complete
+    # the checkpoints live beside it, where the kill cannot take them with the temporary folder
+    meta = json.loads((tmp_path / "killed.training" / "checkpoint" / "checkpoint.json")
+                      .read_text())
     assert meta["progress"]["epoch"] == 1  # stopped inside the second epoch
     r = invoke(*_fit_args(detector, tiny_vials, killed), "--epochs", 2, "--set",
                "checkpoint_every=1")
@@ -276,6 +278,8 @@ def test_cli_killed_then_resumed_matches_the_uninterrupted_run(detector, tiny_vi
     r = invoke(*_fit_args(detector, tiny_vials, killed), "--epochs", 2, "--set",
                "checkpoint_every=1", "--resume")
     assert r.exit_code == 0, r.output
+    assert not (tmp_path / "killed.training").exists()  # moved into the run
+    assert (killed / "training" / "checkpoint" / "checkpoint.json").is_file()
     a, b = load_file(whole / "weights.safetensors"), load_file(killed / "weights.safetensors")
     assert a.keys() == b.keys()
     for k in a:

@@ -5,6 +5,7 @@ Errors a user can fix (AnomalyQCError) are printed as one line and exit with sta
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 from collections.abc import Callable
@@ -57,6 +58,18 @@ def _run(job: Callable[[], Any]) -> Any:
     except AnomalyQCError as exc:
         # escaped: a file name like "lot[/b].png" in the message is text, not markup
         console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except OSError as exc:  # a full disk or a read-only folder outside an atomic folder write
+        from anomalyqc.fileio import DISK_ERRNOS
+
+        if exc.errno not in DISK_ERRNOS:
+            raise
+        reason, fix = DISK_ERRNOS[exc.errno]
+        if exc.errno in (errno.EACCES, errno.EPERM):  # a read as well as a write
+            fix = "check its permissions"
+        where = exc.filename if exc.filename is not None else "a file"
+        console.print(f"[bold red]error:[/] {escape(f'{where}: {reason}; {fix}')}",
+                      highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 
@@ -180,12 +193,15 @@ def fit(
     nproc: int = typer.Option(1, "--nproc", min=1,
                               help="Processes to shard the training images over (launches "
                                    "torchrun; gloo on CPU, NCCL with CUDA)."),
+    overwrite: bool = typer.Option(False, "--overwrite",
+                                   help="Replace the model in --out (the whole folder: its "
+                                        "threshold and reports go with it)."),
     epochs: int | None = typer.Option(None, help="Trained detectors (ganomaly, resganad): "
                                                  "epochs to train (default 10)."),
     width: int | None = typer.Option(None, help="Trained detectors: the networks' stem width "
                                                 "(stage i outputs width * 2**(i+1))."),
     resume: bool = typer.Option(False, "--resume", help="Trained detectors: continue the run "
-                                                        "checkpointed in RUN/training."),
+                                                        "checkpointed in RUN.training/."),
 ) -> None:
     """Fit a detector on the good training images and save it to a run folder."""
     from anomalyqc.models.base import detector_class
@@ -208,13 +224,14 @@ def fit(
         detector_class(detector.value)(params)  # parameter ranges and types, one line
 
     _run(check)
+    out = out.absolute()  # `--out .` is swapped for a new folder: the old cwd goes with it
     if nproc > 1:
         from anomalyqc.launch import relaunch_with_torchrun
 
         raise typer.Exit(relaunch_with_torchrun(ctx, nproc, console))
     with _Bars() as bars:
         _run(lambda: fit_run(detector.value, data, out, params, batch_size, workers,
-                             progress=bars, resume=resume))
+                             progress=bars, overwrite=overwrite, resume=resume))
     from anomalyqc.distributed import world_from_env
 
     if world_from_env()[0] != 0:  # a torchrun worker other than rank 0: rank 0 reports
@@ -230,13 +247,17 @@ def merge(
     runs: list[Path] = typer.Argument(..., help="Run folders fitted on disjoint data (two or "
                                                 "more)."),
     out: Path = typer.Option(..., "--out", help="Run folder to write the merged model to."),
+    overwrite: bool = typer.Option(False, "--overwrite",
+                                   help="Replace the model in --out (the whole folder: its "
+                                        "threshold and reports go with it)."),
 ) -> None:
     """Combine runs fitted on different machines or days into one (PaDiM and MhBC-PatchCore
     exactly up to K-Means re-clustering; PatchCore as the union of the banks)."""
     from anomalyqc.workflow import merge_runs
 
     _run(lambda: folder_target(out, "--out"))
-    _run(lambda: merge_runs(runs, out))
+    out = out.absolute()  # as for fit
+    _run(lambda: merge_runs(runs, out, overwrite))
     _print_json(json.loads((out / "fit_info.json").read_text()))
     console.print(f"merged model saved to {out}", markup=False, highlight=False)
 

@@ -24,3 +24,16 @@ class CalibrationError(AnomalyQCError):
 
 class ConfigError(AnomalyQCError):
     """An option has a value that cannot work."""
+
+
+class OutputError(AnomalyQCError):
+    """An output folder cannot be written: no space, read-only, no permission, another writer
+    busy with it, or a folder that holds something else.
+
+    `errno` keeps the operating system's error number when there was one, so a caller that
+    knows the folder being written can name it instead of a temporary file inside it.
+    """
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno

@@ -7,23 +7,31 @@ temporary file in the target's folder, flushed to disk, renamed over the target
 created with mode 0666 filtered by the process umask, like any file `open(path, "w")`
 creates, so run folders and reports are readable by whoever the user's umask allows
 (tempfile.mkstemp would make them 0600).
+
+Folders that are written as a whole (a run folder, a report, a predictions folder) go
+through `atomic_folder`: built in a hidden temporary sibling and swapped in once complete,
+under a lock that keeps a second writer out (see atomic_folder).
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import hashlib
 import json
 import math
 import os
 import secrets
+import shutil
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from anomalyqc.errors import DataError
+from anomalyqc.errors import DataError, OutputError
 from anomalyqc.pathtext import fit_name
 
 
@@ -125,3 +133,189 @@ def atomic_write_png(path: str | Path, image: np.ndarray, durable: bool = True) 
     if not ok:
         raise DataError(f"{path}: could not encode the image as PNG")
     atomic_write_bytes(path, buf.tobytes(), durable)
+
+
+# --------------------------------------------------------------------------- disk errors
+# What the operating system says when an output cannot be written, and what the user can do.
+DISK_ERRNOS: dict[int, tuple[str, str]] = {
+    errno.ENOSPC: ("no space left on the device", "free some space or write elsewhere"),
+    errno.EDQUOT: ("disk quota exceeded", "free some space or write elsewhere"),
+    errno.EROFS: ("read-only file system", "choose a folder you can write to"),
+    errno.EACCES: ("permission denied", "choose a folder you can write to"),
+    errno.EPERM: ("operation not permitted", "choose a folder you can write to"),
+}
+
+
+def disk_error(exc: BaseException, target: str | Path, outcome: str = "") -> OutputError | None:
+    """A one-line OutputError for a write that failed for want of space or permission
+    (None for any other error), naming `target` rather than a temporary file inside it."""
+    code = exc.errno if isinstance(exc, (OSError, OutputError)) else None
+    if code not in DISK_ERRNOS:
+        return None
+    reason, fix = DISK_ERRNOS[code]
+    return OutputError(f"cannot write {target}: {reason}; {fix}{outcome}", code)
+
+
+# ------------------------------------------------------------------------------- folders
+def _sibling_key(path: Path) -> str:
+    """The name part of path's hidden siblings; long names are shortened with a hash so that
+    '.NAME.tmp-XXXXXXXXXXXX' stays within the 255-byte limit of a file name."""
+    name = path.name
+    if len(os.fsencode(name)) <= 100:
+        return name
+    digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:16]
+    return os.fsdecode(os.fsencode(name)[:60]) + "-" + digest
+
+
+def _siblings(path: Path, kind: str) -> list[Path]:
+    prefix = f".{_sibling_key(path)}.{kind}-"
+    try:
+        return sorted(p for p in path.parent.iterdir() if p.name.startswith(prefix))
+    except FileNotFoundError:
+        return []
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@contextmanager
+def folder_lock(path: str | Path) -> Iterator[None]:
+    """Hold the write lock of `path` (a lock file beside it), or fail at once with an
+    OutputError when another process holds it.
+
+    flock locks belong to the open file: the kernel drops them when the process ends, even
+    on kill -9, so a crashed writer never leaves the folder locked. The lock file is removed
+    on release; a writer that finds the file replaced after locking it tries again.
+    """
+    path = Path(path)
+    lock = path.parent / f".{_sibling_key(path)}.lock"
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OutputError(f"{path} is being written by another anomalyqc process (it holds "
+                              f"{lock}); wait for it to finish or write elsewhere") from None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(lock))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the holder before us removed the file: lock the new one
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def recover_folder(path: str | Path) -> None:
+    """Finish or undo a swap that a killed process left half-done, and remove the temporary
+    siblings that killed or failed writers left. Call it holding folder_lock(path).
+
+    A swap renames the complete new folder to .NAME.new-*, the old one to .NAME.old-*, then
+    the new one to NAME: if NAME is missing, the newest complete .new-* (else the .old-*)
+    becomes NAME again; every other sibling is stale, since no live writer owns it.
+    """
+    path = Path(path)
+    if not os.path.lexists(path):
+        for kind in ("new", "old"):
+            found = sorted(_siblings(path, kind), key=lambda p: p.stat().st_mtime)
+            if found:
+                os.rename(found[-1], path)
+                break
+    for kind in ("tmp", "new", "old"):
+        for stale in _siblings(path, kind):
+            _remove(stale)
+
+
+def recover_if_interrupted(path: str | Path) -> bool:
+    """For readers: when `path` is missing because a writer was killed in the middle of its
+    swap, put the complete folder back (under the lock, as a writer would); True if done."""
+    path = Path(os.path.abspath(path))
+    if os.path.lexists(path) or not (_siblings(path, "new") or _siblings(path, "old")):
+        return False
+    try:
+        with folder_lock(path):
+            recover_folder(path)
+    except (OSError, OutputError):  # a live writer holds it, or the folder is read-only
+        return False
+    return os.path.lexists(path)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for root, _dirs, _files in os.walk(folder):
+        _fsync_dir(Path(root))
+
+
+@contextmanager
+def atomic_folder(path: str | Path,
+                  check_existing: Callable[[Path], None] | None = None) -> Iterator[Path]:
+    """Yield an empty temporary folder to build `path`'s new content in; on success the
+    complete folder replaces `path`, so a reader never sees a half-written one and a
+    killed, failed or out-of-space run leaves the previous `path` as it was.
+
+    The temporary folder is a hidden sibling (.NAME.tmp-*), on the same file system, so the
+    swap is a rename. Everything runs under folder_lock(path): a second writer is refused,
+    and the temporaries of writers killed earlier are cleaned up (recover_folder) first.
+    When `path` exists and is not empty, `check_existing(path)` decides whether it may be
+    replaced (raise to refuse); without it, it may. A failure to write for want of space or
+    permission is an OutputError naming `path`.
+    """
+    path = Path(os.path.abspath(path))  # "." or "out/.." have no usable name or sibling
+    if path.parent == path:
+        raise OutputError(f"{path} cannot be written as a whole; choose a folder inside it")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with folder_lock(path):
+            recover_folder(path)
+            if os.path.lexists(path) and not path.is_dir():
+                raise OutputError(f"{path} exists and is not a folder; choose a folder name")
+            if path.is_dir() and any(path.iterdir()) and check_existing is not None:
+                check_existing(path)
+            key = _sibling_key(path)
+            tmp = path.parent / f".{key}.tmp-{secrets.token_hex(6)}"
+            os.mkdir(tmp)  # mode 0777 less the umask, like any folder the user makes
+            try:
+                yield tmp
+                _fsync_tree(tmp)
+                new = path.parent / f".{key}.new-{secrets.token_hex(6)}"
+                os.rename(tmp, new)  # complete: from here on a recovery keeps it
+                old = None
+                if path.is_dir():
+                    old = path.parent / f".{key}.old-{secrets.token_hex(6)}"
+                    os.rename(path, old)
+                os.rename(new, path)
+                _fsync_dir(path.parent)
+            except BaseException:
+                _remove(tmp)
+                try:  # a failed swap: put back a complete folder (recover_folder says which)
+                    recover_folder(path)
+                except OSError:  # pragma: no cover - the original error matters more
+                    pass
+                raise
+            if old is not None:
+                _remove(old)
+    except (OSError, OutputError) as exc:
+        err = None if _elsewhere(exc, path) else \
+            disk_error(exc, path, f" ({path} was left as it was)")
+        if err is None:
+            raise
+        raise err from None
+
+
+def _elsewhere(exc: OSError | OutputError, path: Path) -> bool:
+    """Whether the error names a file outside path's folder (an input image that cannot be
+    read, a temporary file on another file system): that file, not `path`, is at fault."""
+    name = exc.filename if isinstance(exc, OSError) else None
+    if name is None:
+        return False
+    where = Path(os.fsdecode(name)).absolute()
+    folder = path.parent.absolute()
+    return where != folder and folder not in where.parents

@@ -13,8 +13,10 @@ import json
 import math
 import os
 import resource
+import shutil
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,10 +29,10 @@ from anomalyqc.data import ImageDataset, ImageTransform, make_loader
 from anomalyqc.data.io import IMAGE_EXTENSIONS, read_image
 from anomalyqc.data.layouts import Listing, Split, dataset_listing
 from anomalyqc.data.listing import Skipped, classify, leaf_listing
-from anomalyqc.errors import CalibrationError, ConfigError, DataError, ModelFileError
-from anomalyqc.fileio import atomic_write_bytes, atomic_write_json
+from anomalyqc.errors import CalibrationError, ConfigError, DataError, ModelFileError, OutputError
+from anomalyqc.fileio import atomic_folder, atomic_write_bytes, atomic_write_json
 from anomalyqc.models.base import Detector, detector_class
-from anomalyqc.models.storage import load_detector
+from anomalyqc.models.storage import holds_model, load_detector, run_replacement_check
 from anomalyqc.options import at_least, metrics_target
 from anomalyqc.pathtext import display, fit_name
 from anomalyqc.progress import Progress, tracked
@@ -70,15 +72,23 @@ def listing_summary(found: int, scored: int, skipped: Sequence[Skipped]) -> dict
 # ------------------------------------------------------------------------------------ fit
 def fit_run(detector: str, data: str | Path, out: str | Path, params: dict[str, Any] | None = None,
             batch_size: int = 8, num_workers: int = 0,
-            progress: Progress | None = None, resume: bool = False,
+            progress: Progress | None = None, overwrite: bool = False, resume: bool = False,
             work_dir: str | Path | None = None) -> Detector:
     """Fit a detector on the good training images of `data` and save it to `out`.
+
+    The run is built in a temporary sibling of `out` and swapped in when complete (see
+    fileio.atomic_folder): a fit that fails, is killed or runs out of disk leaves `out` as
+    it was. A folder that holds a model is replaced only with overwrite=True, as a whole
+    (its threshold and reports belonged to the old model). A second fit into the same
+    `out` at the same time is refused.
 
     Under torchrun (WORLD_SIZE > 1) each process fits a disjoint shard of the images and
     rank 0 saves the combined model (see anomalyqc.distributed). A detector trained by
     gradient descent (models.reconstruction) instead gets every image and the trainer
-    splits each epoch over the processes; its log, checkpoints and loss curves go to
-    `work_dir` (default `out`/training), where resume=True continues a stopped run.
+    splits each epoch over the processes. Its log, checkpoints and loss curves go to
+    `work_dir` (default: the sibling folder `out`.training, which outlives a killed fit,
+    unlike the temporary folder), where resume=True continues a stopped run; at the end
+    they move into `out`/training.
     """
     from anomalyqc import distributed
     from anomalyqc.models.reconstruction import ReconstructionDetector
@@ -96,20 +106,48 @@ def fit_run(detector: str, data: str | Path, out: str | Path, params: dict[str, 
     if world > 1 and len(good) < 2 * world:
         raise DataError(f"{data} has {len(good)} good training images: too few for {world} "
                         f"processes (each needs at least 2); use fewer processes")
+    # Rank 0 takes the folder first, so a refusal (no --overwrite, a second writer) comes
+    # before any work; the other ranks write nothing.
+    with (atomic_folder(out, run_replacement_check(overwrite)) if rank == 0
+          else nullcontext(Path(out))) as target:
+        training = _Training(Path(work_dir or f"{os.path.abspath(out)}.training"), resume)
+        return _fit_into(det, data, listing, good, target, batch_size, num_workers, progress,
+                         training)
+
+
+@dataclass
+class _Training:
+    """Where a detector trained in epochs keeps its checkpoints, and whether to resume."""
+
+    work_dir: Path
+    resume: bool
+
+
+def _fit_into(det: Detector, data: str | Path, listing: Listing, good: list[Any], target: Path,
+              batch_size: int, num_workers: int, progress: Progress | None,
+              training: _Training) -> Detector:
+    from anomalyqc import distributed
+    from anomalyqc.models.reconstruction import ReconstructionDetector
+
+    rank, world = distributed.world_from_env()
     owns_group = distributed.init_from_env() if world > 1 else False
     try:
+        trains = isinstance(det, ReconstructionDetector)
         shard = good if trains else distributed.shard(good, rank, world)
         dataset = ImageDataset(shard, transform_for(det), channels=det.config.channels)
         det.config.channels = dataset.channels
         loader = _Timed(make_loader(dataset, batch_size, shuffle=False, num_workers=num_workers))
         started = time.perf_counter()
         if isinstance(det, ReconstructionDetector):
-            det.fit_dataset(dataset, progress, Path(work_dir or Path(out) / "training"), resume)
+            det.fit_dataset(dataset, progress, training.work_dir, training.resume)
+            if rank == 0:  # the run folder keeps its log, curves and last checkpoint
+                shutil.move(training.work_dir, target / "training")
+                det.fit_report["training_folder"] = "training"
         else:
             distributed.fit_sharded(det, loader, progress=progress)
         fit_s = time.perf_counter() - started
         if rank == 0:
-            det.save(out)
+            det.save(target)
         fit_s_all = distributed.gather_floats(fit_s)
         rss_all = distributed.gather_floats(peak_rss_mb())
         backbone_all = distributed.gather_floats(det.fit_timings.get("backbone_seconds", 0.0)
@@ -135,16 +173,17 @@ def fit_run(detector: str, data: str | Path, out: str | Path, params: dict[str, 
                     fit_seconds_per_process=[round(v, 3) for v in fit_s_all],
                     peak_rss_mb_per_process=[round(v, 1) for v in rss_all],
                     backbone_seconds_per_process=[round(v, 3) for v in backbone_all])
-    atomic_write_json(Path(out) / FIT_INFO_FILE, info)
+    atomic_write_json(target / FIT_INFO_FILE, info)
     return det
 
 
-def merge_runs(runs: Sequence[str | Path], out: str | Path) -> Detector:
+def merge_runs(runs: Sequence[str | Path], out: str | Path, overwrite: bool = False) -> Detector:
     """Combine run folders fitted on disjoint data into one run at `out`.
 
     PaDiM and MhBC-PatchCore merge their saved moments (exact) and K-Means states (weighted
     re-clustering); PatchCore keeps the union of the banks (approximate). Runs must agree on
     everything that fixes the embedding (detector, backbone, size, channels, reduction...).
+    `out` is written as fit_run writes it: atomically, and over a run only with overwrite.
     """
     from anomalyqc.models.storage import read_run_config
 
@@ -173,15 +212,17 @@ def merge_runs(runs: Sequence[str | Path], out: str | Path) -> Detector:
         merged = dets[0].merge(*dets[1:])
     except ValueError as exc:
         raise ConfigError(f"cannot merge {', '.join(map(str, runs))}: {exc}") from exc
-    merged.save(out)
     infos = [_read_fit_info(r) for r in runs]
     n_images = [i.get("n_images") for i in infos]
-    atomic_write_json(Path(out) / FIT_INFO_FILE, {
-        "detector": merged.name,
-        "merged_from": [str(Path(r).resolve()) for r in runs],
-        "data": [i.get("data") for i in infos],
-        "n_images": sum(n_images) if all(isinstance(n, int) for n in n_images) else None,
-    })
+    merged_from = [str(Path(r).resolve()) for r in runs]
+    with atomic_folder(out, run_replacement_check(overwrite)) as target:
+        merged.save(target)
+        atomic_write_json(target / FIT_INFO_FILE, {
+            "detector": merged.name,
+            "merged_from": merged_from,
+            "data": [i.get("data") for i in infos],
+            "n_images": sum(n_images) if all(isinstance(n, int) for n in n_images) else None,
+        })
     return merged
 
 
@@ -319,10 +360,10 @@ def calibrate_run(run: str | Path, data: str | Path, threshold_method: str = "f1
     choice = select_threshold(labels, rank_non_finite(res.scores), threshold_method,
                               threshold_value)
     digest = data_sha256(listing.records, data)
-    stored = write_threshold(run, choice, data, "calibrate", data_sha256=digest)
+    stored = write_threshold(run, choice, data, "calibrate", _model_id(det), data_sha256=digest)
     at = threshold_metrics(labels, rank_non_finite(res.scores, choice.value), choice.value)
     return {"threshold": choice.value, "threshold_method": choice.method,
-            "calibration_data": display(data), "calibration_data_sha256": digest,
+            "model_id": stored.model_id, "calibration_data": display(data), "calibration_data_sha256": digest,
             "n_good": int((labels == GOOD).sum()),
             "n_defect": int((labels != GOOD).sum()),
             **{f"calibration_{k}": at[k] for k in ("f1", "accuracy", "tpr", "tnr")},
@@ -393,10 +434,13 @@ def evaluate_run(run: str | Path, data: str | Path, report: str | Path | None = 
                         "pass --report FILE.json in a folder outside the data and outside "
                         "the run folder's top level (the default is RUN/report/metrics.json)")
     metrics_target(report_json, "report")
+    report_check = replaceable_output("report", "report.html")
+    _check_output_early(report_json.parent, report_check)
     det = load_detector(run)
     dataset, listing = listed_dataset(det, data, "test", masks=masks)
     _check_both_classes(dataset, data, "AUROC and thresholds")
-    stored = None if calibrate else read_threshold(run)  # a corrupt file fails before scoring
+    # a corrupt threshold, or one made for another model, fails before scoring
+    stored = None if calibrate else read_threshold(run, _model_id(det))
     if stored is None or threshold_value is not None:
         check_threshold_options(threshold_method, threshold_value)
     has_masks = any(r.mask_path is not None for r in dataset.records if r.label != GOOD)
@@ -415,14 +459,15 @@ def evaluate_run(run: str | Path, data: str | Path, report: str | Path | None = 
                   "data_sha256": stored.data_sha256}
     else:
         choice = select_threshold(labels, scores, threshold_method, threshold_value)
-        written = write_threshold(run, choice, data, "evaluate", data_sha256=digest)
+        written = write_threshold(run, choice, data, "evaluate", _model_id(det),
+                                  data_sha256=digest)
         source = (f"fixed by --threshold, saved to {written.path}" if choice.method == "fixed"
                   else f"chosen on {data} (test split) itself, saved to {written.path}")
         origin = {"written_by": "evaluate", "data": written.data, "data_sha256": digest}
 
     scores = rank_non_finite(raw_scores, choice.value)  # a failed image is never "good"
     notes: list[str] = _non_finite_notes(res)
-    metrics: dict[str, Any] = {"detector": det.name, "data": str(data),
+    metrics: dict[str, Any] = {"detector": det.name, "model_id": det.model_id, "data": str(data),
                                "image_auroc": image_auroc(labels, scores)}
     if has_masks:
         maps = res.stacked_maps(choice.value)
@@ -455,11 +500,56 @@ def evaluate_run(run: str | Path, data: str | Path, report: str | Path | None = 
     metrics["metrics_json"] = str(report_json)
 
     images = np.stack(res.images).astype(np.float32) / 255.0
-    write_report(report_json.parent, metrics, labels, raw_scores, res.paths, images=images,
-                 masks=gt, maps=res.stacked_maps(choice.value), threshold=choice.value,
-                 n_examples=n_examples, metrics_file=report_json.name,
-                 defect_types=res.defect_types)
+    # Built aside and swapped in whole: a killed run never leaves a report that looks
+    # complete, nor half of a new one over an old one.
+    with atomic_folder(report_json.parent, report_check) as tmp:
+        write_report(tmp, metrics, labels, raw_scores, res.paths, images=images,
+                     masks=gt, maps=res.stacked_maps(choice.value), threshold=choice.value,
+                     n_examples=n_examples, metrics_file=report_json.name,
+                     defect_types=res.defect_types)
     return metrics
+
+
+def _check_output_early(folder: Path, check: Callable[[Path], None]) -> None:
+    """Refuse an output folder that may not be replaced before any image is scored
+    (atomic_folder checks again, under its lock, when the output is complete)."""
+    if folder.is_dir() and any(folder.iterdir()):
+        check(folder)
+    elif os.path.lexists(folder) and not folder.is_dir():
+        raise OutputError(f"{folder} exists and is not a folder; choose a folder name")
+
+
+def _model_id(det: Detector) -> str:
+    if not det.model_id:  # pragma: no cover - load_detector always sets it
+        raise ModelFileError(f"the {det.name} model has no id: load it from a run folder")
+    return det.model_id
+
+
+# Files a report or a predictions folder is made of: an existing folder holding anything
+# else (a dataset, a run, the user's own files) is never replaced by one.
+_OUTPUT_SUFFIXES = {".json", ".html", ".png", ".svg", ".csv", ".txt"}
+_OUTPUT_FOLDERS = {"examples"}
+
+
+def replaceable_output(kind: str, marker: str) -> Callable[[Path], None]:
+    """For fileio.atomic_folder: an existing, non-empty folder may be replaced by a new
+    `kind` only when it is an earlier one (it has `marker`, and nothing but report files)."""
+    def check(folder: Path) -> None:
+        if holds_model(folder):
+            raise OutputError(f"{folder} is a run folder: refusing to write a {kind} over it; "
+                              f"write the {kind} to a new or empty folder")
+        for entry in sorted(folder.iterdir()):
+            own = (entry.name in _OUTPUT_FOLDERS if entry.is_dir() and not entry.is_symlink()
+                   else entry.is_file() and entry.suffix.lower() in _OUTPUT_SUFFIXES)
+            if not own:
+                raise OutputError(f"{folder} holds {entry.name}, which is not part of a {kind}: "
+                                  f"a {kind} replaces its folder as a whole, so it needs a "
+                                  f"folder of its own (new, empty or an earlier {kind})")
+        if not (folder / marker).is_file():
+            raise OutputError(f"{folder} is not empty and is not an earlier {kind} (no "
+                              f"{marker}): refusing to replace it; write the {kind} to a new "
+                              f"or empty folder")
+    return check
 
 
 def _identity(det: Detector, run: Path, data: str | Path, digest: str,
@@ -543,11 +633,11 @@ class Predictions(list[dict[str, Any]]):
         self.skipped = list(skipped)
 
 
-def load_threshold(run: str | Path) -> float | None:
-    """The run's decision threshold, or None when it is not calibrated."""
+def load_threshold(run: str | Path, model_id: str) -> float | None:
+    """The run's decision threshold for model `model_id`, or None when it is not calibrated."""
     from anomalyqc.evaluation.threshold_file import read_threshold
 
-    stored = read_threshold(run)
+    stored = read_threshold(run, model_id)
     return None if stored is None else stored.value
 
 
@@ -564,6 +654,9 @@ def predict_paths(run: str | Path, inputs: Iterable[str | Path], out: str | Path
     held that was not scored goes beside it in skipped.json: {"images_found",
     "images_scored", "skipped": [{"path", "reason"}]}. `out` may not be an input folder,
     inside one, the folder of an input file, or a run folder (refused before any work).
+    `out` is built aside and swapped in whole (fileio.atomic_folder), so it never holds old
+    predictions beside new heatmaps; an existing `out` is replaced only when it holds an
+    earlier prediction and nothing else.
     """
     from anomalyqc.placement import check_output_folder
 
@@ -572,12 +665,25 @@ def predict_paths(run: str | Path, inputs: Iterable[str | Path], out: str | Path
     check_output_folder(out, "--out folder", expanded.folders, run,
                         "choose a new folder outside the inputs and the run folder",
                         beside=expanded.file_folders)
-    det = load_detector(run)
-    threshold = load_threshold(run)
-    tf = transform_for(det)
-    files = expanded.files
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out_check = replaceable_output("predictions folder", "predictions.json")
+    _check_output_early(out, out_check)
+    det = load_detector(run)
+    model_id = _model_id(det)
+    threshold = load_threshold(run, model_id)
+    with atomic_folder(out, out_check) as tmp:
+        rows = _predict_into(det, model_id, threshold, expanded.files, out, tmp, batch_size,
+                             progress)
+        atomic_write_json(tmp / SKIPPED_FILE,
+                          listing_summary(len(expanded.files), len(rows), expanded.skipped))
+    return Predictions(rows, len(expanded.files), expanded.skipped)
+
+
+def _predict_into(det: Detector, model_id: str, threshold: float | None, files: list[Path],
+                  out: Path, tmp: Path, batch_size: int,
+                  progress: Progress | None) -> list[dict[str, Any]]:
+    """Write the heatmaps and predictions.json to `tmp`, naming them as they will be in `out`."""
+    tf = transform_for(det)
     rows: list[dict[str, Any]] = []
     used: set[Path] = set()
     chunks = [files[i:i + batch_size] for i in range(0, len(files), batch_size)]
@@ -588,20 +694,20 @@ def predict_paths(run: str | Path, inputs: Iterable[str | Path], out: str | Path
             score = float(pred.score[i])
             # display(): the name is valid UTF-8, so predictions.json names the file exactly
             heat = _unique(out, display(f"{f.parent.name}_{f.stem}"), "_heatmap.png", used)
-            atomic_write_bytes(heat, overlay_png(x[i], pred.anomaly_map[i, 0], threshold))
+            atomic_write_bytes(tmp / heat.name,
+                               overlay_png(x[i], pred.anomaly_map[i, 0], threshold))
             decision, reason = decide(score, threshold)
             rows.append({
                 "path": display(f),
+                "model_id": model_id,
                 "score": score if math.isfinite(score) else None,
                 "decision": decision,
                 "reason": reason,
                 "threshold": threshold,
                 "heatmap": display(heat),
             })
-    atomic_write_json(out / "predictions.json", rows)
-    atomic_write_json(out / SKIPPED_FILE,
-                      listing_summary(len(files), len(rows), expanded.skipped))
-    return Predictions(rows, len(files), expanded.skipped)
+    atomic_write_json(tmp / "predictions.json", rows)
+    return rows
 
 
 def decide(score: float, threshold: float | None) -> tuple[str | None, str]:

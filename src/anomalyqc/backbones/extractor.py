@@ -8,6 +8,7 @@ location, shape (B, D, h, w) with h = H / 8.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -104,3 +105,27 @@ def pool_channels(emb: torch.Tensor, out: int) -> torch.Tensor:
     x = emb.permute(0, 2, 3, 1).reshape(b * h * w, 1, d)
     x = F.adaptive_avg_pool1d(x, out)
     return x.reshape(b, h, w, out).permute(0, 3, 1, 2)
+
+
+# Every backbone's mid layer has stride 8: an H x W input gives a grid of about H/8 x W/8
+# (each network rounds odd sizes its own way: floor, ceil or by its "same" padding).
+GRID_STRIDE = 8
+
+
+def grid_fits(grid: tuple[int, int], input_size: tuple[int, int]) -> bool:
+    """Whether a (h, w) embedding grid can come from (H, W) inputs: within one cell of H/8,
+    W/8. Cheap, for loading a model; the exact grid is checked on the first image."""
+    return all(abs(g - s / GRID_STRIDE) < 1 for g, s in zip(grid, input_size, strict=True))
+
+
+@lru_cache(maxsize=16)
+def embedding_dim(name: str, channel_pool: int | None = None) -> int:
+    """The embedding dimension D of a backbone (with its channel pooling), read from the
+    network built on the meta device: no weights are loaded and nothing is allocated."""
+    if name not in BACKBONES:
+        raise ConfigError(f"unknown backbone {name!r}; choose one of: {', '.join(sorted(BACKBONES))}")
+    spec = BACKBONES[name]
+    with torch.device("meta"):
+        _body, channels = spec.build(False, False)
+    pool = spec.channel_pool if channel_pool is None else channel_pool
+    return pool or sum(channels)

@@ -2,7 +2,11 @@
 
     {"image": ThresholdChoice fields, "data": absolute path of the data that chose it,
      "data_sha256": content hash of its images (anomalyqc.data.fingerprint),
-     "written_by": "calibrate" | "evaluate"}
+     "written_by": "calibrate" | "evaluate", "model_id": the id of the model it was chosen for}
+
+A threshold belongs to the model whose scores chose it: reading it for a model with another
+id (the run was refitted) or without an id (written before ids existed) is refused, with both
+ids and the command that chooses a new one, never applied to scores of another scale.
 
 A file that is not valid JSON, lacks a field or has a field of the wrong type is a
 ModelFileError naming the file and the fix, never a traceback: the file is small and
@@ -34,6 +38,7 @@ class StoredThreshold:
     data: str
     written_by: str | None  # None in files written before the field existed
     path: Path
+    model_id: str
     data_sha256: str | None = None  # None in files written before the field existed
 
     @property
@@ -43,7 +48,7 @@ class StoredThreshold:
     def describe(self) -> str:
         """Where the threshold came from, for threshold_source in metrics."""
         by = f" by `anomalyqc {self.written_by}`" if self.written_by else ""
-        return f"from {self.path}, chosen{by} on {self.data}"
+        return f"from {self.path}, chosen{by} on {self.data} for model {self.model_id}"
 
 
 def threshold_path(run: str | Path) -> Path:
@@ -51,20 +56,26 @@ def threshold_path(run: str | Path) -> Path:
 
 
 def write_threshold(run: str | Path, choice: ThresholdChoice, data: str | Path,
-                    written_by: str, data_sha256: str | None = None) -> StoredThreshold:
-    """Store `choice` in the run (atomically); `data` is recorded as an absolute path, with
-    the content hash of its images when given."""
+                    written_by: str, model_id: str,
+                    data_sha256: str | None = None) -> StoredThreshold:
+    """Store `choice`, made on the scores of model `model_id`, in the run (atomically);
+    `data` is recorded as an absolute path, with the content hash of its images when given."""
     if written_by not in WRITERS:
         raise ValueError(f"written_by must be one of {WRITERS}, got {written_by!r}")
+    if not model_id:
+        raise ValueError("a threshold needs the id of the model whose scores chose it")
     path = threshold_path(run)
-    stored = StoredThreshold(choice, display(Path(data).resolve()), written_by, path, data_sha256)
+    stored = StoredThreshold(choice, display(Path(data).resolve()), written_by, path, model_id,
+                             data_sha256)
     atomic_write_json(path, {"image": choice.to_dict(), "data": stored.data,
-                             "data_sha256": data_sha256, "written_by": written_by})
+                             "data_sha256": data_sha256, "written_by": written_by,
+                             "model_id": model_id})
     return stored
 
 
-def read_threshold(run: str | Path) -> StoredThreshold | None:
-    """The run's stored threshold, or None when it has none."""
+def read_threshold(run: str | Path, model_id: str) -> StoredThreshold | None:
+    """The run's stored threshold, or None when it has none; refused (ModelFileError) when
+    it was chosen for a model other than `model_id`, the loaded model's id."""
     path = threshold_path(run)
     if not path.is_file():
         return None
@@ -92,7 +103,15 @@ def read_threshold(run: str | Path) -> StoredThreshold | None:
     digest = raw.get("data_sha256")
     if digest is not None and not isinstance(digest, str):
         raise _corrupt(path, f"\"data_sha256\" is {digest!r}, not a hex digest")
-    return StoredThreshold(choice, data, written_by, path, digest)
+    made_for = raw.get("model_id")
+    if made_for != model_id:
+        made = (f"was chosen for model {made_for}" if isinstance(made_for, str) and made_for
+                else "records no model id (written before thresholds named their model)")
+        raise ModelFileError(
+            f"{path} {made}, but the run's model is {model_id} (refitted since?): its "
+            f"scores may live on another scale; choose a threshold for this model with "
+            f"`anomalyqc calibrate {path.parent} --data VALIDATION_DIR`")
+    return StoredThreshold(choice, data, written_by, path, model_id, digest)
 
 
 def _is_number(x: Any) -> bool:

@@ -115,6 +115,10 @@ class Detector(ABC):
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Inverse of state_tensors; raises KeyError/ValueError on missing or bad tensors."""
 
+    def check_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Raise ValueError when saved tensors do not fit this config (called before
+        load_state_tensors; detectors that can tell override it)."""
+
     def save(self, run_dir: str | Path) -> Path:
         from anomalyqc.models.storage import save_detector
 

@@ -15,7 +15,7 @@ from pydantic import Field, field_validator, model_validator
 from anomalyqc.backbones import FeatureExtractor
 from anomalyqc.backbones.zoo import BACKBONES
 from anomalyqc.data.transforms import as_hw
-from anomalyqc.errors import ConfigError, DataError
+from anomalyqc.errors import ConfigError, DataError, ModelFileError
 from anomalyqc.models.base import Detector, DetectorConfig, images_of
 from anomalyqc.progress import Progress, tracked
 from anomalyqc.stats.moments import OnlineMoments
@@ -149,6 +149,13 @@ class EmbeddingDetector(Detector):
         """(B, C, H, W) -> (B, P, D') embeddings, reduced if the model has a reduction."""
         grid = self.extractor(images)
         b, d, h, w = grid.shape
+        if self.fitted and self.grid is not None and self.grid != (h, w):
+            # a loaded model whose config was changed by a cell (load checks to within one)
+            raise ModelFileError(
+                f"model {self.model_id}: its weights hold a {self.grid[0]}x{self.grid[1]} grid "
+                f"but its config's {self.config.backbone} at {self.input_size[0]}x"
+                f"{self.input_size[1]} gives {h}x{w}; the run's config was edited: retrain or "
+                f"restore the run")
         self.grid = (h, w)
         x = grid.permute(0, 2, 3, 1).reshape(b, h * w, d).contiguous()
         reduction = self.reduction()
@@ -296,6 +303,55 @@ class EmbeddingDetector(Detector):
             out["reduction.mean"], out["reduction.matrix"] = reduction
         return out
 
+    # ------------------------------------------------------------- loaded state
+    def embedding_dims(self) -> tuple[int, int]:
+        """(D, D'): the embedding size of this config's backbone and the dimension after the
+        reduction: what the saved tensors must fit."""
+        from anomalyqc.backbones.extractor import embedding_dim
+
+        d = embedding_dim(self.config.backbone, self.config.channel_pool)
+        return d, (d if self.config.reduction == "none" else self.config.reduced_dim)
+
+    def state_shapes(self, p: int, d: int) -> dict[str, tuple[int | None, ...]]:
+        """Every tensor this config's model may save (merge state included) and its shape for
+        p grid locations and embedding dimension d (None: any size)."""
+        raise NotImplementedError
+
+    def check_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Refuse saved tensors that do not fit the config (ValueError saying which and why):
+        a config edited or swapped after the fit, a grid from another image size or backbone,
+        a reduction of another size. Such a model would crash on the first image, or worse,
+        score with tensors that broadcast into a wrong but plausible map."""
+        from anomalyqc.backbones.extractor import grid_fits
+
+        d, dr = self.embedding_dims()
+        what = (f"the config's {self.config.backbone} at {self.input_size[0]}x{self.input_size[1]}"
+                + (f" with {self.config.reduction} reduction to {dr}"
+                   if self.config.reduction != "none" else ""))
+        g = tensors.get("grid")
+        if g is None or g.dtype.is_floating_point or tuple(g.shape) != (2,):
+            raise ValueError("tensor 'grid' is missing or not two integers")
+        h, w = int(g[0]), int(g[1])
+        if not grid_fits((h, w), self.input_size):
+            raise ValueError(f"the weights were fitted on a {h}x{w} grid, but {what} gives "
+                             f"about {self.input_size[0] / 8:g}x{self.input_size[1] / 8:g}")
+        shapes: dict[str, tuple[int | None, ...]] = {"grid": (2,)}
+        if self.config.reduction != "none":
+            shapes.update({"reduction.mean": (d,), "reduction.matrix": (d, dr)})
+        shapes.update(self.state_shapes(h * w, dr))
+        for key, t in tensors.items():
+            want = shapes.get(key)
+            if want is None:
+                raise ValueError(f"unexpected tensor {key!r}: {what} has none")
+            integer = key in ("grid", "moments.count")
+            if t.dtype.is_floating_point == integer or t.dtype.is_complex:
+                raise ValueError(f"tensor {key!r} has dtype {t.dtype}, expected "
+                                 f"{'integers' if integer else 'floating point'}")
+            if t.ndim != len(want) or any(e is not None and e != a for e, a in zip(want, t.shape)):
+                shown = "x".join("N" if e is None else str(e) for e in want)
+                raise ValueError(f"tensor {key!r} has shape {'x'.join(map(str, t.shape))}, but "
+                                 f"{what} needs {shown}")
+
     def load_base_state(self, tensors: dict[str, torch.Tensor]) -> None:
         g = tensors.get("grid")
         self.grid = (int(g[0]), int(g[1])) if g is not None else None
@@ -305,3 +361,9 @@ class EmbeddingDetector(Detector):
         elif self.config.reduction != "none":
             raise KeyError("missing tensor 'reduction.matrix'")
 
+
+
+def moment_shapes(p: int, d: int) -> dict[str, tuple[int | None, ...]]:
+    """Shapes of OnlineMoments.state() for p locations of dimension d."""
+    return {"moments.count": (1,), "moments.shift": (p, d), "moments.sum": (p, d),
+            "moments.outer": (p, d * (d + 1) // 2)}

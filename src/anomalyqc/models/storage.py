@@ -7,7 +7,12 @@
                            input size and channels; written last, so a folder whose files
                            disagree with it was changed, swapped or half-written
       threshold.json       written by `calibrate` (or `evaluate` without one), optional;
-                           read and written only by anomalyqc.evaluation.threshold_file
+                           records the model id it was chosen for; read and written only
+                           by anomalyqc.evaluation.threshold_file
+
+`fit` and `merge` write the folder whole (fileio.atomic_folder): built aside, swapped in
+when complete, replaced only with --overwrite. Loading checks the files against the
+manifest, the manifest's fields and the tensors' shapes against the config.
 
 The model id is the SHA-256 of the config's and the weights' digests: two runs share it only
 when both files are byte for byte the same, so a threshold, report or prediction that
@@ -18,6 +23,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,8 +35,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from anomalyqc import __version__
-from anomalyqc.errors import ConfigError, ModelFileError
-from anomalyqc.fileio import atomic_path, atomic_write_json
+from anomalyqc.errors import ConfigError, ModelFileError, OutputError
+from anomalyqc.fileio import atomic_path, atomic_write_json, recover_if_interrupted
 
 if TYPE_CHECKING:  # models.base imports this module lazily, in save and load
     from anomalyqc.models.base import Detector
@@ -53,7 +61,10 @@ def save_detector(detector: Detector, run_dir: str | Path) -> Path:
     with atomic_path(run / WEIGHTS_FILE) as tmp:
         # One metadata key: safetensors writes a map's keys in no fixed order, and the model
         # id needs the same model to give the same bytes.
-        save_file(tensors, tmp, metadata={"format": f"{FORMAT}:{detector.name}"})
+        try:
+            save_file(tensors, tmp, metadata={"format": f"{FORMAT}:{detector.name}"})
+        except SafetensorError as exc:
+            raise _os_error(exc, tmp) from exc
     atomic_write_json(run / CONFIG_FILE, {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -64,6 +75,38 @@ def save_detector(detector: Detector, run_dir: str | Path) -> Path:
     detector.model_id = write_manifest(run, detector.input_size,
                                        detector.config.channels).model_id
     return run
+
+
+def _os_error(exc: SafetensorError, path: Path) -> Exception:
+    """safetensors reports a failed write (a full disk) as its own error with the OS error
+    number in the text: give it back as the OSError it is, so callers can say what to do."""
+    found = re.search(r"os error (\d+)", str(exc))
+    if found is None:
+        return exc
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code), str(path))
+
+
+def holds_model(folder: str | Path) -> bool:
+    """Whether a folder holds (part of) a saved model."""
+    return any(os.path.lexists(Path(folder) / name)
+               for name in (CONFIG_FILE, WEIGHTS_FILE, MANIFEST_FILE))
+
+
+def run_replacement_check(overwrite: bool) -> Callable[[Path], None]:
+    """For fileio.atomic_folder: may `fit` or `merge` replace this existing, non-empty folder?
+
+    Only a run folder, and only when asked (--overwrite): the whole folder is replaced, so
+    the old model's threshold and reports never sit beside the new model.
+    """
+    def check(folder: Path) -> None:
+        if not holds_model(folder):
+            raise OutputError(f"{folder} is not empty and holds no anomalyqc model: refusing to "
+                              f"replace it; choose a new or empty folder for --out")
+        if not overwrite:
+            raise OutputError(f"{folder} already holds a model; pass --overwrite to replace it "
+                              f"(its threshold and reports go with it), or choose another --out")
+    return check
 
 
 # ------------------------------------------------------------------------------ identity
@@ -170,6 +213,8 @@ def read_run_config(run_dir: str | Path) -> dict[str, Any]:
     run = Path(run_dir)
     cfg_path = run / CONFIG_FILE
     if not run.is_dir():
+        recover_if_interrupted(run)  # a fit killed between its two renames
+    if not run.is_dir():
         raise ModelFileError(f"run folder {run} does not exist; pass the --out folder of "
                              f"`anomalyqc fit`")
     if not cfg_path.is_file():
@@ -198,16 +243,17 @@ MERGE_STATE_PREFIXES = ("moments.", "kmeans.")
 
 def load_detector(run_dir: str | Path, merge_state: bool = False) -> Detector:
     """The detector saved in a run folder; merge_state=True also reads what `merge` needs."""
-    from anomalyqc.models.base import detector_class
-    from anomalyqc.models.validation import check_finite_tensors, detector_from_params
+    from anomalyqc.models.validation import check_finite_tensors
 
     run = Path(run_dir)
     cfg = read_run_config(run)
-    cls = detector_class(str(cfg.get("detector")))
     weights = run / WEIGHTS_FILE
     if not weights.is_file():
         raise ModelFileError(f"{weights} is missing; the run folder is incomplete: retrain")
-    manifest = read_manifest(run)
+    manifest = read_manifest(run)  # first: any edit since the fit is named as one
+    det = detector_from_config(cfg, run / CONFIG_FILE)
+    cls = type(det)
+    _check_manifest_fields(det, manifest)
     try:
         if merge_state:
             tensors = load_file(weights)
@@ -219,7 +265,12 @@ def load_detector(run_dir: str | Path, merge_state: bool = False) -> Detector:
         raise ModelFileError(f"{weights} is corrupt or not a safetensors file ({exc}); "
                              f"retrain or restore the run") from exc
     check_finite_tensors(tensors, weights)
-    det = detector_from_params(cls, cfg.get("params", {}), run / CONFIG_FILE)
+    try:
+        det.check_state_tensors(tensors)
+    except (ValueError, ConfigError) as exc:
+        raise ModelFileError(f"{weights} does not fit {run / CONFIG_FILE}: {exc}; the files "
+                             f"were edited or come from different fits: retrain or restore "
+                             f"the run") from None
     try:
         det.load_state_tensors(tensors)
     except (KeyError, ValueError, RuntimeError) as exc:
@@ -228,6 +279,41 @@ def load_detector(run_dir: str | Path, merge_state: bool = False) -> Detector:
     det.fitted = True
     det.model_id = manifest.model_id
     return det
+
+
+def detector_from_config(cfg: dict[str, Any], path: Path) -> Detector:
+    """An unfitted detector built from a run config's parameters; parameters of the wrong
+    type or out of range are a ModelFileError naming the config file."""
+    from anomalyqc.models.base import detector_class
+    from anomalyqc.models.validation import detector_from_params
+
+    try:
+        cls = detector_class(str(cfg.get("detector")))
+    except ConfigError as exc:
+        raise ModelFileError(f"{path}: {exc}; retrain or restore the run") from None
+    params = cfg.get("params")
+    det = detector_from_params(cls, {} if params is None else params, path)
+    try:
+        det.input_size  # noqa: B018  (a size that cannot be read fails here, not at predict)
+    except (ConfigError, ValueError, TypeError) as exc:
+        detail = " ".join(str(exc).split())
+        raise ModelFileError(f"{path} has invalid parameters ({detail}); it was edited or "
+                             f"corrupted: retrain or restore the run") from None
+    return det
+
+
+def _check_manifest_fields(det: Detector, manifest: Manifest) -> None:
+    """The manifest's description must match the config it seals (both can be rewritten,
+    but never one without the other going unnoticed)."""
+    found = {"detector": manifest.detector, "input_size": manifest.input_size,
+             "channels": manifest.channels}
+    want = {"detector": det.name, "input_size": det.input_size,
+            "channels": det.config.channels}
+    for key, value in want.items():
+        if found[key] != value:
+            raise ModelFileError(f"{manifest.path} says {key} {found[key]!r} but "
+                                 f"{manifest.path.parent / CONFIG_FILE} says {value!r}; the "
+                                 f"files were edited: retrain or restore the run")
 
 
 def tensor(tensors: dict[str, torch.Tensor], key: str) -> torch.Tensor:

@@ -33,7 +33,7 @@ from pydantic import Field
 
 from anomalyqc.errors import ConfigError, DataError
 from anomalyqc.models.base import DetectorConfig, register
-from anomalyqc.models.embedding import EmbeddingConfig, EmbeddingDetector
+from anomalyqc.models.embedding import EmbeddingConfig, EmbeddingDetector, moment_shapes
 from anomalyqc.models.storage import tensor
 from anomalyqc.progress import Progress
 from anomalyqc.stats.kmeans import OnlineKMeans, pairwise_sqdist
@@ -235,6 +235,19 @@ class Mhbc(EmbeddingDetector):
             out.update(self.moments.state())
             out.update(self.kmeans.state())
         return out
+
+    def state_shapes(self, p: int, d: int) -> dict[str, tuple[int | None, ...]]:
+        # K-Means keeps n_clusters per location; a coreset keeps a fraction of the images
+        k = self.config.n_clusters if self.config.clustering == "kmeans" else None
+        shapes: dict[str, tuple[int | None, ...]] = {"centroids": (p, k, d)}
+        if self.config.covariance != "none":
+            shared = self.config.covariance in ("pooled", "global")
+            shapes["mean"] = (1 if self.config.covariance == "global" else p, d)
+            shapes["chol"] = (1 if shared else p, d, d)
+        if self.config.clustering == "kmeans":
+            shapes.update(moment_shapes(p, d), **{"kmeans.sums": (p, k, d),
+                                                 "kmeans.counts": (p, k)})
+        return shapes
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         self.load_base_state(tensors)

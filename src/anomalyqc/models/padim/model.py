@@ -15,7 +15,7 @@ from pydantic import Field
 
 from anomalyqc.errors import DataError
 from anomalyqc.models.base import DetectorConfig, register
-from anomalyqc.models.embedding import EmbeddingConfig, EmbeddingDetector
+from anomalyqc.models.embedding import EmbeddingConfig, EmbeddingDetector, moment_shapes
 from anomalyqc.models.storage import tensor
 from anomalyqc.progress import Progress
 from anomalyqc.stats.moments import OnlineMoments
@@ -93,6 +93,9 @@ class Padim(EmbeddingDetector):
         if self.config.keep_moments and self.moments is not None:
             out.update(self.moments.state())
         return out
+
+    def state_shapes(self, p: int, d: int) -> dict[str, tuple[int | None, ...]]:
+        return {"mean": (p, d), "chol": (p, d, d), **moment_shapes(p, d)}
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         self.load_base_state(tensors)

@@ -180,6 +180,9 @@ class Patchcore(EmbeddingDetector):
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {**self.base_state(), "memory_bank": self.learnt(self.bank)}
 
+    def state_shapes(self, p: int, d: int) -> dict[str, tuple[int | None, ...]]:
+        return {"memory_bank": (None, d)}
+
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         self.load_base_state(tensors)
         bank = tensor(tensors, "memory_bank").float().contiguous()
