@@ -129,6 +129,16 @@ def test_resganad_defaults_are_the_preset_and_the_preset_widens_where_it_halves(
     assert flops_per_input(ae, x) < flops_per_input(first, x)
 
 
+@pytest.mark.parametrize("module", ["anomalyqc.training", "anomalyqc.models",
+                                    "anomalyqc.models.reconstruction", "anomalyqc.distributed"])
+def test_each_package_imports_first_in_a_fresh_process(module):
+    # training -> distributed -> models -> reconstruction -> training: no partial imports
+    env = {**os.environ, "PYTHONPATH": str(HERE.parents[1] / "src")}
+    r = subprocess.run([sys.executable, "-c", f"import {module}"], env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-1500:]
+
+
 # --------------------------------------------------------------------- fit and predict
 @pytest.mark.parametrize(("cls", "params"), [(Ganomaly, TINY), (Resganad, TINY_RESGANAD)])
 def test_fit_predict_save_load_round_trip(cls, params, tmp_path):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import kornia
 import torch
@@ -27,9 +27,16 @@ from anomalyqc.errors import ConfigError
 from anomalyqc.models.base import Detector, DetectorConfig, images_of
 from anomalyqc.nets.coders import NetConfig, as_config
 from anomalyqc.progress import Progress
-from anomalyqc.training import OptimGroup, Trainable, TrainConfig, Trainer, TrainResult
+
+# Submodules, not the package: anomalyqc.training imports the models (through
+# distributed), so its __init__ may be half-run when this module loads.
+from anomalyqc.training.config import TrainConfig
 from anomalyqc.training.devices import resolve_device
+from anomalyqc.training.interface import OptimGroup, Trainable
 from anomalyqc.types import Batch, Prediction, Sample
+
+if TYPE_CHECKING:
+    from anomalyqc.training.trainer import TrainResult
 
 
 class ReconstructionConfig(DetectorConfig, TrainConfig):
@@ -174,6 +181,8 @@ class ReconstructionDetector(Detector, Trainable):
         if got != want:
             raise ConfigError(f"{self.name} expects images of shape {want}, the data gives "
                               f"{got}; set image_size/crop_size/channels to match")
+        from anomalyqc.training.trainer import Trainer
+
         self._build()
         trainer = Trainer(self.train_config(), work_dir, progress, label=self.name)
         result = trainer.fit(self, dataset, resume=resume)

@@ -31,7 +31,7 @@ from anomalyqc.models.reconstruction import (
     ssim_per_image,
 )
 from anomalyqc.nets import Discriminator, EncoderDecoderEncoder
-from anomalyqc.training import StepContext
+from anomalyqc.training.interface import StepContext
 from anomalyqc.types import Batch, Prediction
 
 

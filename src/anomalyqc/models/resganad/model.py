@@ -38,7 +38,7 @@ from anomalyqc.models.reconstruction import (
 )
 from anomalyqc.nets import Discriminator, EncoderDecoderEncoder
 from anomalyqc.synth.perlin import PerlinSynthesizer
-from anomalyqc.training import StepContext
+from anomalyqc.training.interface import StepContext
 from anomalyqc.types import Batch, Prediction
 
 
