@@ -26,7 +26,7 @@ from anomalyqc.data import (
     resize_image,
     resize_mask,
 )
-from anomalyqc.errors import ConfigError, DataError
+from anomalyqc.errors import ConfigError, DataError, DataWarning
 from anomalyqc.types import DEFECT, GOOD, Batch
 
 H, W = 24, 32  # deliberately not square and not a multiple of the output size
@@ -206,7 +206,8 @@ def test_image_transform_shapes() -> None:
     assert image.shape == (3, 16, 16) and image.dtype == torch.float32
     assert mask is not None and mask.shape == (1, 16, 16) and mask.dtype == torch.float32
     assert set(mask.unique().tolist()) == {0.0, 1.0} and roi is None
-    gray = ImageTransform(12, channels=1).image(rgb_image().astype(np.float32) / 255)
+    with pytest.warns(DataWarning, match="RGB but the model takes gray"):
+        gray = ImageTransform(12, channels=1).image(rgb_image().astype(np.float32) / 255)
     assert gray.shape == (1, 12, 12)
     with pytest.raises(ConfigError):
         ImageTransform(16, crop_size=20)
@@ -269,12 +270,13 @@ def test_folder_records_with_masks_and_roi(tmp_path: Path) -> None:
 
 def test_dataset_and_loader_mvtec(tmp_path: Path) -> None:
     root = make_mvtec(tmp_path / "bottle", with_roi=True)
-    ds = ImageDataset(mvtec_records(root, "test"), ImageTransform(20, crop_size=16))
+    with pytest.warns(DataWarning, match="ROI masks in .*roi.* are not used"):
+        ds = ImageDataset(mvtec_records(root, "test"), ImageTransform(20, crop_size=16))
     assert len(ds) == 5 and ds.channels == 3
     sample = ds[0]
     assert sample.image.shape == (3, 16, 16) and sample.label == DEFECT
     assert sample.mask is not None and set(sample.mask.unique().tolist()) == {0.0, 1.0}
-    assert sample.roi is not None and sample.roi.shape == (1, 16, 16)
+    assert sample.roi is None  # ROIs are indexed but not read (nothing uses them yet)
     assert sample.defect_type == "crack" and sample.path.endswith("000.png")
     batches = list(make_loader(ds, batch_size=3))
     assert [len(b) for b in batches] == [3, 2] and isinstance(batches[0], Batch)
@@ -288,10 +290,11 @@ def test_dataset_grayscale_and_folder_layout(tmp_path: Path) -> None:
     gray = ImageDataset(mvtec_records(make_mvtec(tmp_path / "g", gray=True)), ImageTransform(8))
     assert gray.channels == 1 and gray[0].image.shape == (1, 8, 8)
     recs = folder_records(make_folder(tmp_path / "f"), mask_dir="masks", roi_dir="rois")
-    batch = next(iter(make_loader(ImageDataset(recs, ImageTransform(8)), batch_size=4)))
-    assert batch.image.shape == (4, 3, 8, 8) and batch.mask is not None and batch.roi is not None
+    with pytest.warns(DataWarning, match="not used by the embedding detectors"):
+        ds = ImageDataset(recs, ImageTransform(8))
+    batch = next(iter(make_loader(ds, batch_size=4)))
+    assert batch.image.shape == (4, 3, 8, 8) and batch.mask is not None and batch.roi is None
     assert batch.mask[:2].sum() == 0 and batch.mask[2:].sum() > 0
-    assert batch.roi[1].min() == 1.0  # g1 has no ROI file: whole image
 
 
 def test_dataset_reads_lazily(tmp_path: Path) -> None:
@@ -309,8 +312,10 @@ def test_explicit_channels_convert_mixed_dataset(tmp_path: Path) -> None:
         Record(write(tmp_path / "a.png", rgb_image()), GOOD, "good"),
         Record(write(tmp_path / "b.png", gray_image()), GOOD, "good"),
     ]
-    assert ImageDataset(recs, ImageTransform(8), channels=3)[1].image.shape == (3, 8, 8)
-    assert ImageDataset(recs, ImageTransform(8), channels=1)[0].image.shape == (1, 8, 8)
+    with pytest.warns(DataWarning, match="b.png is gray but the model takes RGB"):
+        assert ImageDataset(recs, ImageTransform(8), channels=3)[1].image.shape == (3, 8, 8)
+    with pytest.warns(DataWarning, match="a.png is RGB but the model takes gray"):
+        assert ImageDataset(recs, ImageTransform(8), channels=1)[0].image.shape == (1, 8, 8)
 
 
 # ---------------------------------------------------------------------------- bad input

@@ -1,6 +1,7 @@
 """anomalyqc command line: thin wrappers over anomalyqc.workflow and friends.
 
-Errors a user can fix (AnomalyQCError) are printed as one line and exit with status 2.
+Errors a user can fix (AnomalyQCError) are printed as one line and exit with status 2;
+warnings about odd but readable input (DataWarning) as one `warning:` line each.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import sys
+import warnings
 from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
@@ -20,7 +22,7 @@ from rich.markup import escape
 from rich.progress import Progress as RichProgress
 from rich.progress import TaskID
 
-from anomalyqc.errors import AnomalyQCError
+from anomalyqc.errors import AnomalyQCError, DataWarning
 from anomalyqc.fileio import json_safe
 from anomalyqc.options import (
     at_least,
@@ -53,24 +55,38 @@ class ThresholdMethod(str, Enum):
 
 
 def _run(job: Callable[[], Any]) -> Any:
-    try:
-        return job()
-    except AnomalyQCError as exc:
-        # escaped: a file name like "lot[/b].png" in the message is text, not markup
-        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
-    except OSError as exc:  # a full disk or a read-only folder outside an atomic folder write
-        from anomalyqc.fileio import DISK_ERRNOS
+    with warnings.catch_warnings():  # restores the previous showwarning on the way out
+        warnings.simplefilter("always", DataWarning)  # the library says each kind once
+        default_show = warnings.showwarning
 
-        if exc.errno not in DISK_ERRNOS:
-            raise
-        reason, fix = DISK_ERRNOS[exc.errno]
-        if exc.errno in (errno.EACCES, errno.EPERM):  # a read as well as a write
-            fix = "check its permissions"
-        where = exc.filename if exc.filename is not None else "a file"
-        console.print(f"[bold red]error:[/] {escape(f'{where}: {reason}; {fix}')}",
-                      highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+        def show(message: Warning | str, category: type[Warning], *args: Any,
+                 **kwargs: Any) -> None:
+            if issubclass(category, DataWarning):
+                console.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False,
+                              soft_wrap=True)
+            else:
+                default_show(message, category, *args, **kwargs)
+
+        warnings.showwarning = show
+        try:
+            return job()
+        except AnomalyQCError as exc:
+            # escaped: a file name like "lot[/b].png" in the message is text, not markup
+            console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False,
+                          soft_wrap=True)
+            raise typer.Exit(2) from None
+        except OSError as exc:  # a full disk or a read-only folder outside an atomic write
+            from anomalyqc.fileio import DISK_ERRNOS
+
+            if exc.errno not in DISK_ERRNOS:
+                raise
+            reason, fix = DISK_ERRNOS[exc.errno]
+            if exc.errno in (errno.EACCES, errno.EPERM):  # a read as well as a write
+                fix = "check its permissions"
+            where = exc.filename if exc.filename is not None else "a file"
+            console.print(f"[bold red]error:[/] {escape(f'{where}: {reason}; {fix}')}",
+                          highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
 
 
 def _parse_sets(items: list[str]) -> dict[str, Any]:

@@ -37,3 +37,8 @@ class OutputError(AnomalyQCError):
     def __init__(self, message: str, errno: int | None = None) -> None:
         super().__init__(message)
         self.errno = errno
+
+
+class DataWarning(UserWarning):
+    """Input that is read, but in a way the user should know about (a channel conversion, a
+    strong stretch, 12-bit data in 16-bit files). The CLI prints each as one line."""

@@ -688,7 +688,7 @@ def _predict_into(det: Detector, model_id: str, threshold: float | None, files: 
     used: set[Path] = set()
     chunks = [files[i:i + batch_size] for i in range(0, len(files), batch_size)]
     for chunk in tracked(chunks, progress, f"{det.name}: predicting"):
-        x = torch.stack([tf.image(read_image(f, det.config.channels)) for f in chunk])
+        x = torch.stack([tf.image(read_image(f, notes=tf.notes), f) for f in chunk])
         pred = det.predict(x)
         for i, f in enumerate(chunk):
             score = float(pred.score[i])

@@ -8,7 +8,8 @@ MVTec AD (detected when ROOT/train/good exists)::
     ROOT/test/good/*.png                    good test images
     ROOT/test/<defect>/*.png                defect images, one folder per defect type
     ROOT/ground_truth/<defect>/<stem>_mask.png   defect masks, optional (see below)
-    ROOT/roi/<split>/<type>/<stem>_roi.png  optional regions of interest (our extension)
+    ROOT/roi/<split>/<type>/<stem>_roi.png  optional regions of interest (our extension;
+                                            indexed here, not read: see dataset.py)
 
   Every subfolder of a split is a type; "good" is label 0, anything else label 1.
   Masks are all or nothing: a split where no defect image has a mask (no ground_truth/

@@ -7,13 +7,20 @@ image is resized and cropped. Masks use nearest neighbour so they stay binary.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import cv2
 import numpy as np
 import torch
 
+from anomalyqc.data.notes import InputNotes
 from anomalyqc.errors import ConfigError
 
 Size = int | tuple[int, int]
+# Resizing that changes the aspect ratio by more than this factor gets a warning: defects
+# are stretched as much, and the model sees shapes it never saw at fit time.
+MAX_STRETCH = 2.0
+_CHANNEL_NAMES = {1: "gray", 3: "RGB"}
 
 
 def as_hw(size: Size, what: str = "size") -> tuple[int, int]:
@@ -44,6 +51,46 @@ def convert_channels(img: np.ndarray, channels: int) -> np.ndarray:
     if channels == 1:
         return cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)[..., None]
     return np.repeat(img, 3, axis=2)
+
+
+def convert_noted(
+    img: np.ndarray, channels: int, notes: InputNotes, source: str | Path | None
+) -> np.ndarray:
+    """convert_channels, with a warning (once per `notes`) when it changes anything: a gray
+    model given RGB images, or the reverse, is usually a mix-up worth a line."""
+    have = img.shape[2]
+    if have == channels:
+        return img
+    notes.warn(
+        "channels",
+        f"{_name(source)} is {_CHANNEL_NAMES.get(have, f'{have}-channel')} but the model "
+        f"takes {_CHANNEL_NAMES[channels]} (channels={channels}): converted to "
+        f"{_CHANNEL_NAMES[channels]}",
+    )
+    return convert_channels(img, channels)
+
+
+def check_stretch(
+    shape: tuple[int, ...], size: Size, notes: InputNotes, source: str | Path | None
+) -> None:
+    """Warn (once per `notes`) when resizing to `size` changes the aspect ratio by more
+    than MAX_STRETCH (a 20x4000 image squeezed into 256x256)."""
+    h, w = shape[:2]
+    th, tw = as_hw(size)
+    ratio = (w / h) / (tw / th)
+    factor = max(ratio, 1 / ratio)
+    if factor > MAX_STRETCH:
+        notes.warn(
+            "aspect",
+            f"{_name(source)} is {h}x{w} (HxW) and is resized to {th}x{tw}: its aspect ratio "
+            f"changes by a factor of {factor:.3g} (more than {MAX_STRETCH:g}), which "
+            "stretches defects as much; fit with an --image-size HxW closer to the images' "
+            "proportions, or crop the images to the part that matters",
+        )
+
+
+def _name(source: str | Path | None) -> str:
+    return f"image {source}" if source is not None else "an image"
 
 
 def resize_image(img: np.ndarray, size: Size) -> np.ndarray:
@@ -96,7 +143,9 @@ class ImageTransform:
 
     image_size / crop_size: int for a square, or (height, width). channels: convert images
     to 1 (gray) or 3 (RGB); None leaves them as read. Images come out (C, H, W) float32,
-    masks and ROIs (1, H, W) float32 in {0, 1}.
+    masks and ROIs (1, H, W) float32 in {0, 1}. `notes` collects the warnings about odd
+    input (channel conversion, strong stretch), each said once per transform, which is
+    once per dataset or predict run.
     """
 
     def __init__(
@@ -112,16 +161,19 @@ class ImageTransform:
                 f"crop size {self.crop_size} must not exceed image size {self.image_size}"
             )
         self.channels = channels
+        self.notes = InputNotes()
 
     @property
     def output_size(self) -> tuple[int, int]:
         """(H, W) of every tensor this transform returns."""
         return self.crop_size or self.image_size
 
-    def image(self, img: np.ndarray) -> torch.Tensor:
-        """float (H, W, C) array -> (C, h, w) float32 tensor."""
+    def image(self, img: np.ndarray, source: str | Path | None = None) -> torch.Tensor:
+        """float (H, W, C) array -> (C, h, w) float32 tensor. `source` (the file) only
+        names the image in warnings."""
         if self.channels is not None:
-            img = convert_channels(img, self.channels)
+            img = convert_noted(img, self.channels, self.notes, source)
+        check_stretch(img.shape, self.image_size, self.notes, source)
         img = self._crop(resize_image(img, self.image_size))
         return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1), dtype=np.float32))
 
@@ -135,10 +187,11 @@ class ImageTransform:
         image: np.ndarray,
         mask: np.ndarray | None = None,
         roi: np.ndarray | None = None,
+        source: str | Path | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Transform an image and, with the same geometry, its mask and ROI."""
         return (
-            self.image(image),
+            self.image(image, source),
             self.mask(mask) if mask is not None else None,
             self.mask(roi) if roi is not None else None,
         )
