@@ -43,6 +43,8 @@ class DetectorName(str, Enum):
     padim = "padim"
     patchcore = "patchcore"
     mhbc = "mhbc"
+    ganomaly = "ganomaly"
+    resganad = "resganad"
 
 
 class ThresholdMethod(str, Enum):
@@ -192,9 +194,9 @@ def fit(
     detector: DetectorName = typer.Argument(..., help="Which detector."),
     data: Path = typer.Option(..., "--data", help="Dataset folder (MVTec or folder layout)."),
     out: Path = typer.Option(..., "--out", help="Run folder to write the model to."),
-    backbone: str = typer.Option("efficientnet_lite0",
-                                 help="efficientnet_lite0 | efficientnet_lite2 | resnet18 | "
-                                      "wide_resnet50_2"),
+    backbone: str | None = typer.Option(None,
+                                        help="Embedding detectors: efficientnet_lite0 (default) "
+                                             "| efficientnet_lite2 | resnet18 | wide_resnet50_2"),
     image_size: str = typer.Option("256", help="Resize images to this size: 256 for a square, "
                                                  "HxW (e.g. 256x320) otherwise."),
     crop_size: str | None = typer.Option(None, help="Optional centre crop after resizing "
@@ -210,15 +212,25 @@ def fit(
     overwrite: bool = typer.Option(False, "--overwrite",
                                    help="Replace the model in --out (the whole folder: its "
                                         "threshold and reports go with it)."),
+    epochs: int | None = typer.Option(None, help="Trained detectors (ganomaly, resganad): "
+                                                 "epochs to train (default 10)."),
+    width: int | None = typer.Option(None, help="Trained detectors: the networks' stem width "
+                                                "(stage i outputs width * 2**(i+1))."),
+    resume: bool = typer.Option(False, "--resume", help="Trained detectors: continue the run "
+                                                        "checkpointed in RUN.training/."),
 ) -> None:
     """Fit a detector on the good training images and save it to a run folder."""
     from anomalyqc.models.base import detector_class
+    from anomalyqc.models.reconstruction import ReconstructionDetector
     from anomalyqc.workflow import fit_run
 
     sets = _parse_sets(set_)
-    params = {"backbone": backbone, "image_size": _parse_size(image_size, "--image-size"),
+    trains = issubclass(detector_class(detector.value), ReconstructionDetector)
+    dedicated = {"backbone": backbone, "epochs": epochs, "width": width}
+    params = {"image_size": _parse_size(image_size, "--image-size"),
               "crop_size": _parse_size(crop_size, "--crop-size") if crop_size else None,
-              **sets}
+              **{k: v for k, v in dedicated.items() if v is not None},
+              **({"batch_size": batch_size, "num_workers": workers} if trains else {}), **sets}
 
     def check() -> None:  # everything that can be refused before any image is read
         at_least(batch_size, 1, "--batch-size")
@@ -235,7 +247,7 @@ def fit(
         raise typer.Exit(relaunch_with_torchrun(ctx, nproc, console))
     with _Bars() as bars:
         _run(lambda: fit_run(detector.value, data, out, params, batch_size, workers,
-                             progress=bars, overwrite=overwrite))
+                             progress=bars, overwrite=overwrite, resume=resume))
     from anomalyqc.distributed import world_from_env
 
     if world_from_env()[0] != 0:  # a torchrun worker other than rank 0: rank 0 reports

@@ -12,7 +12,9 @@ from typing import Any
 from anomalyqc.errors import ConfigError
 
 # --set keys that have an option of their own: given both ways, one would silently win.
-DEDICATED = {"image_size": "--image-size", "crop_size": "--crop-size", "backbone": "--backbone"}
+DEDICATED = {"image_size": "--image-size", "crop_size": "--crop-size", "backbone": "--backbone",
+             "epochs": "--epochs", "width": "--width", "batch_size": "--batch-size",
+             "num_workers": "--workers"}
 
 
 def at_least(value: int, least: int, option: str) -> int:

@@ -85,3 +85,5 @@ class Prediction:
     anomaly_map: torch.Tensor  # (B, 1, H, W) at input size
     reconstruction: torch.Tensor | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    # other per-image scores (B,) a detector reports beside `score`, by name
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import nullcontext
@@ -71,7 +72,8 @@ def listing_summary(found: int, scored: int, skipped: Sequence[Skipped]) -> dict
 # ------------------------------------------------------------------------------------ fit
 def fit_run(detector: str, data: str | Path, out: str | Path, params: dict[str, Any] | None = None,
             batch_size: int = 8, num_workers: int = 0,
-            progress: Progress | None = None, overwrite: bool = False) -> Detector:
+            progress: Progress | None = None, overwrite: bool = False, resume: bool = False,
+            work_dir: str | Path | None = None) -> Detector:
     """Fit a detector on the good training images of `data` and save it to `out`.
 
     The run is built in a temporary sibling of `out` and swapped in when complete (see
@@ -81,11 +83,21 @@ def fit_run(detector: str, data: str | Path, out: str | Path, params: dict[str, 
     `out` at the same time is refused.
 
     Under torchrun (WORLD_SIZE > 1) each process fits a disjoint shard of the images and
-    rank 0 saves the combined model (see anomalyqc.distributed).
+    rank 0 saves the combined model (see anomalyqc.distributed). A detector trained by
+    gradient descent (models.reconstruction) instead gets every image and the trainer
+    splits each epoch over the processes. Its log, checkpoints and loss curves go to
+    `work_dir` (default: the sibling folder `out`.training, which outlives a killed fit,
+    unlike the temporary folder), where resume=True continues a stopped run; at the end
+    they move into `out`/training.
     """
     from anomalyqc import distributed
+    from anomalyqc.models.reconstruction import ReconstructionDetector
 
     det = detector_class(detector)(params or {})
+    trains = isinstance(det, ReconstructionDetector)
+    if resume and not trains:
+        raise ConfigError(f"--resume is for detectors trained in epochs; {det.name} fits in one "
+                          f"pass: fit it again instead")
     listing = dataset_listing(data, "train")
     good = [r for r in listing.records if r.label == GOOD]
     if not good:
@@ -98,22 +110,41 @@ def fit_run(detector: str, data: str | Path, out: str | Path, params: dict[str, 
     # before any work; the other ranks write nothing.
     with (atomic_folder(out, run_replacement_check(overwrite)) if rank == 0
           else nullcontext(Path(out))) as target:
-        return _fit_into(det, data, listing, good, target, batch_size, num_workers, progress)
+        training = _Training(Path(work_dir or f"{os.path.abspath(out)}.training"), resume)
+        return _fit_into(det, data, listing, good, target, batch_size, num_workers, progress,
+                         training)
+
+
+@dataclass
+class _Training:
+    """Where a detector trained in epochs keeps its checkpoints, and whether to resume."""
+
+    work_dir: Path
+    resume: bool
 
 
 def _fit_into(det: Detector, data: str | Path, listing: Listing, good: list[Any], target: Path,
-              batch_size: int, num_workers: int, progress: Progress | None) -> Detector:
+              batch_size: int, num_workers: int, progress: Progress | None,
+              training: _Training) -> Detector:
     from anomalyqc import distributed
+    from anomalyqc.models.reconstruction import ReconstructionDetector
 
     rank, world = distributed.world_from_env()
     owns_group = distributed.init_from_env() if world > 1 else False
     try:
-        shard = distributed.shard(good, rank, world)
+        trains = isinstance(det, ReconstructionDetector)
+        shard = good if trains else distributed.shard(good, rank, world)
         dataset = ImageDataset(shard, transform_for(det), channels=det.config.channels)
         det.config.channels = dataset.channels
         loader = _Timed(make_loader(dataset, batch_size, shuffle=False, num_workers=num_workers))
         started = time.perf_counter()
-        distributed.fit_sharded(det, loader, progress=progress)
+        if isinstance(det, ReconstructionDetector):
+            det.fit_dataset(dataset, progress, training.work_dir, training.resume)
+            if rank == 0:  # the run folder keeps its log, curves and last checkpoint
+                shutil.move(training.work_dir, target / "training")
+                det.fit_report["training_folder"] = "training"
+        else:
+            distributed.fit_sharded(det, loader, progress=progress)
         fit_s = time.perf_counter() - started
         if rank == 0:
             det.save(target)
@@ -135,6 +166,7 @@ def _fit_into(det: Detector, data: str | Path, listing: Listing, good: list[Any]
         "data_loading_seconds": round(loader.load_s, 3),
         "peak_rss_mb": round(peak_rss_mb(), 1),
         **{k: round(v, 3) for k, v in getattr(det, "fit_timings", {}).items()},
+        **getattr(det, "fit_report", {}),  # training figures of the epoch-trained detectors
     }
     if world > 1:
         info.update(processes=world,

@@ -65,17 +65,23 @@ class PreActBlock(nn.Module):
 
 
 def stage(
-    cin: int, cout: int, blocks: int, resample: Resample, convs: int = 2, residual: bool = True
+    cin: int, cout: int, blocks: int, resample: Resample, convs: int = 2, residual: bool = True,
+    widen: Literal["first", "last"] = "first",
 ) -> nn.Sequential:
     """One stage: the first block changes the width (1x1 projection), the middle ones keep
     it (identity shortcut), only the last one resamples (figs. 8.8/8.9, sequence a-b-c).
     With blocks=2 this is fig. 8.2's stride-1 block followed by the stride-2 block; with a
-    single block that block does both."""
+    single block that block does both. widen="last" moves the width change to the last
+    block too, so the stage's body runs at `cin` and only its output has `cout` channels."""
     if blocks < 1:
         raise ValueError("a stage needs at least one block")
     layers = []
     for i in range(blocks):
         last = i == blocks - 1
-        layers.append(PreActBlock(cin if i == 0 else cout, cout, resample if last else "none",
-                                  convs, residual))
+        if widen == "first":
+            width_in, width_out = (cin if i == 0 else cout), cout
+        else:
+            width_in, width_out = cin, (cout if last else cin)
+        layers.append(PreActBlock(width_in, width_out, resample if last else "none", convs,
+                                  residual))
     return nn.Sequential(*layers)

@@ -37,6 +37,9 @@ class NetConfig(BaseModel):
     blocks: int = Field(2, ge=1)  # blocks per stage (fig. 8.2: 2; figs. 8.8/8.9: 3)
     convs: int = Field(2, ge=1)  # 3x3 convs per block (ResGANAD, 10.5.2: 3)
     residual: bool = True  # False: same layers without shortcuts (the "vanilla" net, 9.1)
+    # which block of a stage changes the width: "first" (fig. 8.2), or "last", with the
+    # resampling, so a stage's body runs at the narrower width (see presets.resganad_config)
+    widen: Literal["first", "last"] = "first"
     bottleneck: Literal["conv", "dense", "none"] = "conv"
     latent_channels: int = Field(32, ge=1)  # conv bottleneck
     latent_dim: int = Field(2048, ge=1)  # dense bottleneck
@@ -109,7 +112,7 @@ class Encoder(nn.Module):
         layers: list[nn.Module] = [nn.Conv2d(cfg.channels, cfg.width(-1), 3, padding=1, bias=False)]
         for i in range(cfg.stages):
             layers.append(stage(cfg.width(i - 1), cfg.width(i), cfg.blocks, "down", cfg.convs,
-                                cfg.residual))
+                                cfg.residual, cfg.widen))
         c, h, w = cfg.feature_shape
         layers += [nn.BatchNorm2d(c), nn.ReLU(inplace=True)]  # ResNet-V2's final activation
         self.trunk = nn.Sequential(*layers)
@@ -149,7 +152,7 @@ class Decoder(nn.Module):
         layers: list[nn.Module] = []
         for i in reversed(range(cfg.stages)):
             layers.append(stage(cfg.width(i), cfg.width(i - 1), cfg.blocks, "up", cfg.convs,
-                                cfg.residual))
+                                cfg.residual, cfg.widen))
         base = cfg.width(-1)
         layers += [nn.BatchNorm2d(base), nn.ReLU(inplace=True),
                    nn.Conv2d(base, cfg.channels, 3, padding=1)]

@@ -1,0 +1,246 @@
+"""What the reconstruction detectors (GANomaly, ResGANAD) share: parameters, training
+through anomalyqc.training.Trainer, weights as named tensors, batch-wise inference.
+
+A subclass builds its networks from its config (`build_networks`), writes its steps
+(`training_step`, `validation_step`, the Trainable contract) and turns an image batch into
+scores and maps (`infer`). The trainer needs an indexable dataset (data order, splits and
+resume are functions of the index), so `fit_dataset` is the real entry point; `fit(batches)`
+gathers in-memory batches into a list for it.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import kornia
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import nn
+from torch.utils.data import Dataset
+
+from anomalyqc.data.transforms import as_hw
+from anomalyqc.errors import ConfigError
+from anomalyqc.models.base import Detector, DetectorConfig, images_of
+from anomalyqc.nets.coders import NetConfig, as_config
+from anomalyqc.progress import Progress
+
+# Submodules, not the package: anomalyqc.training imports the models (through
+# distributed), so its __init__ may be half-run when this module loads.
+from anomalyqc.training.config import TrainConfig
+from anomalyqc.training.devices import resolve_device
+from anomalyqc.training.interface import OptimGroup, Trainable
+from anomalyqc.types import Batch, Prediction, Sample
+
+if TYPE_CHECKING:
+    from anomalyqc.training.trainer import TrainResult
+
+
+class ReconstructionConfig(DetectorConfig, TrainConfig):
+    """Input, network shape and training parameters (every TrainConfig field is a --set key)."""
+
+    # network (see anomalyqc.nets.coders.NetConfig)
+    width: int = Field(32, ge=1)  # stem filters; stage i outputs width * 2**(i+1)
+    width_mult: float = Field(2.0, gt=0)
+    max_width: int | None = Field(None, ge=1)
+    stages: int = Field(4, ge=1, le=8)
+    blocks: int = Field(2, ge=1)
+    convs: int = Field(2, ge=1)
+    residual: bool = True
+    widen: Literal["first", "last"] = "first"
+    bottleneck: Literal["conv", "dense"] = "conv"
+    latent_channels: int = Field(32, ge=1)
+    latent_dim: int = Field(100, ge=1)
+    # optimisation (Adam, one optimizer per network)
+    lr: float = Field(2e-4, gt=0)
+    beta1: float = Field(0.5, ge=0, lt=1)  # GANomaly's Adam betas (0.5, 0.999)
+    smoothing_sigma: float = Field(4.0, ge=0)  # Gaussian blur of |X - X_hat| maps, 0 = none
+    predict_batch_size: int = Field(32, ge=1)  # images per forward at inference
+
+    @model_validator(mode="after")
+    def _size_fits_the_stages(self) -> ReconstructionConfig:
+        h, w = as_hw(self.crop_size or self.image_size)
+        f = 2**self.stages
+        if h % f or w % f:
+            raise ValueError(f"the input {h}x{w} is not divisible by 2**stages = {f}: use a "
+                             f"multiple of {f} for image_size/crop_size, or fewer stages")
+        return self
+
+
+def ssim_map(x: torch.Tensor, y: torch.Tensor, window: int = 11) -> torch.Tensor:
+    """SSIM per pixel and channel (B, C, H, W) of images in [0, 1] (kornia, Gaussian window).
+    kornia.losses.ssim_loss returns (1 - SSIM) / 2, not the thesis's 1 - SSIM."""
+    side = min(x.shape[-2:])
+    if side < window:  # tiny images: the largest odd window that fits
+        window = max(1, (side - 1) // 2 * 2 + 1)
+    return kornia.metrics.ssim(x, y, window, max_val=1.0)
+
+
+def ssim_per_image(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean SSIM of each image (B,)."""
+    return ssim_map(x, y).flatten(1).mean(dim=1)
+
+
+def feature_matching(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    """GANomaly's adversarial loss for the generator: L2 between the discriminator's features
+    of the real and reconstructed images (the real side is a fixed target)."""
+    return F.mse_loss(fake, real.detach())
+
+
+def discriminator_loss(logits: torch.Tensor, n_real: int) -> torch.Tensor:
+    """BCE with the first n_real logits labelled real (1) and the rest fake (0)."""
+    target = torch.zeros_like(logits)
+    target[:n_real] = 1.0
+    return F.binary_cross_entropy_with_logits(logits, target)
+
+
+def difference_map(x: torch.Tensor, x_hat: torch.Tensor, sigma: float) -> torch.Tensor:
+    """|X - X_hat| averaged over channels (B, 1, H, W), Gaussian-smoothed when sigma > 0."""
+    diff = (x - x_hat).abs().mean(dim=1, keepdim=True)
+    if sigma <= 0:
+        return diff
+    k = min(2 * int(4 * sigma + 0.5) + 1, (min(diff.shape[-2:]) - 1) // 2 * 2 + 1)
+    return kornia.filters.gaussian_blur2d(diff, (k, k), (sigma, sigma), border_type="reflect")
+
+
+class ReconstructionDetector(Detector, Trainable):
+    """Base of the detectors trained by gradient descent (see the module docstring)."""
+
+    config_cls: ClassVar[type[DetectorConfig]] = ReconstructionConfig
+    config: ReconstructionConfig
+
+    def __init__(self, config: DetectorConfig | dict[str, Any] | None = None, **params: Any) -> None:
+        super().__init__(config, **params)
+        self.nets: dict[str, nn.Module] = {}
+        self.train_result: TrainResult | None = None
+        self.fit_report: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------- to be provided
+    def net_config(self) -> NetConfig:
+        """The generator's shape from the detector's parameters (channels must be known)."""
+        c = self.config
+        if c.channels is None:
+            raise ConfigError(f"{self.name}: the number of channels is unknown before fit")
+        try:
+            return as_config(dict(
+                channels=c.channels, image_size=self.input_size, base_width=c.width,
+                width_mult=c.width_mult, max_width=c.max_width, stages=c.stages, blocks=c.blocks,
+                convs=c.convs, residual=c.residual, widen=c.widen, bottleneck=c.bottleneck,
+                latent_channels=c.latent_channels, latent_dim=c.latent_dim))
+        except ConfigError as exc:
+            raise ConfigError(f"{self.name}: {exc}; set image_size/stages to fit") from None
+
+    def build_networks(self) -> dict[str, nn.Module]:
+        raise NotImplementedError
+
+    def infer(self, x: torch.Tensor) -> Prediction:
+        """Scores and maps of one chunk of images already on the networks' device."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------------- Trainable
+    def networks(self) -> dict[str, nn.Module]:
+        return self.nets
+
+    def optimizer_groups(self) -> dict[str, OptimGroup]:
+        betas = (self.config.beta1, 0.999)
+        return {name: OptimGroup((name,), self.config.lr, betas) for name in self.nets}
+
+    # ---------------------------------------------------------------------------- fit
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(**{k: getattr(self.config, k) for k in TrainConfig.model_fields})
+
+    def _build(self) -> None:
+        # Seeded without touching the global random state: the same seed, the same start.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.config.seed)
+            self.nets = self.build_networks()
+
+    def fit(self, batches: Iterable[Batch], progress: Progress | None = None,
+            ) -> ReconstructionDetector:
+        """Train on in-memory batches (a temporary training folder, no resume)."""
+        samples = [Sample(image=b.image[i], label=int(b.label[i]),
+                          roi=None if b.roi is None else b.roi[i])
+                   for b in batches for i in range(len(b))]
+        if not samples:
+            raise ConfigError(f"{self.name}: no images to fit on")
+        with tempfile.TemporaryDirectory(prefix="anomalyqc-train-") as tmp:
+            return self.fit_dataset(samples, progress, work_dir=tmp)
+
+    def fit_dataset(self, dataset: Dataset[Sample] | Sequence[Sample],
+                    progress: Progress | None = None, work_dir: str | Path = "training",
+                    resume: bool = False) -> ReconstructionDetector:
+        """Train with the Trainer; `work_dir` gets log.csv, checkpoint/ and loss_curves.png,
+        and resume=True continues the run checkpointed there."""
+        if self.config.channels is None:
+            self.config.channels = int(dataset[0].image.shape[0])
+        want = (self.config.channels, *self.input_size)
+        got = tuple(dataset[0].image.shape)
+        if got != want:
+            raise ConfigError(f"{self.name} expects images of shape {want}, the data gives "
+                              f"{got}; set image_size/crop_size/channels to match")
+        from anomalyqc.training.trainer import Trainer
+
+        self._build()
+        trainer = Trainer(self.train_config(), work_dir, progress, label=self.name)
+        result = trainer.fit(self, dataset, resume=resume)
+        self.train_result = result
+        self.fit_report = {
+            "training_folder": str(Path(work_dir)),
+            "epochs_run": result.epochs,
+            "steps": result.steps,
+            "stopped_early": result.stopped_early,
+            "train_seconds": round(result.seconds, 3),
+            "seconds_per_epoch": round(result.seconds / max(result.epochs, 1), 3),
+            "best_epoch": result.best_epoch,
+            "best_validation_loss": result.best_metric,
+            "monitor": self.monitor,
+        }
+        self.fitted = True
+        return self
+
+    # ------------------------------------------------------------------------ predict
+    @property
+    def device(self) -> torch.device:
+        """Where the networks are (the training device, or config.device after a load)."""
+        return next(next(iter(self.nets.values())).parameters()).device
+
+    def predict(self, images: torch.Tensor | Batch) -> Prediction:
+        if not self.fitted or not self.nets:
+            raise ConfigError(f"{self.name} is not fitted: call fit or load a run folder")
+        x = images_of(images)
+        want = (self.config.channels, *self.input_size)
+        if x.ndim != 4 or tuple(x.shape[1:]) != want:
+            raise ConfigError(f"{self.name} expects images (B, {', '.join(map(str, want))}), "
+                              f"got {tuple(x.shape)}")
+        for net in self.nets.values():
+            net.eval()
+        parts = []
+        with torch.inference_mode():
+            for chunk in x.split(self.config.predict_batch_size):
+                parts.append(self.infer(chunk.to(self.device, torch.float32)))
+        return Prediction(
+            score=torch.cat([p.score for p in parts]).float().cpu(),
+            anomaly_map=torch.cat([p.anomaly_map for p in parts]).float().cpu(),
+            reconstruction=torch.cat([p.reconstruction for p in parts]).cpu()  # type: ignore[misc]
+            if all(p.reconstruction is not None for p in parts) else None,
+            extras={k: torch.cat([p.extras[k] for p in parts]).cpu() for k in parts[0].extras},
+        )
+
+    # ------------------------------------------------------------------------ weights
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {f"{name}.{k}": v for name, net in self.nets.items()
+                for k, v in net.state_dict().items()}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self._build()
+        for name, net in self.nets.items():
+            head = f"{name}."
+            own = {k[len(head):]: v for k, v in tensors.items() if k.startswith(head)}
+            if not own:
+                raise KeyError(f"no tensors for network {name!r}")
+            net.load_state_dict(own)  # strict: a missing or misshapen tensor is a RuntimeError
+            net.to(resolve_device(self.config.device)).eval()
+        self.fitted = True

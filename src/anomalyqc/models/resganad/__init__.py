@@ -1,0 +1,3 @@
+from anomalyqc.models.resganad.model import Resganad, ResganadConfig
+
+__all__ = ["Resganad", "ResganadConfig"]
