@@ -319,3 +319,22 @@ def _elsewhere(exc: OSError | OutputError, path: Path) -> bool:
     where = Path(os.fsdecode(name)).absolute()
     folder = path.parent.absolute()
     return where != folder and folder not in where.parents
+
+
+def prepare_generated_folder(out: Path, entries: tuple[str, ...], ours: bool, what: str) -> None:
+    """Make `out` ready for a generator: refuse a file or a foreign non-empty folder (ours:
+    the folder holds this generator's earlier output), and clear only the entries the
+    generator writes, so a regenerated set never mixes with the last one."""
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: exists and is not a folder; choose another output folder")
+    if out.exists() and any(out.iterdir()):
+        if not ours:
+            raise DataError(f"{out}: folder is not empty and is not {what}; choose an empty "
+                            f"or new folder")
+        for name in entries:
+            p = out / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+    out.mkdir(parents=True, exist_ok=True)

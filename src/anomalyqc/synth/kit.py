@@ -17,15 +17,14 @@ away. ground_truth.json is written last: a folder without it is not a complete k
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from anomalyqc import __version__
-from anomalyqc.errors import ConfigError, DataError
-from anomalyqc.fileio import atomic_write_json, atomic_write_png
+from anomalyqc.errors import ConfigError
+from anomalyqc.fileio import atomic_write_json, atomic_write_png, prepare_generated_folder
 from anomalyqc.line.kit import GROUND_TRUTH, KIT_FORMAT, KIT_FORMAT_VERSION, LAYOUT_FILE, frame_name, run_name
 from anomalyqc.line.layout import default_layout, write_layout
 from anomalyqc.line.patches import region_labels
@@ -37,27 +36,18 @@ GENERATOR_VERSION = 1
 _ENTRIES = ("strips", "masks", LAYOUT_FILE, GROUND_TRUTH)
 
 
+def _is_previous_kit(out: Path) -> bool:
+    try:
+        gen = json.loads((out / GROUND_TRUTH).read_text()).get("generator", {}).get("name")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return bool(gen == GENERATOR)
+
+
 def _prepare(out: Path) -> None:
     """Refuse a foreign non-empty folder; clear a previous generated kit."""
-    if out.exists() and not out.is_dir():
-        raise DataError(f"{out}: exists and is not a folder; choose another output folder")
-    if out.exists() and any(out.iterdir()):
-        try:
-            gen = json.loads((out / GROUND_TRUTH).read_text()).get("generator", {}).get("name")
-        except (OSError, ValueError, AttributeError):
-            gen = None
-        if gen != GENERATOR:
-            raise DataError(
-                f"{out}: folder is not empty and is not a kit written by {GENERATOR}; "
-                "choose an empty or new folder"
-            )
-        for name in _ENTRIES:
-            p = out / name
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_generated_folder(out, _ENTRIES, out.is_dir() and _is_previous_kit(out),
+                             f"a kit written by {GENERATOR}")
 
 
 def kit_plan(
