@@ -9,31 +9,18 @@ from pathlib import Path
 
 import cv2
 import pytest
+from conftest import SMALL, invoke, stdout_json
 from sklearn.metrics import roc_auc_score
-from typer.testing import CliRunner
 
-from anomalyqc.cli import app
 from anomalyqc.evaluation import threshold_metrics
 
-runner = CliRunner()
-SMALL = ["--image-size", "64", "--batch-size", "4"]
+_json = stdout_json
 
 
-def invoke(*args: str):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def _json(output: str) -> dict:
-    return json.loads(output[output.index("{"): output.rindex("}") + 1])
-
-
-@pytest.fixture(scope="module")
-def vials(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("cli") / "vials"
-    r = invoke("synth", "vials", "--out", out, "--n-train", 12, "--n-test-good", 4,
-               "--n-test-defect", 4, "--seed", 3)
-    assert r.exit_code == 0, r.output
-    return out
+@pytest.fixture
+def vials(tiny_vials: Path) -> Path:
+    """The shared tiny vial set (conftest); these tests only read it."""
+    return tiny_vials
 
 
 @pytest.mark.parametrize("detector,extra", [
