@@ -303,3 +303,22 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     if sys.argv[1] == "fit":
         _child_fit(sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4]))
+
+
+def test_focal_loss_down_weights_easy_pixels():
+    from anomalyqc.models.reconstruction import focal_loss
+
+    target = torch.tensor([[1.0, 0.0]])
+    easy = torch.tensor([[0.95, 0.05]])
+    hard = torch.tensor([[0.6, 0.4]])
+    # gamma = 0 is plain binary cross-entropy
+    bce = torch.nn.functional.binary_cross_entropy(hard, target)
+    assert torch.allclose(focal_loss(hard, target, gamma=0.0), bce)
+    # gamma = 2 shrinks the easy pixels' loss far more than the hard ones'
+    ratio_easy = focal_loss(easy, target, 2.0) / focal_loss(easy, target, 0.0)
+    ratio_hard = focal_loss(hard, target, 2.0) / focal_loss(hard, target, 0.0)
+    assert ratio_easy < 0.01 < ratio_hard
+    # weight restricts the mean to the weighted pixels
+    w = torch.tensor([[1.0, 0.0]])
+    only_first = focal_loss(hard[:, :1], target[:, :1], 2.0)
+    assert torch.allclose(focal_loss(hard, target, 2.0, weight=w), only_first)

@@ -97,6 +97,30 @@ def discriminator_loss(logits: torch.Tensor, n_real: int) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits, target)
 
 
+def focal_loss(prob: torch.Tensor, target: torch.Tensor, gamma: float = 2.0,
+               alpha: float | None = None, weight: torch.Tensor | None = None,
+               eps: float = 1e-6) -> torch.Tensor:
+    """Binary focal loss FL(p_t) = -(1 - p_t)^gamma log p_t (thesis eq. 8.7), mean over the
+    pixels where `weight` is nonzero (all pixels when weight is None).
+
+    `prob` is the predicted probability of "anomalous" per pixel (after the sigmoid, so a
+    caller can multiply it by an ROI first, as GRD-Net's I = A x ROI does); `target` the
+    0/1 mask M. p_t is prob where M = 1 and 1 - prob where M = 0, so the easy, well
+    classified pixels (p_t near 1) weigh little and the rare anomalous ones dominate.
+    alpha (optional) weighs the anomalous class by alpha and the normal one by 1 - alpha.
+    """
+    p = prob.clamp(eps, 1 - eps)
+    t = target.to(p)
+    p_t = t * p + (1 - t) * (1 - p)
+    loss = -((1 - p_t) ** gamma) * torch.log(p_t)
+    if alpha is not None:
+        loss = loss * (t * alpha + (1 - t) * (1 - alpha))
+    if weight is None:
+        return loss.mean()
+    w = weight.to(p).expand_as(loss)
+    return (loss * w).sum() / w.sum().clamp_min(1.0)
+
+
 def difference_map(x: torch.Tensor, x_hat: torch.Tensor, sigma: float) -> torch.Tensor:
     """|X - X_hat| averaged over channels (B, 1, H, W), Gaussian-smoothed when sigma > 0."""
     diff = (x - x_hat).abs().mean(dim=1, keepdim=True)
