@@ -435,7 +435,7 @@ def evaluate_run(run: str | Path, data: str | Path, report: str | Path | None = 
                         "the run folder's top level (the default is RUN/report/metrics.json)")
     metrics_target(report_json, "report")
     report_check = replaceable_output("report", "report.html")
-    _check_output_early(report_json.parent, report_check)
+    check_output_early(report_json.parent, report_check)
     det = load_detector(run)
     dataset, listing = listed_dataset(det, data, "test", masks=masks)
     _check_both_classes(dataset, data, "AUROC and thresholds")
@@ -510,7 +510,7 @@ def evaluate_run(run: str | Path, data: str | Path, report: str | Path | None = 
     return metrics
 
 
-def _check_output_early(folder: Path, check: Callable[[Path], None]) -> None:
+def check_output_early(folder: Path, check: Callable[[Path], None]) -> None:
     """Refuse an output folder that may not be replaced before any image is scored
     (atomic_folder checks again, under its lock, when the output is complete)."""
     if folder.is_dir() and any(folder.iterdir()):
@@ -667,7 +667,7 @@ def predict_paths(run: str | Path, inputs: Iterable[str | Path], out: str | Path
                         beside=expanded.file_folders)
     out = Path(out)
     out_check = replaceable_output("predictions folder", "predictions.json")
-    _check_output_early(out, out_check)
+    check_output_early(out, out_check)
     det = load_detector(run)
     model_id = _model_id(det)
     threshold = load_threshold(run, model_id)
