@@ -44,9 +44,6 @@ DETECTORS = {
     "mhbc_pca48": ("mhbc", ["--set", "reduction=pca", "--set", "reduced_dim=48"]),
     **{f"{d}_eps{e}": (d, ["--set", f"eps={e}"]) for d in ("padim", "mhbc")
        for e in ("0.1", "1", "10", "100")},
-    "padim_oas": ("padim", ["--set", "shrinkage=oas"]),
-    "mhbc_oas": ("mhbc", ["--set", "shrinkage=oas"]),
-    "mhbc_k64_oas": ("mhbc", ["--set", "shrinkage=oas", "--set", "n_clusters=64"]),
 }
 VARIANTS = ["padim", "padim_random100", "mhbc", "mhbc_two_pass", "mhbc_pooled_cov",
             "mhbc_global_cov", "mhbc_euclidean", "patchcore", "patchcore_patch_max",
@@ -57,8 +54,7 @@ MULTIMODAL = ["padim", "mhbc", "mhbc_k64", "mhbc_two_pass", "mhbc_pooled_cov", "
 
 # The covariance regularisation eps (B.6) against the per-location covariance's noise.
 REGULARISATION = ["padim", *(f"padim_eps{e}" for e in ("0.1", "1", "10", "100")),
-                  "mhbc", *(f"mhbc_eps{e}" for e in ("1", "10", "100")), "mhbc_euclidean",
-                  "padim_oas", "mhbc_oas"]
+                  "mhbc", *(f"mhbc_eps{e}" for e in ("1", "10", "100")), "mhbc_euclidean"]
 
 
 def run_json(args: list[str]) -> dict:

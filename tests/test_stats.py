@@ -662,35 +662,3 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
     grown_mb = float(subprocess.run([sys.executable, "-c", code], check=True, text=True,
                                     stdout=subprocess.PIPE).stdout.strip().splitlines()[-1])
     assert grown_mb < 500, f"k-means++ seeding grew the peak RSS by {grown_mb:.0f} MB"
-
-
-def test_oas_shrink_matches_scikit_learn_per_location():
-    from sklearn.covariance import oas
-
-    from anomalyqc.stats.moments import oas_shrink
-
-    rng = np.random.default_rng(0)
-    # two locations: few samples for the dimension (strong shrinkage) and many (weak)
-    for n in (12, 400):
-        xs = [rng.normal(size=(n, 16)) @ rng.normal(size=(16, 16)) for _ in range(2)]
-        emp = torch.tensor(np.stack([np.cov(x, rowvar=False, bias=True) for x in xs]))
-        ours = oas_shrink(emp, n)
-        for p, x in enumerate(xs):
-            ref, _ = oas(x)
-            np.testing.assert_allclose(ours[p].numpy(), ref, atol=1e-10)
-
-
-def test_oas_shrinkage_reaches_the_fitted_covariance():
-    m = OnlineMoments(2, 8)
-    x = torch.randn(10, 2, 8, dtype=torch.float64) * torch.linspace(0.1, 10, 8, dtype=torch.float64)
-    m.update(x)
-    plain, shrunk = m.covariance(), m.covariance(shrinkage="oas")
-    # same trace (the identity target keeps the mean variance), smaller spread of eigenvalues
-    torch.testing.assert_close(plain.diagonal(dim1=1, dim2=2).sum(-1),
-                               shrunk.diagonal(dim1=1, dim2=2).sum(-1))
-    ev_plain, ev_shrunk = torch.linalg.eigvalsh(plain), torch.linalg.eigvalsh(shrunk)
-    assert bool((ev_shrunk.min(-1).values > ev_plain.min(-1).values).all())
-    assert bool((ev_shrunk.max(-1).values < ev_plain.max(-1).values).all())
-    chol = m.cholesky(0.0, shrinkage="oas")
-    torch.testing.assert_close(chol.double() @ chol.double().transpose(1, 2), shrunk,
-                               rtol=1e-4, atol=1e-4)

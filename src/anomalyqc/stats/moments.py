@@ -8,36 +8,9 @@ exactly (addition), which is what lets a fit run on many processes.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
 _CHUNK = 128  # locations per block of outer products
-
-Shrinkage = Literal["none", "oas"]
-
-
-def oas_shrink(cov: torch.Tensor, n: int) -> torch.Tensor:
-    """Oracle Approximating Shrinkage (Chen, Wiesel, Eldar and Hero, 2010) of each (D, D)
-    covariance in a (P, D, D) stack estimated from n samples: (1 - r) S + r mu I, with
-    mu = tr(S) / D and the intensity r chosen per matrix from S and n alone.
-
-    With few images per dimension (bottle: 209 for D = 152) the smallest eigenvalues of a
-    sample covariance are mostly noise, and whitening divides by them; shrinking towards a
-    scaled identity damps that, by an amount that adapts to n and to the features' own
-    scale (a fixed eps does neither). Needs only S and n, so it works on merged moments.
-    The formula is scikit-learn's `oas` (n + 1 in the denominator), on the unbiased S.
-    """
-    d = cov.shape[-1]
-    mu = cov.diagonal(dim1=-2, dim2=-1).sum(-1) / d  # (P,)
-    alpha = (cov * cov).mean(dim=(-2, -1))  # tr(S^2) / D^2
-    num = alpha + mu * mu
-    den = (n + 1) * (alpha - mu * mu / d)
-    r = torch.where(den > 0, num / den.clamp_min(torch.finfo(cov.dtype).tiny),
-                    torch.ones_like(den)).clamp(max=1.0)
-    out = cov * (1 - r).view(-1, 1, 1)
-    out.diagonal(dim1=-2, dim2=-1).add_((r * mu).unsqueeze(-1))
-    return out
 
 
 class OnlineMoments:
@@ -134,10 +107,8 @@ class OnlineMoments:
         self._need(1)
         return self.shift + self.sum / self.count
 
-    def covariance(self, eps: float = 0.0, locations: slice | None = None,
-                   shrinkage: Shrinkage = "none") -> torch.Tensor:
-        """Unbiased covariance per location (eq. B.5), optionally shrunk (oas_shrink), plus
-        eps * I (regularisation, B.6).
+    def covariance(self, eps: float = 0.0, locations: slice | None = None) -> torch.Tensor:
+        """Unbiased covariance per location (eq. B.5), plus eps * I (regularisation, B.6).
 
         `locations` selects a slice of locations, so callers can work in bounded chunks.
         """
@@ -145,8 +116,6 @@ class OnlineMoments:
         sel = locations or slice(None)
         m = self.sum[sel] / self.count  # mean of the shifted data
         cov = (self.unpack(sel) - self.count * m.unsqueeze(2) * m.unsqueeze(1)) / (self.count - 1)
-        if shrinkage == "oas":
-            cov = oas_shrink(cov, self.count)
         if eps:
             cov.diagonal(dim1=-2, dim2=-1).add_(eps)
         return cov
@@ -163,8 +132,7 @@ class OnlineMoments:
         out.packed = (self.packed + self._shift_term(delta, self.sum, n)).sum(dim=0, keepdim=True)
         return out
 
-    def within_covariance(self, eps: float = 0.0, chunk: int = 64,
-                          shrinkage: Shrinkage = "none") -> torch.Tensor:
+    def within_covariance(self, eps: float = 0.0, chunk: int = 64) -> torch.Tensor:
         """(1, D, D) pooled within-location covariance: the mean of the per-location
         covariances, each about its own location's mean, plus eps * I. Unlike pooled(), the
         spread of the location means does not enter it."""
@@ -172,8 +140,6 @@ class OnlineMoments:
         for start in range(0, self.locations, chunk):
             total += self.covariance(0.0, slice(start, start + chunk)).sum(dim=0)
         cov = total / self.locations
-        if shrinkage == "oas":  # the pooled estimate rests on every location's samples
-            cov = oas_shrink(cov.unsqueeze(0), self.count * self.locations)[0]
         if eps:
             cov.diagonal().add_(eps)
         return cov.unsqueeze(0)
@@ -200,7 +166,7 @@ class OnlineMoments:
         out.packed = packed.clone()
         return out
 
-    def cholesky(self, eps: float, chunk: int = 64, shrinkage: Shrinkage = "none") -> torch.Tensor:
+    def cholesky(self, eps: float, chunk: int = 64) -> torch.Tensor:
         """float32 Cholesky factors of the regularised covariances, computed a chunk of
         locations at a time in float64 so the peak memory stays near the moments' own."""
         from anomalyqc.stats.whitening import cholesky
@@ -208,7 +174,7 @@ class OnlineMoments:
         out = torch.empty(self.locations, self.dim, self.dim, dtype=torch.float32)
         for start in range(0, self.locations, chunk):
             sel = slice(start, start + chunk)
-            out[sel] = cholesky(self.covariance(eps, sel, shrinkage)).float()
+            out[sel] = cholesky(self.covariance(eps, sel)).float()
         return out
 
     def _need(self, n: int) -> None:

@@ -38,7 +38,7 @@ from anomalyqc.models.storage import tensor
 from anomalyqc.progress import Progress
 from anomalyqc.stats.kmeans import OnlineKMeans, pairwise_sqdist
 from anomalyqc.stats.local_coreset import local_farthest_points
-from anomalyqc.stats.moments import OnlineMoments, Shrinkage
+from anomalyqc.stats.moments import OnlineMoments
 from anomalyqc.stats.whitening import cholesky, whiten
 from anomalyqc.types import Batch
 
@@ -54,7 +54,6 @@ class MhbcConfig(EmbeddingConfig):
     covariance: Literal["local", "pooled", "global", "none"] = "local"
     passes: Literal[1, 2] = 1  # 2 = moments first, then K-Means with the final factor
     eps: float = Field(0.01, gt=0)  # covariance regularisation (B.6, D.3)
-    shrinkage: Shrinkage = "none"  # as PaDiM's (stats.moments.oas_shrink)
     init_images: int = Field(32, ge=1)  # images buffered to seed K-Means (bounded memory)
     # refactorise when the image count grew by this fraction (0: at every batch)
     refresh_growth: float = Field(1.0, ge=0)
@@ -210,10 +209,9 @@ class Mhbc(EmbeddingDetector):
         """Mean and Cholesky factor of the (regularised) covariance: per location, one pooled
         within-location factor with per-location means, or one global distribution."""
         if self.config.covariance == "pooled":
-            cov = moments.within_covariance(self.config.eps, shrinkage=self.config.shrinkage)
-            return moments.mean().float(), cholesky(cov).float()
+            return moments.mean().float(), cholesky(moments.within_covariance(self.config.eps)).float()
         m = moments.pooled() if self.config.covariance == "global" else moments
-        return m.mean().float(), m.cholesky(self.config.eps, shrinkage=self.config.shrinkage)
+        return m.mean().float(), m.cholesky(self.config.eps)
 
     def _whiten(self, x: torch.Tensor) -> torch.Tensor:
         """(P, N, D) -> whitened (P, N, D); identity for the Euclidean ablation."""

@@ -18,7 +18,7 @@ from anomalyqc.models.base import DetectorConfig, register
 from anomalyqc.models.embedding import EmbeddingConfig, EmbeddingDetector, moment_shapes
 from anomalyqc.models.storage import tensor
 from anomalyqc.progress import Progress
-from anomalyqc.stats.moments import OnlineMoments, Shrinkage
+from anomalyqc.stats.moments import OnlineMoments
 from anomalyqc.stats.whitening import whiten
 from anomalyqc.types import Batch
 
@@ -30,9 +30,6 @@ class PadimConfig(EmbeddingConfig):
     patch_size: int = Field(1, ge=1)
     blur_sigma: float = Field(2.0, ge=0)
     eps: float = Field(0.01, gt=0)  # covariance regularisation (B.6)
-    # "oas": shrink each location's covariance towards a scaled identity by the OAS rule
-    # before adding eps (stats.moments.oas_shrink)
-    shrinkage: Shrinkage = "none"
     # Save the running moments with the model so that runs can be merged later
     # (`anomalyqc merge`); they are as large as the Cholesky factors (P x D(D+1)/2 float64).
     keep_moments: bool = True
@@ -83,7 +80,7 @@ class Padim(EmbeddingDetector):
     def finalise(self) -> Padim:
         assert self.moments is not None
         self.mean = self.moments.mean().float()
-        self.chol = self.moments.cholesky(self.config.eps, shrinkage=self.config.shrinkage)
+        self.chol = self.moments.cholesky(self.config.eps)
         self.fitted = True
         return self
 
