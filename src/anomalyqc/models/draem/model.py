@@ -85,11 +85,13 @@ class DraemConfig(ReconstructionConfig):
 def score_window(size: tuple[int, int], window: int | None = None) -> tuple[int, int]:
     """The mean filter's (height, width): `window` when given, else DRAEM's 21 px at 256 px
     scaled to the input; always odd (centred) and at least 1."""
+    def odd(side: int) -> int:
+        return side if side % 2 else side + 1
+
     if window is not None:
-        sides = (window, window)
-    else:
-        sides = tuple(max(1, round(_DRAEM_WINDOW * s / _DRAEM_SIDE)) for s in size)
-    return tuple(s if s % 2 else s + 1 for s in sides)  # type: ignore[return-value]
+        return odd(window), odd(window)
+    h, w = (max(1, round(_DRAEM_WINDOW * s / _DRAEM_SIDE)) for s in size)
+    return odd(h), odd(w)
 
 
 def smoothed_max(mask: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
