@@ -97,9 +97,9 @@ def score_window(size: tuple[int, int], window: int | None = None) -> tuple[int,
 def smoothed_max(mask: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
     """Image score (B,): the max of each (B, 1, H, W) map after a mean filter.
 
-    The mean is over the window's pixels inside the image (count_include_pad=False): at
-    small inputs the window is a large share of the image and zero padding would mute a
-    defect at the border, which DRAEM's zero-padded 256 px maps rarely had to mind."""
+    The mean is over the window's pixels inside the image (count_include_pad=False), where
+    DRAEM counts the zero padding too: at small inputs the window is a large share of the
+    image, and counting zeros would mute a defect at the border."""
     kh, kw = window
     smooth = F.avg_pool2d(mask, (kh, kw), stride=1, padding=(kh // 2, kw // 2),
                           count_include_pad=False)
