@@ -44,6 +44,7 @@ class DetectorName(str, Enum):
     patchcore = "patchcore"
     mhbc = "mhbc"
     ganomaly = "ganomaly"
+    draem = "draem"
     resganad = "resganad"
 
 
@@ -212,7 +213,7 @@ def fit(
     overwrite: bool = typer.Option(False, "--overwrite",
                                    help="Replace the model in --out (the whole folder: its "
                                         "threshold and reports go with it)."),
-    epochs: int | None = typer.Option(None, help="Trained detectors (ganomaly, resganad): "
+    epochs: int | None = typer.Option(None, help="Trained detectors (ganomaly, draem, resganad): "
                                                  "epochs to train (default 10)."),
     width: int | None = typer.Option(None, help="Trained detectors: the networks' stem width "
                                                 "(stage i outputs width * 2**(i+1))."),

@@ -222,6 +222,8 @@ class ReconstructionDetector(Detector, Trainable):
             "best_validation_loss": result.best_metric,
             "monitor": self.monitor,
         }
+        if len(result.weights_sha256) > 1:  # checked equal after every epoch (training.replicas)
+            self.fit_report["weights_sha256_per_process"] = result.weights_sha256
         self.fitted = True
         return self
 
