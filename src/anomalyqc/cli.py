@@ -44,6 +44,7 @@ class DetectorName(str, Enum):
     patchcore = "patchcore"
     mhbc = "mhbc"
     ganomaly = "ganomaly"
+    grdnet = "grdnet"
     resganad = "resganad"
 
 
