@@ -33,19 +33,27 @@ over a score_window x score_window window centred on an ROI pixel, averaging ove
 only (smooth(A x ROI) / smooth(ROI)): DRAEM's "max of the smoothed mask" (a lone hot pixel
 does not decide, a coherent blob does), restricted to the ROI without diluting a blob at the
 ROI's border with the zeros outside it. An image whose ROI is empty has nothing to inspect:
-score 0. Without ROIs, ROI = the whole image. A model trained on ROIs (roi_required, set at
-fit from the data) refuses images without one: its U-Net was never taught anything outside.
+score 0.
+
+roi_mode: "auto" (the default) becomes "roi" at fit when the training images have ROIs and
+"whole_image" when they have none (ROI = the whole image, as the thesis has it without
+one); "roi" insists on ROIs; "whole_image" ignores them, in training and at inference. A
+model trained with ROIs refuses images without one: its U-Net was taught nothing outside
+the ROI (under case 2 its output there is arbitrary), so its whole-image map means nothing.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
 from torch import nn
+from torch.utils.data import Dataset
 
 from anomalyqc.data.transforms import as_hw
 from anomalyqc.errors import ConfigError
@@ -59,9 +67,10 @@ from anomalyqc.models.reconstruction import (
     focal_loss,
 )
 from anomalyqc.nets import Discriminator, EncoderDecoderEncoder, UNet
+from anomalyqc.progress import Progress
 from anomalyqc.synth.perlin import PerlinSynthesizer
 from anomalyqc.training.interface import OptimGroup, StepContext
-from anomalyqc.types import Batch, Prediction
+from anomalyqc.types import Batch, Prediction, Sample
 
 RoiLoss = Literal["case1", "case2", "case3", "case4"]
 ROI_LOSS_NAMES: dict[str, str] = {"fl_overlap": "case1", "intersection": "case2",
@@ -97,8 +106,9 @@ class GrdnetConfig(ReconstructionConfig):
     perlin_source: Literal["uniform", "texture"] = "uniform"
     # scoring
     score_window: int = Field(21, ge=1)  # DRAEM's 21x21 mean filter; clipped to the image
-    # None until fit: True when the training images had ROIs (then predict needs them)
-    roi_required: bool | None = None
+    # auto: fixed at fit to roi (the training images have ROIs; predict then needs them) or
+    # whole_image (they have none, or to ignore them)
+    roi_mode: Literal["auto", "roi", "whole_image"] = "auto"
 
     @model_validator(mode="before")
     @classmethod
@@ -200,7 +210,7 @@ class Grdnet(ReconstructionDetector):
 
     @property
     def needs_roi(self) -> bool:
-        return bool(self.config.roi_required)
+        return self.config.roi_mode == "roi"
 
     def build_networks(self) -> dict[str, nn.Module]:
         net = self.net_config()
@@ -216,29 +226,37 @@ class Grdnet(ReconstructionDetector):
         return {"generator": OptimGroup(("generator", "unet"), self.config.lr, betas),
                 "discriminator": OptimGroup(("discriminator",), self.config.lr, betas)}
 
-    def fit_dataset(self, dataset: Any, progress: Any = None, work_dir: Any = "training",
+    def fit_dataset(self, dataset: Dataset[Sample] | Sequence[Sample],
+                    progress: Progress | None = None, work_dir: str | Path = "training",
                     resume: bool = False) -> Grdnet:
-        if self.config.roi_required is None:  # fixed once, like channels
-            self.config.roi_required = dataset[0].roi is not None
+        has_roi = dataset[0].roi is not None
+        if self.config.roi_mode == "auto":  # fixed once, like channels
+            self.config.roi_mode = "roi" if has_roi else "whole_image"
+        elif self.config.roi_mode == "roi" and not has_roi:
+            raise ConfigError(f"{self.name}: roi_mode=roi but the training images have no ROIs; "
+                              f"add them (ROOT/roi/ or --roi-dir) or set roi_mode=auto")
         super().fit_dataset(dataset, progress, work_dir, resume)
         return self
 
     # ------------------------------------------------------------------------- steps
-    def _roi(self, batch: Batch) -> torch.Tensor:
-        if batch.roi is not None:
-            return batch.roi.to(batch.image.dtype)
-        if self.config.roi_required:
-            raise ConfigError(f"{self.name} was set to train with ROIs (roi_required) but a "
-                              f"batch has none; give every training image an ROI")
-        return torch.ones_like(batch.image[:, :1])
+    def _roi(self, batch: Batch) -> torch.Tensor | None:
+        """The batch's ROIs, or None for the whole image."""
+        if self.config.roi_mode == "whole_image":
+            return None
+        if batch.roi is None:
+            raise ConfigError(f"{self.name} trains with ROIs (roi_mode={self.config.roi_mode}) "
+                              f"but a batch has none; give every training image an ROI")
+        return batch.roi.to(batch.image.dtype)
 
     def _forward(self, batch: Batch, ctx: StepContext) -> tuple[dict[str, torch.Tensor],
-                                                                 torch.Tensor, torch.Tensor]:
-        """Perturb, reconstruct, segment: the losses, X_hat and D's features (real, fake)."""
+                                                                 torch.Tensor]:
+        """Perturb, reconstruct, segment: the losses and X_hat."""
         c = self.config
         x = batch.image
         roi = self._roi(batch)
-        p = self.synth(x, roi=batch.roi, generator=ctx.generator)
+        p = self.synth(x, roi=roi, generator=ctx.generator)
+        if roi is None:
+            roi = torch.ones_like(x[:, :1])
         g, u = ctx.nets["generator"], ctx.nets["unet"]
         with ctx.autocast():  # forwards only: the losses (SSIM, focal) stay in fp32
             x_hat, z, z_hat = g(p.images)
@@ -248,13 +266,13 @@ class Grdnet(ReconstructionDetector):
                  "enc": encoder_loss(z.float(), z_hat.float()).mean(),
                  **roi_losses(a, p.mask, roi, c.roi_loss, c.focal_gamma, c.focal_alpha,
                               c.overlap_weight)}
-        return terms, x_hat, roi
+        return terms, x_hat
 
     def training_step(self, batch: Batch, ctx: StepContext) -> dict[str, float]:
         c = self.config
         x = batch.image
         n = len(x)
-        terms, x_hat, _ = self._forward(batch, ctx)
+        terms, x_hat = self._forward(batch, ctx)
         d = ctx.nets["discriminator"]
         with ctx.autocast():
             _, feats = d(torch.cat([x, x_hat]))  # one forward of D per step (DDP)
@@ -274,7 +292,7 @@ class Grdnet(ReconstructionDetector):
         """L_tot without L_adv (which measures D as much as G) on held-out images perturbed
         as in training: the reconstruction and the segmentation both count."""
         c = self.config
-        terms, _, _ = self._forward(batch, ctx)
+        terms, _ = self._forward(batch, ctx)
         loss = c.w_con * terms["con"] + c.w_enc * terms["enc"] + c.w_focal * (
             terms["focal"] + terms["overlap"])
         return {"loss": float(loss), **{k: float(v) for k, v in terms.items()}}
@@ -286,7 +304,7 @@ class Grdnet(ReconstructionDetector):
     def infer_roi(self, x: torch.Tensor, roi: torch.Tensor) -> Prediction:
         x_hat = self.nets["generator"].autoencoder(x)  # type: ignore[operator]
         a = torch.sigmoid(self.nets["unet"](x, x_hat))
-        roi = (roi > 0.5).to(a.dtype)
+        roi = torch.ones_like(a) if self.config.roi_mode == "whole_image" else (roi > 0.5).to(a.dtype)
         k = self.config.score_window
         return Prediction(score=roi_window_max(a, roi, k), anomaly_map=a * roi,
                           reconstruction=x_hat,
