@@ -104,7 +104,7 @@ def render_zipper(rng: np.random.Generator, cfg: ZipperConfig, kind: str = "good
     fabric = ~(np.abs(xx + 0.5 - centre) <= half + 1)
     for where in {"inside": ("in",), "outside": ("out",), "both": ("in", "out")}.get(kind, ()):
         blob = _blob(rng, cfg, yy, xx, band if where == "in" else fabric)
-        level = rng.choice([0.05, 0.95]) + rng.normal(0, 0.05, (s, s))
+        level = rng.choice([0.15, 0.7]) + rng.normal(0, 0.04, (s, s))
         img = np.where(blob, level, img)
         (mask if where == "in" else outside)[blob] = 1
     return ZipperSample(np.clip(img, 0, 1).astype(np.float32), roi, mask, outside)
