@@ -24,7 +24,7 @@ from anomalyqc.models.grdnet.model import (
 from anomalyqc.models.reconstruction import focal_loss
 from anomalyqc.nets import grdnet_config
 from anomalyqc.synth.zipper import ZipperConfig, _rng, generate_zipper_dataset, render_zipper
-from anomalyqc.types import Batch, Sample
+from anomalyqc.types import Batch
 
 TINY = {"image_size": 32, "width": 4, "unet_width": 4, "unet_depth": 2, "epochs": 1,
         "batch_size": 4, "loss_curves": False, "score_window": 5}

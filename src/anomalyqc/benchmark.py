@@ -49,7 +49,7 @@ def benchmark_run(run: str | Path, data: str | Path, batch_size: int = 16,
                                   f"for every image")
     with_roi = det.uses_roi and all(r.roi_path is not None for r in records)
     files = [r.path for r in records]
-    roi_of = {r.path: r.roi_path for r in records}
+    roi_of = {r.path: r.roi_path for r in records if r.roi_path is not None}
 
     def load(path: Path) -> torch.Tensor:
         return tf.image(read_image(path, det.config.channels))
