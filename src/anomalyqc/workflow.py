@@ -213,8 +213,10 @@ def _fit_into(det: Detector, data: str | Path, listing: Listing, good: list[Any]
         **getattr(det, "fit_report", {}),  # training figures of the epoch-trained detectors
     }
     if det.uses_roi:
-        info["roi"] = (f"per image ({n_rois} ROI files)" if n_rois else
-                       f"whole image (no ROI files found; {ROI_HELP})")
+        ignored = getattr(det.config, "roi_mode", None) == "whole_image"
+        info["roi"] = (f"per image ({n_rois} ROI files)" if n_rois and not ignored else
+                       f"whole image ({n_rois} ROI files ignored: roi_mode=whole_image)"
+                       if n_rois else f"whole image (no ROI files found; {ROI_HELP})")
     if world > 1:
         info.update(processes=world,
                     fit_seconds_per_process=[round(v, 3) for v in fit_s_all],
