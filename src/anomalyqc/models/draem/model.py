@@ -118,6 +118,7 @@ class Draem(ReconstructionDetector):
     name: ClassVar[str] = "draem"
     config_cls: ClassVar[type[DetectorConfig]] = DraemConfig
     config: DraemConfig
+    uses_roi: ClassVar[bool] = True  # Perlin blobs stay inside the ROI when the data has one
 
     def __init__(self, config: DetectorConfig | dict[str, Any] | None = None, **params: Any) -> None:
         super().__init__(config, **params)

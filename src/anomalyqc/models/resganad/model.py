@@ -96,6 +96,7 @@ class Resganad(ReconstructionDetector):
     name: ClassVar[str] = "resganad"
     config_cls: ClassVar[type[DetectorConfig]] = ResganadConfig
     config: ResganadConfig
+    uses_roi: ClassVar[bool] = True  # P_q stays inside the ROI when the data has one (8.2.4)
 
     def __init__(self, config: DetectorConfig | dict[str, Any] | None = None, **params: Any) -> None:
         super().__init__(config, **params)
