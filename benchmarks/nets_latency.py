@@ -193,11 +193,25 @@ def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v.strip()]
 
 
+def parse_configs(text: str) -> list[tuple[int, int]]:
+    """"8x64,16x64" -> [(8, 64), (16, 64)] (stem width x input side)."""
+    out = []
+    for item in text.split(","):
+        try:
+            w, s = item.strip().lower().split("x")
+            out.append((int(w), int(s)))
+        except ValueError:
+            raise SystemExit(f"{item!r} is not WIDTHxSIZE, e.g. 16x64") from None
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="ResGANAD latency on this CPU (see the docstring)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--widths", default=",".join(map(str, WIDTHS)))
     ap.add_argument("--sizes", default=",".join(map(str, SIZES)))
+    ap.add_argument("--configs", default=None,
+                    help="WIDTHxSIZE,... instead of the --widths x --sizes grid")
     ap.add_argument("--options", default=",".join(OPTIONS), help=f"of {', '.join(OPTIONS)}")
     ap.add_argument("--max-gflop", type=float, default=30.0,
                     help="largest batch timed, in GFLOP; larger configs are extrapolated")
@@ -235,9 +249,10 @@ def main(argv: list[str] | None = None) -> None:
         result["perlin_batch8_256"] = perlin_cost(20)
         print(f"perlin: {result['perlin_batch8_256']}", file=sys.stderr)
     rows: list[dict] = []
-    for size in _ints(args.sizes):
-        for width in _ints(args.widths):
-            rows += resganad_rows(width, size, options, args.max_gflop, args.repeats)
+    grid = (parse_configs(args.configs) if args.configs else
+            [(w, s) for s in _ints(args.sizes) for w in _ints(args.widths)])
+    for width, size in grid:
+        rows += resganad_rows(width, size, options, args.max_gflop, args.repeats)
     key = "batch60_cpu_ms" if args.by_cpu else "batch60_ms"
     chosen = pick(rows, key=key)
     result["resganad_batch60"] = rows

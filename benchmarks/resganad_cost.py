@@ -30,20 +30,8 @@ from anomalyqc.workflow import FIT_INFO_FILE, fit_run
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from nets_latency import BATCH, OPTIONS, gflop_per_patch, time_predict  # noqa: E402
+from nets_latency import BATCH, OPTIONS, gflop_per_patch, parse_configs, time_predict  # noqa: E402
 from recon_ablations import make_patches, test_metrics  # noqa: E402
-
-
-def parse_configs(text: str) -> list[tuple[int, int]]:
-    """"8x64,16x64" -> [(8, 64), (16, 64)] (stem width x input side)."""
-    out = []
-    for item in text.split(","):
-        try:
-            w, s = item.strip().lower().split("x")
-            out.append((int(w), int(s)))
-        except ValueError:
-            raise SystemExit(f"--configs: {item!r} is not WIDTHxSIZE, e.g. 16x64") from None
-    return out
 
 
 def fit_info(run: Path) -> dict[str, Any]:
