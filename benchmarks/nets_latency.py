@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--configs", default=None,
                     help="WIDTHxSIZE,... instead of the --widths x --sizes grid")
     ap.add_argument("--options", default=",".join(OPTIONS), help=f"of {', '.join(OPTIONS)}")
-    ap.add_argument("--max-gflop", type=float, default=30.0,
+    ap.add_argument("--max-gflop", type=float, default=100.0,
                     help="largest batch timed, in GFLOP; larger configs are extrapolated")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-perlin", action="store_true")
