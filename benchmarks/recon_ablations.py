@@ -35,13 +35,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from anomalyqc.data import make_loader
 from anomalyqc.evaluation import image_auroc, pixel_auroc
 from anomalyqc.models.reconstruction import feature_matching, ssim_per_image
 from anomalyqc.provenance import provenance
 from anomalyqc.synth.vials import generate_vial_dataset
 from anomalyqc.training.sampling import split_indices
 from anomalyqc.types import GOOD
-from anomalyqc.data import make_loader
 from anomalyqc.workflow import dataset_for, fit_run
 
 HERE = Path(__file__).resolve().parent
@@ -206,8 +206,9 @@ def main(argv: list[str] | None = None) -> None:
         for v in variants:
             rows[v] = run_variant(v, data, Path(tmp) / "runs", args.image_size, args.width,
                                   args.epochs, args.batch_size)
-            print(f"{v}: {json.dumps({k: rows[v][k] for k in ('losses_train', 'losses_validation', 'image_auroc', 'pixel_auroc', 'fit_wall_s')})}",
-                  file=sys.stderr, flush=True)
+            brief = {k: rows[v][k] for k in ("losses_train", "losses_validation", "image_auroc",
+                                              "pixel_auroc", "fit_wall_s")}
+            print(f"{v}: {json.dumps(brief)}", file=sys.stderr, flush=True)
     result["variants"] = rows
     result["ratios"] = {
         f"{a}/{b} {split} {key}": ratio(rows, a, b, split, key)
