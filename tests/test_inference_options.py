@@ -135,3 +135,19 @@ def test_bad_inference_dtype_is_a_config_error():
 
     with pytest.raises(ConfigError, match="inference_dtype"):
         Resganad(**TINY, inference_dtype="float16")
+
+
+def test_options_are_saved_with_the_run_and_apply_after_load(tmp_path):
+    from anomalyqc.models.storage import load_detector
+
+    x = _images(6)
+    det = Resganad(**TINY, blocks=1, convs=2, channels_last=True, fold_batchnorm=True,
+                   inference_dtype="bfloat16")
+    det.fit([Batch(image=x, label=torch.zeros(len(x), dtype=torch.long))])
+    want = det.predict(x).score
+    det.save(tmp_path / "run")
+    back = load_detector(tmp_path / "run")
+    assert (back.config.channels_last, back.config.fold_batchnorm,
+            back.config.inference_dtype) == (True, True, "bfloat16")
+    assert torch.allclose(back.predict(x).score, want, atol=1e-6)
+    assert back._inference_nets()["generator"] is not back.nets["generator"]
