@@ -26,6 +26,7 @@ from anomalyqc.data.transforms import as_hw
 from anomalyqc.errors import ConfigError
 from anomalyqc.models.base import Detector, DetectorConfig, images_of
 from anomalyqc.nets.coders import NetConfig, as_config
+from anomalyqc.nets.inference import InferenceDtype, inference_copy
 from anomalyqc.progress import Progress
 
 # Submodules, not the package: anomalyqc.training imports the models (through
@@ -59,6 +60,11 @@ class ReconstructionConfig(DetectorConfig, TrainConfig):
     beta1: float = Field(0.5, ge=0, lt=1)  # GANomaly's Adam betas (0.5, 0.999)
     smoothing_sigma: float = Field(4.0, ge=0)  # Gaussian blur of |X - X_hat| maps, 0 = none
     predict_batch_size: int = Field(32, ge=1)  # images per forward at inference
+    # inference only (nets.inference; the trained and saved weights are untouched):
+    # NHWC memory, BatchNorm folded into the conv before it, bf16 autocast of the networks
+    channels_last: bool = False
+    fold_batchnorm: bool = False
+    inference_dtype: InferenceDtype = "float32"
 
     @model_validator(mode="after")
     def _size_fits_the_stages(self) -> ReconstructionConfig:
@@ -141,6 +147,8 @@ class ReconstructionDetector(Detector, Trainable):
         self.nets: dict[str, nn.Module] = {}
         self.train_result: TrainResult | None = None
         self.fit_report: dict[str, Any] = {}
+        # (options, the nets they were made from, the copies): see _inference_nets
+        self._inference: tuple[tuple[Any, ...], dict[str, nn.Module], dict[str, nn.Module]] | None = None
 
     # ------------------------------------------------------------------- to be provided
     def net_config(self) -> NetConfig:
@@ -233,6 +241,19 @@ class ReconstructionDetector(Detector, Trainable):
         """Where the networks are (the training device, or config.device after a load)."""
         return next(next(iter(self.nets.values())).parameters()).device
 
+    def _inference_nets(self) -> dict[str, nn.Module]:
+        """The networks predict runs: self.nets, or copies rewritten by the inference
+        options, made once per set of weights (fit and load build new nets)."""
+        c = self.config
+        options = (c.channels_last, c.fold_batchnorm, c.inference_dtype)
+        if options == (False, False, "float32"):
+            return self.nets
+        if self._inference is None or self._inference[0] != options or self._inference[1] is not self.nets:
+            self._inference = (options, self.nets, inference_copy(
+                self.nets, channels_last=c.channels_last, fold=c.fold_batchnorm,
+                dtype=c.inference_dtype))
+        return self._inference[2]
+
     def predict(self, images: torch.Tensor | Batch) -> Prediction:
         if not self.fitted or not self.nets:
             raise ConfigError(f"{self.name} is not fitted: call fit or load a run folder")
@@ -246,14 +267,21 @@ class ReconstructionDetector(Detector, Trainable):
             net.eval()
         parts = []
         step = self.config.predict_batch_size
-        with torch.inference_mode():
-            for i, chunk in enumerate(x.split(step)):
-                chunk = chunk.to(self.device, torch.float32)
-                if roi is None:
-                    parts.append(self.infer(chunk))
-                else:
-                    r = roi[i * step:(i + 1) * step].to(self.device, torch.float32)
-                    parts.append(self.infer_roi(chunk, r))
+        trained, self.nets = self.nets, self._inference_nets()
+        memory = torch.channels_last if self.config.channels_last else torch.contiguous_format
+        # infer() reads self.nets: it runs the inference copies, and the trained networks
+        # come back even when it raises.
+        try:
+            with torch.inference_mode():
+                for i, chunk in enumerate(x.split(step)):
+                    chunk = chunk.to(self.device, torch.float32, memory_format=memory)
+                    if roi is None:
+                        parts.append(self.infer(chunk))
+                    else:
+                        r = roi[i * step:(i + 1) * step].to(self.device, torch.float32)
+                        parts.append(self.infer_roi(chunk, r))
+        finally:
+            self.nets = trained
         return Prediction(
             score=torch.cat([p.score for p in parts]).float().cpu(),
             anomaly_map=torch.cat([p.anomaly_map for p in parts]).float().cpu(),
