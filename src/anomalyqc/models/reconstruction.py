@@ -216,8 +216,13 @@ class ReconstructionDetector(Detector, Trainable):
             "epochs_run": result.epochs,
             "steps": result.steps,
             "stopped_early": result.stopped_early,
+            # what ended training: a budget (max_steps, max_minutes), early stopping, or
+            # None when every epoch ran; epochs_reached counts a budget's partial epoch
+            "stopped_by": result.stopped_by,
+            "epochs_reached": round(result.steps / max(result.steps_per_epoch, 1), 3),
             "train_seconds": round(result.seconds, 3),
-            "seconds_per_epoch": round(result.seconds / max(result.epochs, 1), 3),
+            "seconds_per_epoch": round(result.seconds * result.steps_per_epoch
+                                       / max(result.steps, 1), 3),
             "best_epoch": result.best_epoch,
             "best_validation_loss": result.best_metric,
             "monitor": self.monitor,

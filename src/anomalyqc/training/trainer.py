@@ -4,6 +4,9 @@
     result = trainer.fit(detector, dataset, resume=True)
 
 `out_dir` receives log.csv, checkpoint/ (checkpoint.py) and, at the end, loss_curves.png.
+A budget (config max_steps, max_minutes) ends a run after the step that reaches it: that
+step is checkpointed and a "stop" row goes into the log, so `resume=True` with a larger
+budget continues from there as from a kill.
 Under torchrun (RANK/WORLD_SIZE set) each process trains a shard of every epoch through
 DistributedDataParallel (gloo on CPU, NCCL on GPU); only rank 0 reports progress and writes
 files. A run is a pure function of its config and seed: data order, augmentations and the
@@ -56,6 +59,8 @@ class TrainResult:
     epochs: int  # epochs completed
     steps: int  # training steps completed
     stopped_early: bool
+    stopped_by: str | None  # "early_stopping", "max_steps", "max_minutes" or None (all epochs)
+    steps_per_epoch: int
     best_epoch: int | None  # 1-based epoch of the best monitored metric
     best_metric: float | None
     history: list[dict[str, float]]  # per epoch: train_<loss>, val_<loss>, lr factor
@@ -71,7 +76,8 @@ class _Progress:
     batch: int = 0  # batches of the current epoch done
     step: int = 0  # global steps done
     seconds: float = 0.0
-    stopped: bool = False
+    stopped: bool = False  # by early stopping
+    budget_stop: str | None = None  # the budget that ended the run: "max_steps"/"max_minutes"
     log_sums: dict[str, float] = field(default_factory=dict)
     log_steps: int = 0
     epoch_sums: dict[str, float] = field(default_factory=dict)
@@ -160,7 +166,9 @@ class Trainer:
 
             plot_loss_curves(self.log.path, self.out_dir / "loss_curves.png", self.label)
         s = self.state
+        stopped_by = s.budget_stop or ("early_stopping" if s.stopped else None)
         return TrainResult(epochs=s.epoch, steps=s.step, stopped_early=s.stopped,
+                           stopped_by=stopped_by, steps_per_epoch=self.steps_per_epoch,
                            best_epoch=s.best_epoch, best_metric=s.best, history=list(s.history),
                            seconds=s.seconds, out_dir=self.out_dir)
 
@@ -255,7 +263,8 @@ class Trainer:
     def _loop(self) -> None:
         cfg, s = self.config, self.state
         started = time.perf_counter() - s.seconds
-        while s.epoch < cfg.epochs and not s.stopped:
+        s.budget_stop = self._over_budget()  # a resume within the same budget trains no more
+        while s.epoch < cfg.epochs and not s.stopped and not s.budget_stop:
             batches = self._batches(s.epoch)
             total = len(batches)
             for net in self.nets.values():
@@ -268,12 +277,45 @@ class Trainer:
                 s.seconds = time.perf_counter() - started
                 if s.step % cfg.log_every == 0:
                     self._log_train()
+                s.budget_stop = self._over_budget()
+                if s.budget_stop and s.batch < total:  # mid-epoch (at its end: validate first)
+                    self._stop_for_budget()
+                    return
                 if cfg.checkpoint_every and s.step % cfg.checkpoint_every == 0:
                     self._checkpoint()
                 self._report(s.batch, total)
             self._end_epoch()
             s.seconds = time.perf_counter() - started
+            if s.budget_stop and s.epoch < cfg.epochs and not s.stopped:
+                self._stop_for_budget()
+                return
+            s.budget_stop = None  # reached together with the last epoch: not what ended it
             self._checkpoint()
+
+    def _over_budget(self) -> str | None:
+        """The budget spent ("max_steps", "max_minutes"), or None. Under torchrun rank 0's
+        clock decides, so every process stops after the same step."""
+        cfg, s = self.config, self.state
+        if cfg.max_steps is not None and s.step >= cfg.max_steps:
+            return "max_steps"
+        if cfg.max_minutes is None:
+            return None
+        spent = torch.tensor([float(s.seconds >= 60 * cfg.max_minutes)])
+        if distributed.active():
+            distributed.broadcast_(spent)
+        return "max_minutes" if spent.item() else None
+
+    def _stop_for_budget(self) -> None:
+        """End the run here: the partial log interval, a "stop" row saying which budget, and
+        a checkpoint that a resume with a larger budget continues from."""
+        cfg, s = self.config, self.state
+        self._sync_buffers()
+        self._log_train()
+        limit = cfg.max_steps if s.budget_stop == "max_steps" else cfg.max_minutes
+        self.log.append({"epoch": s.epoch + 1, "step": s.step, "phase": "stop",
+                         "stopped_by": f"{s.budget_stop}={limit}",
+                         "seconds": round(s.seconds, 3)})
+        self._checkpoint()
 
     def _report(self, done: int, total: int) -> None:
         if self.progress is not None and self.rank == 0:
@@ -497,6 +539,7 @@ class Trainer:
             self.scaler.load_state_dict(meta["scaler"])
         self.schedule.load_state(meta["schedule"])
         self.state = _Progress(**meta["progress"])
+        self.state.budget_stop = None  # the budget is checked again, against this config's
         self.log.start(meta["log"]["rows"], meta["log"]["columns"])
         best = ckpt.load_best(self.checkpoint_dir) if self.state.best is not None else None
         self.best_weights = best
