@@ -23,10 +23,10 @@ from safetensors.torch import load_file
 
 from anomalyqc.errors import ConfigError
 from anomalyqc.models import Ganomaly, Resganad, detector_class
+from anomalyqc.models.ganomaly.model import GanomalyConfig, encoder_loss
 from anomalyqc.models.ganomaly.model import contextual_loss as ganomaly_con
-from anomalyqc.models.ganomaly.model import encoder_loss
+from anomalyqc.models.resganad.model import ResganadConfig, minmax, noise_loss
 from anomalyqc.models.resganad.model import contextual_loss as resganad_con
-from anomalyqc.models.resganad.model import minmax, noise_loss
 from anomalyqc.nets import Autoencoder, flops_per_input, resganad_config
 from anomalyqc.nets.blocks import stage
 from anomalyqc.synth.perlin import PerlinSynthesizer
@@ -202,6 +202,19 @@ def test_bad_parameters_and_inputs_are_one_line_errors():
     with pytest.raises(ConfigError, match="not fitted"):
         Ganomaly(TINY).predict(images(2))
     assert detector_class("ganomaly") is Ganomaly and detector_class("resganad") is Resganad
+
+
+def test_preset_small_sets_defaults_that_explicit_keys_override():
+    small = Resganad(preset="small", image_size=64).config
+    assert all(getattr(small, k) == v for k, v in ResganadConfig.PRESETS["small"].items())
+    assert Resganad(image_size=64).config.width == 64  # no preset: the thesis's width
+    assert Resganad(preset="small", width=4, image_size=64).config.width == 4
+    gan = Ganomaly(preset="small", image_size=64).config
+    assert all(getattr(gan, k) == v for k, v in GanomalyConfig.PRESETS["small"].items())
+    with pytest.raises(ConfigError, match="preset='tiny' is not one of \\['small'\\]"):
+        Ganomaly(preset="tiny")
+    # a saved run's params (preset and the values it gave) rebuild the same config
+    assert Resganad(small.model_dump()).config == small
 
 
 # ------------------------------------------------------------------------------ CLI

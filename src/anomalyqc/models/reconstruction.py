@@ -40,7 +40,13 @@ if TYPE_CHECKING:
 
 
 class ReconstructionConfig(DetectorConfig, TrainConfig):
-    """Input, network shape and training parameters (every TrainConfig field is a --set key)."""
+    """Input, network shape and training parameters (every TrainConfig field is a --set key).
+
+    `preset` names a set of defaults from the detector's PRESETS (e.g. "small", for small
+    inputs trained on a CPU budget); every key given explicitly wins over the preset's."""
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
+    preset: str | None = None
 
     # network (see anomalyqc.nets.coders.NetConfig)
     width: int = Field(32, ge=1)  # stem filters; stage i outputs width * 2**(i+1)
@@ -59,6 +65,16 @@ class ReconstructionConfig(DetectorConfig, TrainConfig):
     beta1: float = Field(0.5, ge=0, lt=1)  # GANomaly's Adam betas (0.5, 0.999)
     smoothing_sigma: float = Field(4.0, ge=0)  # Gaussian blur of |X - X_hat| maps, 0 = none
     predict_batch_size: int = Field(32, ge=1)  # images per forward at inference
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset") is not None:
+            name = data["preset"]
+            if name not in cls.PRESETS:
+                raise ValueError(f"preset={name!r} is not one of {sorted(cls.PRESETS)}")
+            data = {**cls.PRESETS[name], **data}
+        return data
 
     @model_validator(mode="after")
     def _size_fits_the_stages(self) -> ReconstructionConfig:

@@ -263,7 +263,8 @@ class Trainer:
     def _loop(self) -> None:
         cfg, s = self.config, self.state
         started = time.perf_counter() - s.seconds
-        s.budget_stop = self._over_budget()  # a resume within the same budget trains no more
+        # checked against this config's budget: a resume within the same one trains no more
+        s.budget_stop = self._over_budget()
         while s.epoch < cfg.epochs and not s.stopped and not s.budget_stop:
             batches = self._batches(s.epoch)
             total = len(batches)
@@ -539,7 +540,6 @@ class Trainer:
             self.scaler.load_state_dict(meta["scaler"])
         self.schedule.load_state(meta["schedule"])
         self.state = _Progress(**meta["progress"])
-        self.state.budget_stop = None  # the budget is checked again, against this config's
         self.log.start(meta["log"]["rows"], meta["log"]["columns"])
         best = ckpt.load_best(self.checkpoint_dir) if self.state.best is not None else None
         self.best_weights = best

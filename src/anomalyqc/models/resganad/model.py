@@ -43,6 +43,9 @@ from anomalyqc.types import Batch, Prediction
 
 
 class ResganadConfig(ReconstructionConfig):
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        "small": {"width": 8, "stages": 3, "blocks": 2, "convs": 2},
+    }
     # network: the defaults are nets.presets.resganad_config(), the thesis's 10.5.2 at
     # width 64 and 256x256; width and image_size make it small
     width: int = Field(64, ge=1)
