@@ -467,6 +467,23 @@ def test_max_minutes_stops_on_the_wall_clock_after_a_whole_step(tmp_path):
         meta["progress"]["step"]
 
 
+@pytest.mark.parametrize("improving", [True, False])
+def test_a_budget_stop_keeps_the_last_weights_only_when_they_validate_best(tmp_path, improving):
+    class Judged(TinyAE):
+        def validation_step(self, batch, ctx):
+            return {"loss": 1 / (1 + ctx.global_step) if improving else float(ctx.global_step)}
+
+    model = Judged()
+    cfg = {"epochs": 3, "batch_size": 4, "val_fraction": 0.15, "max_steps": 5,
+           "loss_curves": False}
+    r = Trainer(cfg, tmp_path).fit(model, Samples(14))  # 3 steps an epoch: stops mid-epoch 2
+    assert (r.steps, r.best_epoch) == (5, 1)
+    last, _ = ckpt.load_checkpoint(tmp_path / "checkpoint")
+    best = load_file(tmp_path / "checkpoint" / "best.safetensors")
+    for k, v in weights(model).items():
+        assert torch.equal(v, last[f"net.{k}"] if improving else best[k]), k
+
+
 def test_a_budget_reached_with_the_last_epoch_did_not_stop_the_run(tmp_path):
     r = Trainer({"epochs": 2, "batch_size": 4, "val_fraction": 0.15, "max_steps": 6,
                  "loss_curves": False}, tmp_path).fit(TinyAE(), Samples(14))

@@ -157,7 +157,7 @@ class Trainer:
         finally:
             if self.tensorboard is not None:
                 self.tensorboard.close()
-        if cfg.restore_best and self.best_weights is not None:
+        if cfg.restore_best and self.best_weights is not None and not self._last_beats_best():
             self._load_weights(self.best_weights, "best weights")
         for net in self.nets.values():
             net.eval()
@@ -292,6 +292,19 @@ class Trainer:
                 return
             s.budget_stop = None  # reached together with the last epoch: not what ended it
             self._checkpoint()
+
+    def _last_beats_best(self) -> bool:
+        """After a budget stop mid-epoch, are the last weights (never validated: their epoch
+        did not end) at least as good as the best epoch's? Validated now, on the validation
+        split; without one they are kept, being the most trained. Nothing is recorded, so a
+        resume is unaffected."""
+        s = self.state
+        if not s.budget_stop or s.batch == 0:
+            return False
+        if not self.val_idx:
+            return True
+        metric = self._validate().get(self.model.monitor)
+        return metric is not None and (s.best is None or metric <= s.best)
 
     def _over_budget(self) -> str | None:
         """The budget spent ("max_steps", "max_minutes"), or None. Under torchrun rank 0's
