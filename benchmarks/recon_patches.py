@@ -50,6 +50,7 @@ TRAINED: dict[str, list[str]] = {
 }
 EMBEDDING = ("padim", "mhbc")
 BATCH = 16
+DEDICATED = ("width", "backbone")  # `fit --width`, not `--set width=`
 EPOCHS = 1000  # the budget ends training first
 
 
@@ -103,7 +104,10 @@ def patches(work: Path) -> Path:
 
 def fit_args(name: str, data: Path, run: Path, minutes: float,
              sets: dict[str, list[str]]) -> list[str]:
-    extra = [a for kv in sets.get(name, []) for a in ("--set", kv)]
+    extra = []
+    for kv in sets.get(name, []):  # keys with an option of their own go through it
+        key, _, value = kv.partition("=")
+        extra += [f"--{key}", value] if key in DEDICATED else ["--set", kv]
     if name in EMBEDDING:
         return ["fit", name, "--data", str(data), "--out", str(run), "--image-size",
                 EMBEDDING_SIZE, "--overwrite", *extra]
