@@ -138,7 +138,7 @@ def row(name: str, r: dict[str, Any]) -> str:
             f"{job['load_1m_after']:.1f} |")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, help="dataset folder (default: generate the patches)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/anomalyqc_recon_patches"))
@@ -152,8 +152,10 @@ def main() -> None:
                     help="torch threads of each job (OMP_NUM_THREADS); on a loaded machine "
                          "two threads per process spin-wait (see the README)")
     ap.add_argument("--name", default="recon_patches",
-                    help="results file benchmarks/results/NAME.json")
-    args = ap.parse_args()
+                    help="results file RESULTS/NAME.json")
+    ap.add_argument("--results", type=Path, default=HERE / "results",
+                    help="folder of the results file (default benchmarks/results)")
+    args = ap.parse_args(argv)
     started = provenance()  # at the start: the commit the figures come from
     sets = parse_sets(args.sets)
     data = args.data or patches(args.work)
@@ -179,7 +181,7 @@ def main() -> None:
                          "fit": fit, "fit_job": fit_job, "metrics": metrics,
                          "evaluate_job": eval_job}
         print(row(name, results[name]), file=sys.stderr)
-    out = HERE / "results" / f"{args.name}.json"
+    out = args.results / f"{args.name}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"provenance": started, "data": str(data),
                                "patch_set": None if args.data else PATCH_SET,
