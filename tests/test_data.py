@@ -290,7 +290,7 @@ def test_dataset_grayscale_and_folder_layout(tmp_path: Path) -> None:
     gray = ImageDataset(mvtec_records(make_mvtec(tmp_path / "g", gray=True)), ImageTransform(8))
     assert gray.channels == 1 and gray[0].image.shape == (1, 8, 8)
     recs = folder_records(make_folder(tmp_path / "f"), mask_dir="masks", roi_dir="rois")
-    with pytest.warns(DataWarning, match="not used by the embedding detectors"):
+    with pytest.warns(DataWarning, match="not used by this detector"):
         ds = ImageDataset(recs, ImageTransform(8))
     batch = next(iter(make_loader(ds, batch_size=4)))
     assert batch.image.shape == (4, 3, 8, 8) and batch.mask is not None and batch.roi is None

@@ -451,7 +451,7 @@ def test_roi_masks_are_not_read_and_said_so_once(tmp_path):
     assert all(s.roi is None for s in samples)
     msgs = [str(w.message) for w in caught]
     assert len(msgs) == 1 and f"ROI masks in {root / 'roi/test'} are not used" in msgs[0]
-    assert "GRD-Net, issue 8" in msgs[0]
+    assert "GRD-Net uses them" in msgs[0]
     # opted in (a detector that uses them), they are read, aligned and said nothing about
     put(root / "roi/test/good/a_roi.png", encode(".png", np.full((8, 8), 255, np.uint8)))
     with warnings.catch_warnings():

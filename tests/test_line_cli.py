@@ -235,3 +235,31 @@ def test_validate_clear_errors(line: dict[str, Path], tmp_path: Path) -> None:
     train_only = line["root"] / "train"
     r = invoke(*base[:6], "--calibration", train_only, "--out", tmp_path / "r", "--accept", "2/3", *KEY)
     assert r.exit_code == 2 and "no defective samples" in r.output
+
+
+def test_validate_output_is_written_whole_and_never_over_other_files(
+    line: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = ["line", "validate", "--model", line["run"], "--kit", line["test"], "--calibration",
+            line["cal"], "--accept", "2/3", *KEY]
+    # a folder holding anything but an earlier report is refused before any scoring
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.docx").write_text("keep me")
+    r = invoke(*base, "--out", other)
+    assert r.exit_code == 2 and "notes.docx" in r.output
+    assert (other / "notes.docx").read_text() == "keep me" and len(list(other.iterdir())) == 1
+    # a run that fails while writing leaves the earlier report as it was, and no half folder
+    out = tmp_path / "rep"
+    assert invoke(*base, "--out", out).exit_code == 0
+    before = (out / "report.json").read_bytes()
+    import anomalyqc.line.workflow as lw
+
+    def broken(out_dir: Path, report: dict) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(lw, "write_report", broken)
+    r = invoke(*base, "--out", out)
+    assert r.exit_code != 0
+    assert (out / "report.json").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "rep"]

@@ -3,7 +3,7 @@ with an L2 loss, and a GAN (generator with dropout, discriminator with batch nor
 alternates discriminator and generator steps. 16x16 images, a few steps.
 
 This file doubles as the script the kill/resume and torchrun tests start in other processes:
-`python tests/test_trainer.py run|ddp OUT [KILL_EPOCH KILL_BATCH]`.
+`python tests/test_trainer.py run|ddp|drift OUT [KILL_EPOCH KILL_BATCH]`.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from anomalyqc.training import checkpoint as ckpt
 from anomalyqc.training.augment import warp_batch
 from anomalyqc.training.devices import resolve_device, resolve_precision
 from anomalyqc.training.log import CsvLog, read_log
+from anomalyqc.training.replicas import check_replicas, differences, weights_digest
 from anomalyqc.training.sampling import epoch_batches, split_indices
 from anomalyqc.types import Batch, Sample
 
@@ -567,6 +568,9 @@ def test_two_processes_keep_identical_replicas_and_rank_0_writes(tmp_path):
         assert torch.equal(w0[k], w1[k]), k
     assert not torch.equal(w0["generator.0.weight"], weights(TinyGAN(seed=1))["generator.0.weight"])
     info = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1)]
+    # each rank reports every rank's digest: the same pair, equal, and that of the weights
+    digest = weights_digest({n: _holder(w0, n) for n in ("discriminator", "generator")})
+    assert info[0]["digests"] == info[1]["digests"] == [digest, digest]
     # 12 training images: 6 per process, 3 steps of 2 an epoch, disjoint shards every epoch
     assert info[0]["steps"] == info[1]["steps"] == 6
     assert len(info[0]["seen"]) == 12 and not set(info[0]["seen"]) & set(info[1]["seen"])
@@ -589,7 +593,59 @@ def _ddp_main(out: Path) -> None:
     r = Trainer(DDP_CFG, out).fit(model, Samples(14))
     rank = int(os.environ["RANK"])
     save_file({k: v.contiguous() for k, v in weights(model).items()}, out / f"rank{rank}.safetensors")
-    (out / f"rank{rank}.json").write_text(json.dumps({"steps": r.steps, "seen": seen}))
+    (out / f"rank{rank}.json").write_text(json.dumps({"steps": r.steps, "seen": seen,
+                                                      "digests": r.weights_sha256}))
+
+
+def _holder(tensors: dict[str, torch.Tensor], name: str) -> nn.Module:
+    """A module whose state_dict is the saved tensors of network `name`, for digests."""
+
+    class Holder(nn.Module):
+        def state_dict(self, *args, **kwargs):  # type: ignore[override]
+            head = f"{name}."
+            return {k[len(head):]: v for k, v in tensors.items() if k.startswith(head)}
+
+    return Holder()
+
+
+class RankDrift(TinyGAN):
+    """A model that nudges a generator weight on rank 1 only, outside the optimizer (the
+    kind of bug DDP does not undo): the trainer must stop the run, not save either replica."""
+
+    def training_step(self, batch, ctx):
+        out = super().training_step(batch, ctx)
+        if int(os.environ["RANK"]) == 1 and ctx.global_step == 1:
+            with torch.no_grad():
+                self.g[0].weight[0, 0, 0, 0] += 1e-6
+        return out
+
+
+@pytest.mark.slow
+def test_two_processes_that_diverge_stop_with_a_replica_error(tmp_path):
+    r = _child("drift", tmp_path, torchrun=True)
+    assert r.returncode != 0
+    assert "the training processes diverged in epoch 1: network 'generator' (rank 1)" \
+        in r.stderr, r.stderr[-3000:]
+    assert not (tmp_path / "finished").exists()
+
+
+def test_replica_differences_name_the_networks_and_ranks():
+    a, b = bytes(32), bytes([1] * 32)
+    same = {"d": a, "g": a}
+    assert differences([same, same, same]) == []
+    assert differences([same, {"d": a, "g": b}, {"d": b, "g": b}]) == \
+        ["'d' (rank 2)", "'g' (ranks 1, 2)"]
+    net = nn.Linear(2, 2)
+    before = weights_digest({"n": net})
+    assert before == check_replicas({"n": net}, "now")[0]  # one process: its own digest
+    with torch.no_grad():
+        net.bias[0] += 1e-7
+    assert weights_digest({"n": net}) != before
+
+
+def _drift_main(out: Path) -> None:
+    Trainer(DDP_CFG, out).fit(RankDrift(seed=1), Samples(14))
+    (out / "finished").write_text("the run should have stopped")
 
 
 # ------------------------------------------------------------------- devices, extras
@@ -712,3 +768,5 @@ if __name__ == "__main__":
         _run(out, (int(sys.argv[3]), int(sys.argv[4])) if len(sys.argv) > 4 else None)
     elif mode == "ddp":
         _ddp_main(out)
+    elif mode == "drift":
+        _drift_main(out)

@@ -15,11 +15,12 @@ import numpy as np
 import torch
 
 from anomalyqc.data import records_for
-from anomalyqc.data.io import read_image
+from anomalyqc.data.io import read_image, read_mask
 from anomalyqc.errors import DataError
 from anomalyqc.models.storage import load_detector
 from anomalyqc.options import at_least
-from anomalyqc.workflow import FIT_INFO_FILE, peak_rss_mb, transform_for
+from anomalyqc.types import Batch
+from anomalyqc.workflow import FIT_INFO_FILE, check_roi_option, check_rois, peak_rss_mb, transform_for
 
 
 def _summary(ms: list[float]) -> dict[str, float]:
@@ -29,25 +30,42 @@ def _summary(ms: list[float]) -> dict[str, float]:
 
 
 def benchmark_run(run: str | Path, data: str | Path, batch_size: int = 16,
-                  repeats: int = 50, warmup: int = 3) -> dict[str, Any]:
+                  repeats: int = 50, warmup: int = 3,
+                  roi_dir: str | None = None) -> dict[str, Any]:
+    """Timings of the run on the test images of `data` (with their ROIs, read as part of
+    the end-to-end time, for a detector that uses them; roi_dir as for evaluate)."""
     at_least(batch_size, 1, "batch_size")
     at_least(repeats, 1, "repeats")
     at_least(warmup, 0, "warmup")
     run = Path(run)
     det = load_detector(run)
+    check_roi_option(det, roi_dir)
     tf = transform_for(det)
-    files = [r.path for r in records_for(data, "test", masks=False)]
-    if not files:
+    records = records_for(data, "test", masks=False, roi_dir=roi_dir)
+    if not records:
         raise DataError(f"{data} has no test images to time")
+    if det.needs_roi:
+        check_rois(records, data, f"this {det.name} model was trained with ROIs and needs one "
+                                  f"for every image")
+    with_roi = det.uses_roi and all(r.roi_path is not None for r in records)
+    files = [r.path for r in records]
+    roi_of = {r.path: r.roi_path for r in records if r.roi_path is not None}
 
     def load(path: Path) -> torch.Tensor:
         return tf.image(read_image(path, det.config.channels))
+
+    def batch_of(paths: list[Path], images: torch.Tensor) -> torch.Tensor | Batch:
+        if not with_roi:
+            return images
+        rois = torch.stack([tf.mask(read_mask(roi_of[p])) for p in paths])
+        return Batch(image=images, label=torch.zeros(len(paths), dtype=torch.long), roi=rois)
 
     # End to end, batch 1: file read + decode + resize + model.
     e2e, model_only, backbone, scoring = [], [], [], []
     for i in range(warmup + repeats):
         t = time.perf_counter()
-        x = load(files[i % len(files)]).unsqueeze(0)
+        path = files[i % len(files)]
+        x = batch_of([path], load(path).unsqueeze(0))
         t_loaded = time.perf_counter()
         pred = det.predict(x)
         done = time.perf_counter()
@@ -60,7 +78,7 @@ def benchmark_run(run: str | Path, data: str | Path, batch_size: int = 16,
     # Batch N: model only and end to end.
     n = min(batch_size, len(files))
     batch_paths = [files[i % len(files)] for i in range(n)]
-    stacked = torch.stack([load(p) for p in batch_paths])
+    stacked = batch_of(batch_paths, torch.stack([load(p) for p in batch_paths]))
     det.predict(stacked)  # warm-up at this batch size
     model_n, e2e_n = [], []
     rounds = max(3, repeats // max(1, n))
@@ -69,7 +87,7 @@ def benchmark_run(run: str | Path, data: str | Path, batch_size: int = 16,
         det.predict(stacked)
         model_n.append((time.perf_counter() - t) * 1000)
         t = time.perf_counter()
-        det.predict(torch.stack([load(p) for p in batch_paths]))
+        det.predict(batch_of(batch_paths, torch.stack([load(p) for p in batch_paths])))
         e2e_n.append((time.perf_counter() - t) * 1000)
 
     fit_info = {}

@@ -44,7 +44,14 @@ class DetectorName(str, Enum):
     patchcore = "patchcore"
     mhbc = "mhbc"
     ganomaly = "ganomaly"
+    draem = "draem"
+    grdnet = "grdnet"
     resganad = "resganad"
+
+
+_ROI_DIR_HELP = ("Detectors that use ROIs (grdnet; resganad for its anomaly synthesis), "
+                 "folder layout: the subfolder of --data with the ROI masks, "
+                 "<roi-dir>/<type>/<stem>.png. The MVTec layout's ROOT/roi/ is read without it.")
 
 
 class ThresholdMethod(str, Enum):
@@ -212,7 +219,7 @@ def fit(
     overwrite: bool = typer.Option(False, "--overwrite",
                                    help="Replace the model in --out (the whole folder: its "
                                         "threshold and reports go with it)."),
-    epochs: int | None = typer.Option(None, help="Trained detectors (ganomaly, resganad): "
+    epochs: int | None = typer.Option(None, help="Trained detectors (ganomaly, draem, grdnet, resganad): "
                                                  "epochs to train (default 10)."),
     width: int | None = typer.Option(None, help="Trained detectors: the networks' stem width "
                                                 "(stage i outputs width * 2**(i+1))."),
@@ -220,6 +227,7 @@ def fit(
                                                         "checkpointed in RUN.training/ (or, "
                                                         "with --overwrite, the finished run "
                                                         "in RUN, e.g. past its budget)."),
+    roi_dir: str | None = typer.Option(None, "--roi-dir", help=_ROI_DIR_HELP),
 ) -> None:
     """Fit a detector on the good training images and save it to a run folder."""
     from anomalyqc.models.base import detector_class
@@ -249,7 +257,7 @@ def fit(
         raise typer.Exit(relaunch_with_torchrun(ctx, nproc, console))
     with _Bars() as bars:
         _run(lambda: fit_run(detector.value, data, out, params, batch_size, workers,
-                             progress=bars, overwrite=overwrite, resume=resume))
+                             progress=bars, overwrite=overwrite, resume=resume, roi_dir=roi_dir))
     from anomalyqc.distributed import world_from_env
 
     if world_from_env()[0] != 0:  # a torchrun worker other than rank 0: rank 0 reports
@@ -302,6 +310,7 @@ def evaluate(
                                   help="Ignore ground-truth masks: image metrics only (for a "
                                        "dataset where only some defect images have masks)."),
     batch_size: int = typer.Option(8),
+    roi_dir: str | None = typer.Option(None, "--roi-dir", help=_ROI_DIR_HELP),
 ) -> None:
     """Metrics on a test split: AUROCs, AUPRO, and accuracy/F1/... at the threshold.
 
@@ -321,7 +330,8 @@ def evaluate(
     with _Bars() as bars:
         metrics = _run(lambda: evaluate_run(run, data, report, method, threshold,
                                             recalibrate or method == "fixed",
-                                            batch_size, progress=bars, masks=not no_masks))
+                                            batch_size, progress=bars, masks=not no_masks,
+                                            roi_dir=roi_dir))
     _print_json(metrics)
     _print_listing(metrics)
     for note in metrics["notes"]:
@@ -345,6 +355,7 @@ def calibrate(
                                        "labels only and never reads masks, so any dataset "
                                        "works with or without it."),
     batch_size: int = typer.Option(8),
+    roi_dir: str | None = typer.Option(None, "--roi-dir", help=_ROI_DIR_HELP),
 ) -> None:
     """Choose the decision threshold on validation data and store it in the run.
 
@@ -361,7 +372,7 @@ def calibrate(
     _run(check)
     with _Bars() as bars:
         result = _run(lambda: calibrate_run(run, data, threshold_method.value, threshold,
-                                            batch_size, progress=bars))
+                                            batch_size, progress=bars, roi_dir=roi_dir))
     _print_json(result)
     for note in result["notes"]:
         console.print(f"note: {note}", highlight=False, soft_wrap=True, markup=False)
@@ -377,6 +388,10 @@ def predict(
     inputs: list[Path] = typer.Argument(..., help="Image files or folders."),
     out: Path = typer.Option(..., "--out", help="Folder for heatmaps and predictions.json."),
     batch_size: int = typer.Option(8),
+    roi_dir: Path | None = typer.Option(None, "--roi-dir",
+                                        help="Detectors that use ROIs: a folder with one ROI mask "
+                                             "per image, <stem>.png or <stem>_roi.png (needed by "
+                                             "a grdnet run trained with ROIs)."),
 ) -> None:
     """Score images: score, decision (when the run is calibrated) and a heatmap each.
 
@@ -391,7 +406,8 @@ def predict(
 
     _run(check)
     with _Bars() as bars:
-        rows = _run(lambda: predict_paths(run, inputs, out, batch_size, progress=bars))
+        rows = _run(lambda: predict_paths(run, inputs, out, batch_size, progress=bars,
+                                          roi_dir=roi_dir))
     for r in rows:
         if r["score"] is None:
             console.print(f"warning: {r['path']}: {r['reason']}", highlight=False,
@@ -411,6 +427,7 @@ def benchmark(
     batch_size: int = typer.Option(16, help="Batch size N for the batched figures."),
     repeats: int = typer.Option(50, help="Batch-1 timings taken (median and p95)."),
     out: Path | None = typer.Option(None, help="Also write the JSON here."),
+    roi_dir: str | None = typer.Option(None, "--roi-dir", help=_ROI_DIR_HELP),
 ) -> None:
     """Fit time and memory (from the fit), latency, throughput and peak RSS, as JSON."""
     from anomalyqc.benchmark import benchmark_run
@@ -422,7 +439,7 @@ def benchmark(
             file_target(out, "--out", "benchmark.json")
 
     _run(check)
-    result = _run(lambda: benchmark_run(run, data, batch_size, repeats))
+    result = _run(lambda: benchmark_run(run, data, batch_size, repeats, roi_dir=roi_dir))
     if out:
         from anomalyqc.fileio import atomic_write_json
 

@@ -51,16 +51,52 @@ def transform_for(det: Detector) -> ImageTransform:
     return ImageTransform(c.image_size, c.crop_size, c.channels)
 
 
-def dataset_for(det: Detector, data: str | Path, split: Split, masks: bool = True) -> ImageDataset:
-    return listed_dataset(det, data, split, masks)[0]
+def dataset_for(det: Detector, data: str | Path, split: Split, masks: bool = True,
+                roi_dir: str | None = None) -> ImageDataset:
+    return listed_dataset(det, data, split, masks, roi_dir)[0]
 
 
-def listed_dataset(det: Detector, data: str | Path, split: Split,
-                   masks: bool = True) -> tuple[ImageDataset, Listing]:
-    """The dataset of `split` and its listing (what was found and what was skipped)."""
-    listing = dataset_listing(data, split, masks=masks)
-    dataset = ImageDataset(listing.records, transform_for(det), channels=det.config.channels)
+def listed_dataset(det: Detector, data: str | Path, split: Split, masks: bool = True,
+                   roi_dir: str | None = None) -> tuple[ImageDataset, Listing]:
+    """The dataset of `split` and its listing (what was found and what was skipped).
+    ROIs are read for a detector that uses them (Detector.uses_roi); one that needs them
+    (a model trained on ROIs) gets a DataError when an image has none."""
+    check_roi_option(det, roi_dir)
+    listing = dataset_listing(data, split, masks=masks, roi_dir=roi_dir)
+    if det.needs_roi:
+        check_rois(listing.records, data, f"this {det.name} model was trained with ROIs and "
+                                          f"needs one for every image")
+    dataset = ImageDataset(listing.records, transform_for(det), channels=det.config.channels,
+                           rois=det.uses_roi)
     return dataset, listing
+
+
+ROI_HELP = ("ROIs are read from ROOT/roi/<split>/<type>/<stem>_roi.png (MVTec layout) or "
+            "ROOT/<roi-dir>/<type>/<stem>.png with --roi-dir (folder layout)")
+
+
+def check_roi_option(det: Detector, roi_dir: str | Path | None) -> None:
+    """--roi-dir for a detector that never reads ROIs is a mistake, not a no-op."""
+    if roi_dir is not None and not det.uses_roi:
+        from anomalyqc.models.base import REGISTRY
+
+        users = ", ".join(sorted(n for n, c in REGISTRY.items() if c.uses_roi))
+        raise ConfigError(f"{det.name} does not use ROIs, so --roi-dir would be ignored; drop "
+                          f"it, or use a detector that does ({users})")
+
+
+def check_rois(records: Sequence[Any], data: str | Path, why: str) -> int:
+    """The number of records with an ROI; a DataError when some but not all have one (or
+    none, after `why` says one is needed), naming the first image without."""
+    with_roi = sum(r.roi_path is not None for r in records)
+    if with_roi == len(records):
+        return with_roi
+    if with_roi == 0 and not why:
+        return 0
+    first = next(r.path for r in records if r.roi_path is None)
+    reason = why or f"{with_roi} of {len(records)} images have an ROI"
+    raise DataError(f"{display(data)}: {reason}, but {display(first)} has none; give every "
+                    f"image an ROI ({ROI_HELP})")
 
 
 def listing_summary(found: int, scored: int, skipped: Sequence[Skipped]) -> dict[str, Any]:
@@ -73,7 +109,7 @@ def listing_summary(found: int, scored: int, skipped: Sequence[Skipped]) -> dict
 def fit_run(detector: str, data: str | Path, out: str | Path, params: dict[str, Any] | None = None,
             batch_size: int = 8, num_workers: int = 0,
             progress: Progress | None = None, overwrite: bool = False, resume: bool = False,
-            work_dir: str | Path | None = None) -> Detector:
+            work_dir: str | Path | None = None, roi_dir: str | None = None) -> Detector:
     """Fit a detector on the good training images of `data` and save it to `out`.
 
     The run is built in a temporary sibling of `out` and swapped in when complete (see
@@ -90,6 +126,11 @@ def fit_run(detector: str, data: str | Path, out: str | Path, params: dict[str, 
     unlike the temporary folder), where resume=True continues a stopped run; at the end
     they move into `out`/training. A finished run (all epochs, or stopped by a budget)
     continues from `out`/training with resume=True and overwrite=True.
+
+    A detector that uses ROIs (Detector.uses_roi) reads them when the training images have
+    them (ROOT/roi/ in the MVTec layout, ROOT/`roi_dir`/ in the folder layout): all or
+    none, since an image left without one would train on the whole image. Without any,
+    the ROI is the whole image and fit_info.json says so.
     """
     from anomalyqc import distributed
     from anomalyqc.models.reconstruction import ReconstructionDetector
@@ -99,10 +140,12 @@ def fit_run(detector: str, data: str | Path, out: str | Path, params: dict[str, 
     if resume and not trains:
         raise ConfigError(f"--resume is for detectors trained in epochs; {det.name} fits in one "
                           f"pass: fit it again instead")
-    listing = dataset_listing(data, "train")
+    check_roi_option(det, roi_dir)
+    listing = dataset_listing(data, "train", roi_dir=roi_dir)
     good = [r for r in listing.records if r.label == GOOD]
     if not good:
         raise DataError(f"{data} has no good training images")
+    n_rois = check_rois(good, data, "") if det.uses_roi else 0
     rank, world = distributed.world_from_env()
     if world > 1 and len(good) < 2 * world:
         raise DataError(f"{data} has {len(good)} good training images: too few for {world} "
@@ -114,7 +157,7 @@ def fit_run(detector: str, data: str | Path, out: str | Path, params: dict[str, 
         training = _Training(Path(work_dir or f"{os.path.abspath(out)}.training"), resume,
                              Path(out) / "training")
         return _fit_into(det, data, listing, good, target, batch_size, num_workers, progress,
-                         training)
+                         training, n_rois)
 
 
 @dataclass
@@ -139,7 +182,7 @@ class _Training:
 
 def _fit_into(det: Detector, data: str | Path, listing: Listing, good: list[Any], target: Path,
               batch_size: int, num_workers: int, progress: Progress | None,
-              training: _Training) -> Detector:
+              training: _Training, n_rois: int = 0) -> Detector:
     from anomalyqc import distributed
     from anomalyqc.models.reconstruction import ReconstructionDetector
 
@@ -153,7 +196,8 @@ def _fit_into(det: Detector, data: str | Path, listing: Listing, good: list[Any]
             if distributed.active():
                 distributed.dist.barrier()
         shard = good if trains else distributed.shard(good, rank, world)
-        dataset = ImageDataset(shard, transform_for(det), channels=det.config.channels)
+        dataset = ImageDataset(shard, transform_for(det), channels=det.config.channels,
+                               rois=det.uses_roi)
         det.config.channels = dataset.channels
         loader = _Timed(make_loader(dataset, batch_size, shuffle=False, num_workers=num_workers))
         started = time.perf_counter()
@@ -187,6 +231,11 @@ def _fit_into(det: Detector, data: str | Path, listing: Listing, good: list[Any]
         **{k: round(v, 3) for k, v in getattr(det, "fit_timings", {}).items()},
         **getattr(det, "fit_report", {}),  # training figures of the epoch-trained detectors
     }
+    if det.uses_roi:
+        ignored = getattr(det.config, "roi_mode", None) == "whole_image"
+        info["roi"] = (f"per image ({n_rois} ROI files)" if n_rois and not ignored else
+                       f"whole image ({n_rois} ROI files ignored: roi_mode=whole_image)"
+                       if n_rois else f"whole image (no ROI files found; {ROI_HELP})")
     if world > 1:
         info.update(processes=world,
                     fit_seconds_per_process=[round(v, 3) for v in fit_s_all],
@@ -355,7 +404,7 @@ def _check_both_classes(dataset: ImageDataset, data: str | Path, what: str) -> N
 
 def calibrate_run(run: str | Path, data: str | Path, threshold_method: str = "f1",
                   threshold_value: float | None = None, batch_size: int = 8,
-                  progress: Progress | None = None) -> dict[str, Any]:
+                  progress: Progress | None = None, roi_dir: str | None = None) -> dict[str, Any]:
     """Choose the decision threshold on labelled validation data and store it in the run.
 
     Use data the run will not be evaluated on: `evaluate` then reports honest figures at a
@@ -371,7 +420,7 @@ def calibrate_run(run: str | Path, data: str | Path, threshold_method: str = "f1
     at_least(batch_size, 1, "batch_size")
     run = Path(run)
     det = load_detector(run)
-    dataset, listing = listed_dataset(det, data, "test", masks=False)
+    dataset, listing = listed_dataset(det, data, "test", masks=False, roi_dir=roi_dir)
     if threshold_method != "fixed":
         _check_both_classes(dataset, data, "thresholds")
     res = predict_dataset(det, dataset, batch_size, keep_images=False, progress=progress)
@@ -410,7 +459,7 @@ def evaluate_run(run: str | Path, data: str | Path, report: str | Path | None = 
                  threshold_method: str = "f1", threshold_value: float | None = None,
                  calibrate: bool | None = None, batch_size: int = 8,
                  progress: Progress | None = None, n_examples: int = 4,
-                 masks: bool = True) -> dict[str, Any]:
+                 masks: bool = True, roi_dir: str | None = None) -> dict[str, Any]:
     """Score the test split of `data`, compute every metric, write the report.
 
     The decision threshold comes from the run's threshold.json when it exists and
@@ -454,9 +503,9 @@ def evaluate_run(run: str | Path, data: str | Path, report: str | Path | None = 
                         "the run folder's top level (the default is RUN/report/metrics.json)")
     metrics_target(report_json, "report")
     report_check = replaceable_output("report", "report.html")
-    _check_output_early(report_json.parent, report_check)
+    check_output_early(report_json.parent, report_check)
     det = load_detector(run)
-    dataset, listing = listed_dataset(det, data, "test", masks=masks)
+    dataset, listing = listed_dataset(det, data, "test", masks=masks, roi_dir=roi_dir)
     _check_both_classes(dataset, data, "AUROC and thresholds")
     # a corrupt threshold, or one made for another model, fails before scoring
     stored = None if calibrate else read_threshold(run, _model_id(det))
@@ -529,7 +578,7 @@ def evaluate_run(run: str | Path, data: str | Path, report: str | Path | None = 
     return metrics
 
 
-def _check_output_early(folder: Path, check: Callable[[Path], None]) -> None:
+def check_output_early(folder: Path, check: Callable[[Path], None]) -> None:
     """Refuse an output folder that may not be replaced before any image is scored
     (atomic_folder checks again, under its lock, when the output is complete)."""
     if folder.is_dir() and any(folder.iterdir()):
@@ -662,7 +711,8 @@ def load_threshold(run: str | Path, model_id: str) -> float | None:
 
 def predict_paths(run: str | Path, inputs: Iterable[str | Path], out: str | Path,
                   batch_size: int = 8,
-                  progress: Progress | None = None) -> Predictions:
+                  progress: Progress | None = None, roi_dir: str | Path | None = None,
+                  ) -> Predictions:
     """Score image files; write a heatmap overlay per image and predictions.json to `out`.
 
     Each row has a decision and its reason: "score >= threshold" (defect), "score <
@@ -676,6 +726,10 @@ def predict_paths(run: str | Path, inputs: Iterable[str | Path], out: str | Path
     `out` is built aside and swapped in whole (fileio.atomic_folder), so it never holds old
     predictions beside new heatmaps; an existing `out` is replaced only when it holds an
     earlier prediction and nothing else.
+
+    `roi_dir`: a folder with an ROI mask per image (<stem>.png or <stem>_roi.png, any image
+    extension), for a detector that uses ROIs; a model trained on ROIs refuses to run
+    without it.
     """
     from anomalyqc.placement import check_output_folder
 
@@ -686,29 +740,79 @@ def predict_paths(run: str | Path, inputs: Iterable[str | Path], out: str | Path
                         beside=expanded.file_folders)
     out = Path(out)
     out_check = replaceable_output("predictions folder", "predictions.json")
-    _check_output_early(out, out_check)
+    check_output_early(out, out_check)
     det = load_detector(run)
+    check_roi_option(det, roi_dir)
+    if det.needs_roi and roi_dir is None:
+        raise DataError(f"this {det.name} model was trained with ROIs and needs one per image: "
+                        f"pass --roi-dir DIR holding <stem>.png or <stem>_roi.png for each image")
+    rois = roi_files(expanded.files, roi_dir) if roi_dir is not None and det.uses_roi else None
     model_id = _model_id(det)
     threshold = load_threshold(run, model_id)
     with atomic_folder(out, out_check) as tmp:
         rows = _predict_into(det, model_id, threshold, expanded.files, out, tmp, batch_size,
-                             progress)
+                             progress, rois)
         atomic_write_json(tmp / SKIPPED_FILE,
                           listing_summary(len(expanded.files), len(rows), expanded.skipped))
     return Predictions(rows, len(expanded.files), expanded.skipped)
 
 
+def roi_files(files: Sequence[Path], roi_dir: str | Path) -> dict[Path, Path]:
+    """The ROI file of every image in `roi_dir`, by stem (<stem> or <stem>_roi, any image
+    extension); a DataError names the first image without one."""
+    from anomalyqc.data.io import list_images
+
+    folder = Path(roi_dir)
+    if not folder.is_dir():
+        raise DataError(f"ROI folder {display(folder)} does not exist; check --roi-dir")
+    by_stem: dict[str, Path] = {}
+    for p in list_images(folder):
+        if p.stem in by_stem:
+            raise DataError(f"{display(folder)} holds two ROIs for {p.stem!r} "
+                            f"({by_stem[p.stem].name}, {p.name}); keep one")
+        by_stem[p.stem] = p
+    found: dict[Path, Path] = {}
+    for f in files:
+        roi = by_stem.get(f.stem) or by_stem.get(f"{f.stem}_roi")
+        if roi is None:
+            raise DataError(f"{display(f)} has no ROI in {display(folder)} (looked for "
+                            f"{f.stem}.* and {f.stem}_roi.*); add one or leave the image out")
+        found[f] = roi
+    return found
+
+
+def _read_roi(tf: ImageTransform, image_path: Path, image: np.ndarray,
+              roi_path: Path) -> torch.Tensor:
+    """An ROI that must be at its image's native size, transformed as the image is."""
+    from anomalyqc.data.io import read_mask
+
+    roi = read_mask(roi_path)
+    if roi.shape != image.shape[:2]:
+        raise DataError(f"ROI {display(roi_path)} is {roi.shape[0]}x{roi.shape[1]} (HxW) but its "
+                        f"image {display(image_path)} is {image.shape[0]}x{image.shape[1]}; save "
+                        f"the ROI at the image's size")
+    return tf.mask(roi)
+
+
 def _predict_into(det: Detector, model_id: str, threshold: float | None, files: list[Path],
                   out: Path, tmp: Path, batch_size: int,
-                  progress: Progress | None) -> list[dict[str, Any]]:
+                  progress: Progress | None,
+                  rois: dict[Path, Path] | None = None) -> list[dict[str, Any]]:
     """Write the heatmaps and predictions.json to `tmp`, naming them as they will be in `out`."""
     tf = transform_for(det)
     rows: list[dict[str, Any]] = []
     used: set[Path] = set()
     chunks = [files[i:i + batch_size] for i in range(0, len(files), batch_size)]
     for chunk in tracked(chunks, progress, f"{det.name}: predicting"):
-        x = torch.stack([tf.image(read_image(f, notes=tf.notes), f) for f in chunk])
-        pred = det.predict(x)
+        arrays = [read_image(f, notes=tf.notes) for f in chunk]
+        x = torch.stack([tf.image(a, f) for a, f in zip(arrays, chunk, strict=True)])
+        if rois is None:
+            pred = det.predict(x)
+        else:
+            roi = torch.stack([_read_roi(tf, f, a, rois[f])
+                               for a, f in zip(arrays, chunk, strict=True)])
+            pred = det.predict(Batch(image=x, label=torch.zeros(len(chunk), dtype=torch.long),
+                                     roi=roi, path=[str(f) for f in chunk]))
         for i, f in enumerate(chunk):
             score = float(pred.score[i])
             # display(): the name is valid UTF-8, so predictions.json names the file exactly

@@ -4,10 +4,10 @@ Pixels are read in __getitem__ only, so a dataset of any size streams through a
 DataLoader. The channel count is fixed when the dataset is built (not on first access),
 so that every DataLoader worker agrees on it.
 
-ROI files that a layout finds (Record.roi_path) are read only with rois=True, which no
-command sets yet: the embedding detectors score the whole image, so Sample.roi stays None
-and the dataset says so once. ROIs are for the reconstruction detector (GRD-Net, issue 8),
-which scores inside them.
+ROI files that a layout finds (Record.roi_path) are read only with rois=True, which the
+workflow sets for the detectors that use ROIs (Detector.uses_roi: GRD-Net, which scores
+inside them, and the ROI-restricted anomaly synthesis). The embedding detectors score the
+whole image, so for them Sample.roi stays None and the dataset says so once.
 """
 
 from __future__ import annotations
@@ -63,8 +63,8 @@ class ImageDataset(Dataset[Sample]):
         if rois:
             self.transform.notes.warn(
                 "roi",
-                f"ROI masks in {os.path.commonpath(rois)} are not used by the embedding "
-                "detectors, which score the whole image (they are for GRD-Net, issue 8)",
+                f"ROI masks in {os.path.commonpath(rois)} are not used by this detector, "
+                "which scores the whole image (GRD-Net uses them)",
             )
 
     def __len__(self) -> int:

@@ -295,6 +295,10 @@ def dataset_listing(
     """records_for and the entries that were not read, with reasons."""
     _check_split(split)
     if detect_layout(root, good_dir) == "mvtec":
+        if roi_dir is not None:
+            raise ConfigError(f"{display(Path(root))} is in the MVTec layout, whose ROIs are read "
+                              f"from ROOT/roi/<split>/<type>/<stem>_roi.png; roi_dir (--roi-dir) "
+                              f"is for the folder layout: drop it")
         return mvtec_listing(root, split, masks=masks)
     listing = folder_listing(root, good_dir, defect_dirs, mask_dir if masks else None, roi_dir)
     if split == "train":

@@ -8,15 +8,24 @@ from typing import Any
 
 from anomalyqc import __version__
 from anomalyqc.errors import ConfigError
+from anomalyqc.fileio import atomic_folder
 from anomalyqc.line.decisions import AcceptancePolicy
 from anomalyqc.line.inspect import LineModels, inspect_acquisition
 from anomalyqc.line.kit import Kit, read_kit
 from anomalyqc.line.layout import ProductLayout, load_layout
 from anomalyqc.line.rank import KEY_FRAMES, key_frame_indices
-from anomalyqc.line.report import EXAMPLES, heatmap_panel, write_panel, write_report
+from anomalyqc.line.report import (
+    EXAMPLES,
+    REPORT_HTML,
+    REPORT_JSON,
+    heatmap_panel,
+    write_panel,
+    write_report,
+)
 from anomalyqc.line.thresholds import RegionThresholds, load_thresholds
 from anomalyqc.line.validate import build_report, calibrate, check_kit_layout, kit_digest, score_kit
 from anomalyqc.progress import Progress
+from anomalyqc.workflow import check_output_early, replaceable_output
 
 THRESHOLDS_FILE = "thresholds.json"
 
@@ -104,6 +113,8 @@ def validate_line(
     if budget_ms <= 0:
         raise ConfigError(f"--budget-ms must be > 0, got {budget_ms}")
     out = Path(out_dir)
+    report_check = replaceable_output("line validation report", REPORT_JSON)
+    check_output_early(out, report_check)  # before minutes of scoring, not after
     kit = read_kit(kit_dir)
     layout = _layout(layout_path, kit.root)
     check_kit_layout(kit, layout, layout_path or kit.root / "layout.yaml")
@@ -133,51 +144,54 @@ def validate_line(
         thr.info["layout"] = layout.name
     scores = score_kit(kit, layout, models, key_frames, use_rank, progress)
     report = build_report(scores, thr, policy, budget_ms)
-    out.mkdir(parents=True, exist_ok=True)
-    thr.save(out / THRESHOLDS_FILE)
-    panel_frame = key_frames[0] if key_frames else 1  # rank images only: show the first frame
-    boxes = layout.boxes()
-    for kind in ("false_rejects", "false_accepts"):
-        for n, item in enumerate(report["errors"][kind]):
-            item["heatmap"] = None
-            if n >= max_examples:
-                continue
-            strip = kit.strips[scores.acquisitions[item["acquisition"]][0]]
-            run = next(r for r in strip.runs if r.run == item["run"])
-            frames = run.load_frames()
-            res = inspect_acquisition(frames, layout, models, thr, key_frames, use_rank)
-            shown = frames[key_frame_indices(len(frames), (panel_frame,))[0] if panel_frame else 0]
-            name = f"{EXAMPLES}/{kind}_{strip.strip_id}_run{item['run']:02d}.png"
-            write_panel(out / name, heatmap_panel(shown, res, boxes))
-            item["heatmap"] = name
-    report.update(
-        {
-            "anomalyqc_version": __version__,
-            "kit": {
-                "path": str(kit.root.resolve()),
-                "sha256": kit_digest(kit.root),
-                "n_strips": len(kit.strips),
-                "n_frames": kit.n_frames,
-            },
-            "layout": {"path": str(layout_path or kit.root / "layout.yaml"), "name": layout.name},
-            "models": _model_records(models),
-            "thresholds": thr.to_json(),
-            "calibration": {
-                "metric": thr.info.get("metric"),
-                "kit": thr.info.get("calibration_kit"),
-                "kit_sha256": thr.info.get("calibration_kit_sha256"),
-                "thresholds_file": str(thresholds_file) if thresholds_file else None,
-            },
-            "settings": {
-                "key_frames": list(key_frames),
-                "rank": use_rank,
-                "policy": str(policy),
-                "budget_ms": budget_ms,
-            },
-            "panel_frame": panel_frame,
-            "provenance": provenance(),
-        }
-    )
-    json_path, html_path = write_report(out, report)
+    # Built aside and swapped in whole: a killed run never leaves a report that looks
+    # complete, nor half of a new one over an earlier one.
+    with atomic_folder(out, report_check) as tmp:
+        thr.save(tmp / THRESHOLDS_FILE)
+        panel_frame = key_frames[0] if key_frames else 1  # rank images only: show the first frame
+        boxes = layout.boxes()
+        for kind in ("false_rejects", "false_accepts"):
+            for n, item in enumerate(report["errors"][kind]):
+                item["heatmap"] = None
+                if n >= max_examples:
+                    continue
+                strip = kit.strips[scores.acquisitions[item["acquisition"]][0]]
+                run = next(r for r in strip.runs if r.run == item["run"])
+                frames = run.load_frames()
+                res = inspect_acquisition(frames, layout, models, thr, key_frames, use_rank)
+                shown = frames[key_frame_indices(len(frames), (panel_frame,))[0] if panel_frame else 0]
+                name = f"{EXAMPLES}/{kind}_{strip.strip_id}_run{item['run']:02d}.png"
+                write_panel(tmp / name, heatmap_panel(shown, res, boxes))
+                item["heatmap"] = name
+        report.update(
+            {
+                "anomalyqc_version": __version__,
+                "kit": {
+                    "path": str(kit.root.resolve()),
+                    "sha256": kit_digest(kit.root),
+                    "n_strips": len(kit.strips),
+                    "n_frames": kit.n_frames,
+                },
+                "layout": {"path": str(layout_path or kit.root / "layout.yaml"), "name": layout.name},
+                "models": _model_records(models),
+                "thresholds": thr.to_json(),
+                "calibration": {
+                    "metric": thr.info.get("metric"),
+                    "kit": thr.info.get("calibration_kit"),
+                    "kit_sha256": thr.info.get("calibration_kit_sha256"),
+                    "thresholds_file": str(thresholds_file) if thresholds_file else None,
+                },
+                "settings": {
+                    "key_frames": list(key_frames),
+                    "rank": use_rank,
+                    "policy": str(policy),
+                    "budget_ms": budget_ms,
+                },
+                "panel_frame": panel_frame,
+                "provenance": provenance(),
+            }
+        )
+        write_report(tmp, report)
+    json_path, html_path = out / REPORT_JSON, out / REPORT_HTML
     report["report_json"], report["report_html"] = str(json_path), str(html_path)
     return report

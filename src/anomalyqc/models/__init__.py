@@ -1,11 +1,13 @@
 """Detectors, one folder each; importing this package registers them by CLI name."""
 
 from anomalyqc.models.base import REGISTRY, Detector, detector_class
+from anomalyqc.models.draem import Draem
 from anomalyqc.models.ganomaly import Ganomaly
+from anomalyqc.models.grdnet import Grdnet
 from anomalyqc.models.mhbc import Mhbc
 from anomalyqc.models.padim import Padim
 from anomalyqc.models.patchcore import Patchcore
 from anomalyqc.models.resganad import Resganad
 
-__all__ = ["REGISTRY", "Detector", "Ganomaly", "Mhbc", "Padim", "Patchcore", "Resganad",
+__all__ = ["REGISTRY", "Detector", "Draem", "Ganomaly", "Grdnet", "Mhbc", "Padim", "Patchcore", "Resganad",
            "detector_class"]

@@ -75,6 +75,9 @@ class DetectorConfig(BaseModel):
 class Detector(ABC):
     name: ClassVar[str]
     config_cls: ClassVar[type[DetectorConfig]] = DetectorConfig
+    # True: fit and inference read the data's ROI masks into Batch.roi when it has them
+    # (GRD-Net's attention, the ROI-restricted anomaly synthesis); False: never opened.
+    uses_roi: ClassVar[bool] = False
 
     def __init__(self, config: DetectorConfig | dict[str, Any] | None = None, **params: Any) -> None:
         base = config.model_dump() if isinstance(config, BaseModel) else dict(config or {})
@@ -92,6 +95,12 @@ class Detector(ABC):
     def input_size(self) -> tuple[int, int]:
         """(H, W) of the images the detector takes, after resize and optional crop."""
         return as_hw(self.config.crop_size or self.config.image_size)
+
+    @property
+    def needs_roi(self) -> bool:
+        """Whether every image given to predict must come with an ROI (a model trained on
+        ROIs whose output outside them means nothing)."""
+        return False
 
     @abstractmethod
     def fit(self: D, batches: Iterable[Batch], progress: Progress | None = None) -> D:

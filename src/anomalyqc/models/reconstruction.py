@@ -243,6 +243,8 @@ class ReconstructionDetector(Detector, Trainable):
             "best_validation_loss": result.best_metric,
             "monitor": self.monitor,
         }
+        if len(result.weights_sha256) > 1:  # checked equal after every epoch (training.replicas)
+            self.fit_report["weights_sha256_per_process"] = result.weights_sha256
         self.fitted = True
         return self
 
@@ -260,12 +262,19 @@ class ReconstructionDetector(Detector, Trainable):
         if x.ndim != 4 or tuple(x.shape[1:]) != want:
             raise ConfigError(f"{self.name} expects images (B, {', '.join(map(str, want))}), "
                               f"got {tuple(x.shape)}")
+        roi = self.check_roi(images, x)
         for net in self.nets.values():
             net.eval()
         parts = []
+        step = self.config.predict_batch_size
         with torch.inference_mode():
-            for chunk in x.split(self.config.predict_batch_size):
-                parts.append(self.infer(chunk.to(self.device, torch.float32)))
+            for i, chunk in enumerate(x.split(step)):
+                chunk = chunk.to(self.device, torch.float32)
+                if roi is None:
+                    parts.append(self.infer(chunk))
+                else:
+                    r = roi[i * step:(i + 1) * step].to(self.device, torch.float32)
+                    parts.append(self.infer_roi(chunk, r))
         return Prediction(
             score=torch.cat([p.score for p in parts]).float().cpu(),
             anomaly_map=torch.cat([p.anomaly_map for p in parts]).float().cpu(),
@@ -273,6 +282,27 @@ class ReconstructionDetector(Detector, Trainable):
             if all(p.reconstruction is not None for p in parts) else None,
             extras={k: torch.cat([p.extras[k] for p in parts]).cpu() for k in parts[0].extras},
         )
+
+    def check_roi(self, images: torch.Tensor | Batch, x: torch.Tensor) -> torch.Tensor | None:
+        """The batch's ROIs (B, 1, H, W) when this detector uses them, else None; refuses
+        a missing ROI when the model needs one and a misshapen one always."""
+        roi = images.roi if isinstance(images, Batch) and self.uses_roi else None
+        if roi is None:
+            if self.needs_roi:
+                raise ConfigError(f"this {self.name} model was trained with ROIs and needs one "
+                                  f"per image: give a Batch with roi (B, 1, H, W) (from the "
+                                  f"command line: the data's roi/ folder or --roi-dir)")
+            return None
+        if roi.ndim != 4 or roi.shape[0] != x.shape[0] or roi.shape[1] != 1 \
+                or roi.shape[2:] != x.shape[2:]:
+            raise ConfigError(f"{self.name}: ROIs must be (B, 1, H, W) like the images "
+                              f"{tuple(x.shape)}, got {tuple(roi.shape)}")
+        return roi
+
+    def infer_roi(self, x: torch.Tensor, roi: torch.Tensor) -> Prediction:
+        """infer with the chunk's ROIs (B, 1, H, W); detectors that only use ROIs to
+        train (the anomaly synthesis) ignore them here."""
+        return self.infer(x)
 
     # ------------------------------------------------------------------------ weights
     def state_tensors(self) -> dict[str, torch.Tensor]:

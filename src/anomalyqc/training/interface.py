@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from anomalyqc.types import Batch
 
@@ -65,6 +66,14 @@ class StepContext:
             return
         with torch.autocast(self.device.type, dtype=self.autocast_dtype):
             yield
+
+    def unwrapped(self, name: str) -> nn.Module:
+        """Network `name` without its DistributedDataParallel wrapper, for a forward whose
+        gradient of this network's own weights is thrown away: a GAN generator's step through
+        the discriminator. Through the wrapper, DDP would wait to average gradients that
+        part of the network (the real/fake head) never gets, and fail at the next forward."""
+        net = self.nets[name]
+        return net.module if isinstance(net, DistributedDataParallel) else net
 
     def step(self, optimizer: str, loss: torch.Tensor, retain_graph: bool = False) -> None:
         """Zero every network's gradients, backpropagate `loss` (scaled under mixed precision)

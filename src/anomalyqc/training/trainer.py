@@ -9,9 +9,10 @@ step is checkpointed and a "stop" row goes into the log, so `resume=True` with a
 budget continues from there as from a kill.
 Under torchrun (RANK/WORLD_SIZE set) each process trains a shard of every epoch through
 DistributedDataParallel (gloo on CPU, NCCL on GPU); only rank 0 reports progress and writes
-files. A run is a pure function of its config and seed: data order, augmentations and the
-step's random stream derive from (seed, epoch, step, rank) (sampling.py) and the global random
-states are checkpointed, so `resume=True` after a kill continues to the same final weights.
+files, and the replicas' weights are compared after every epoch (replicas.py). A run is a
+pure function of its config and seed: data order, augmentations and the step's random stream
+derive from (seed, epoch, step, rank) (sampling.py) and the global random states are
+checkpointed, so `resume=True` after a kill continues to the same final weights.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from anomalyqc.training.config import RESUME_MUST_MATCH, TrainConfig
 from anomalyqc.training.devices import resolve_device, resolve_precision
 from anomalyqc.training.interface import OptimGroup, StepContext, Trainable
 from anomalyqc.training.log import CsvLog, TensorBoard
+from anomalyqc.training.replicas import check_replicas
 from anomalyqc.training.sampling import (
     AUGMENT,
     GLOBAL,
@@ -66,6 +68,9 @@ class TrainResult:
     history: list[dict[str, float]]  # per epoch: train_<loss>, val_<loss>, lr factor
     seconds: float
     out_dir: Path
+    # every process's training.replicas.weights_digest of the final networks, in rank order
+    # (equal, else the run stopped with a ReplicaError); one entry for one process
+    weights_sha256: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -161,6 +166,7 @@ class Trainer:
             self._load_weights(self.best_weights, "best weights")
         for net in self.nets.values():
             net.eval()
+        digests = check_replicas(self.nets, "by the end of training")
         if lead and cfg.loss_curves:  # every epoch logged a training row: there is a curve
             from anomalyqc.training.curves import plot_loss_curves
 
@@ -170,7 +176,7 @@ class Trainer:
         return TrainResult(epochs=s.epoch, steps=s.step, stopped_early=s.stopped,
                            stopped_by=stopped_by, steps_per_epoch=self.steps_per_epoch,
                            best_epoch=s.best_epoch, best_metric=s.best, history=list(s.history),
-                           seconds=s.seconds, out_dir=self.out_dir)
+                           seconds=s.seconds, out_dir=self.out_dir, weights_sha256=digests)
 
     def _join_processes(self, spec: str) -> torch.device:
         """This process's device; under torchrun, also join the process group (NCCL when the
@@ -420,6 +426,8 @@ class Trainer:
     def _end_epoch(self) -> None:
         cfg, s = self.config, self.state
         self._sync_buffers()
+        if self.world > 1:
+            check_replicas(self.nets, f"in epoch {s.epoch + 1}")
         self._log_train()
         train = self._all_mean(s.epoch_sums, s.epoch_steps)
         val = self._validate()

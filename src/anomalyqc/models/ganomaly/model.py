@@ -88,7 +88,8 @@ class Ganomaly(ReconstructionDetector):
         n = len(x)
         with ctx.autocast():  # forwards only: the losses (SSIM above all) stay in fp32
             x_hat, z, z_hat = g(x)
-            _, feats = d(torch.cat([x, x_hat]))  # one forward of D per step (DDP)
+            # D's own gradients of this forward are dropped: no DDP reduction for them
+            _, feats = ctx.unwrapped("discriminator")(torch.cat([x, x_hat]))
         x_hat, feats = x_hat.float(), feats.float()
         losses = self._generator_losses(x, x_hat, z.float(), z_hat.float(), feats[:n], feats[n:])
         ctx.step("generator", losses["loss"])

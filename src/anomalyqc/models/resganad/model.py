@@ -102,6 +102,7 @@ class Resganad(ReconstructionDetector):
     name: ClassVar[str] = "resganad"
     config_cls: ClassVar[type[DetectorConfig]] = ResganadConfig
     config: ResganadConfig
+    uses_roi: ClassVar[bool] = True  # P_q stays inside the ROI when the data has one (8.2.4)
 
     def __init__(self, config: DetectorConfig | dict[str, Any] | None = None, **params: Any) -> None:
         super().__init__(config, **params)
@@ -127,7 +128,8 @@ class Resganad(ReconstructionDetector):
         p = self.synth(x, roi=batch.roi, generator=ctx.generator)
         with ctx.autocast():  # forwards only: the losses (SSIM above all) stay in fp32
             x_hat, z, z_hat = g(p.images)
-            _, feats = d(torch.cat([x, x_hat]))  # one forward of D per step (DDP)
+            # D's own gradients of this forward are dropped: no DDP reduction for them
+            _, feats = ctx.unwrapped("discriminator")(torch.cat([x, x_hat]))
         x_hat, feats = x_hat.float(), feats.float()
         terms = self._losses(x, x_hat, z.float(), z_hat.float())
         terms["adv"] = feature_matching(feats[:n], feats[n:])
