@@ -23,13 +23,14 @@ from safetensors.torch import load_file
 
 from anomalyqc.errors import ConfigError
 from anomalyqc.models import Ganomaly, Resganad, detector_class
+from anomalyqc.models.ganomaly.model import GanomalyConfig, encoder_loss
 from anomalyqc.models.ganomaly.model import contextual_loss as ganomaly_con
-from anomalyqc.models.ganomaly.model import encoder_loss
+from anomalyqc.models.resganad.model import ResganadConfig, minmax, noise_loss
 from anomalyqc.models.resganad.model import contextual_loss as resganad_con
-from anomalyqc.models.resganad.model import minmax, noise_loss
 from anomalyqc.nets import Autoencoder, flops_per_input, resganad_config
 from anomalyqc.nets.blocks import stage
 from anomalyqc.synth.perlin import PerlinSynthesizer
+from anomalyqc.training.log import read_log
 from anomalyqc.types import Batch
 
 HERE = Path(__file__)
@@ -203,6 +204,19 @@ def test_bad_parameters_and_inputs_are_one_line_errors():
     assert detector_class("ganomaly") is Ganomaly and detector_class("resganad") is Resganad
 
 
+def test_preset_small_sets_defaults_that_explicit_keys_override():
+    small = Resganad(preset="small", image_size=64).config
+    assert all(getattr(small, k) == v for k, v in ResganadConfig.PRESETS["small"].items())
+    assert Resganad(image_size=64).config.width == 64  # no preset: the thesis's width
+    assert Resganad(preset="small", width=4, image_size=64).config.width == 4
+    gan = Ganomaly(preset="small", image_size=64).config
+    assert all(getattr(gan, k) == v for k, v in GanomalyConfig.PRESETS["small"].items())
+    with pytest.raises(ConfigError, match="preset='tiny' is not one of \\['small'\\]"):
+        Ganomaly(preset="tiny")
+    # a saved run's params (preset and the values it gave) rebuild the same config
+    assert Resganad(small.model_dump()).config == small
+
+
 # ------------------------------------------------------------------------------ CLI
 def _fit_args(detector: str, data: Path, out: Path) -> list[str]:
     extra = ["--set", "blocks=1"] if detector == "resganad" else []
@@ -244,6 +258,31 @@ def test_cli_refusals(tiny_vials, tmp_path):
     assert r.exit_code == 2 and "--epochs" in r.output
     r = invoke(*_fit_args("ganomaly", tiny_vials, tmp_path / "g"), "--backbone", "resnet18")
     assert r.exit_code == 2 and "backbone" in r.output
+
+
+@pytest.mark.slow
+def test_cli_budget_stops_training_and_resume_overwrite_continues_it(tiny_vials, tmp_path):
+    from conftest import invoke, stdout_json
+
+    run = tmp_path / "g"
+    # 12 training strips, 1 held out, 11 in batches of 4: 3 steps an epoch; a budget of 4
+    # steps stops inside epoch 2 of 3
+    r = invoke(*_fit_args("ganomaly", tiny_vials, run), "--epochs", 3, "--set", "max_steps=4")
+    assert r.exit_code == 0, r.output
+    info = stdout_json(r.output)
+    assert (info["stopped_by"], info["steps"], info["epochs_run"]) == ("max_steps", 4, 1)
+    assert info["epochs_reached"] == pytest.approx(4 / 3, abs=1e-3)
+    assert "stopped by its budget (max_steps)" in r.output
+    r = invoke(*_fit_args("ganomaly", tiny_vials, run), "--epochs", 3, "--resume")
+    assert r.exit_code == 2 and "--overwrite" in r.output  # the finished run is kept
+    r = invoke(*_fit_args("ganomaly", tiny_vials, run), "--epochs", 3, "--resume", "--overwrite",
+               "--set", "max_minutes=60")
+    assert r.exit_code == 0, r.output
+    info = stdout_json(r.output)
+    assert (info["stopped_by"], info["steps"], info["epochs_run"]) == (None, 9, 3)
+    assert "budget" not in r.output.split("}")[-1]
+    stops = [x for x in read_log(run / "training" / "log.csv") if x["phase"] == "stop"]
+    assert [x["step"] for x in stops] == ["4"]  # the log keeps where the budget stopped it
 
 
 def _child_fit(detector: str, data: Path, out: Path) -> None:

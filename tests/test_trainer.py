@@ -15,6 +15,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -421,6 +422,74 @@ def test_resume_after_the_end_continues_with_more_epochs(tmp_path):
     assert r.epochs == 5 and len(r.history) == 5
     for k, v in weights(five).items():
         assert torch.equal(v, weights(more)[k])
+
+
+def test_max_steps_stops_mid_epoch_and_a_larger_budget_resumes_to_the_same_weights(tmp_path):
+    # 12 training images in batches of 4: 3 steps an epoch; the budget ends step 5, mid-epoch 2
+    cfg = {"epochs": 3, "batch_size": 4, "val_fraction": 0.15, "log_every": 2,
+           "restore_best": False, "loss_curves": False}
+    whole = TinyGAN(seed=2)
+    Trainer(cfg, tmp_path / "whole").fit(whole, Samples(14))
+    cut = TinyGAN(seed=2)
+    r = Trainer({**cfg, "max_steps": 5}, tmp_path / "cut").fit(cut, Samples(14))
+    assert (r.steps, r.epochs, r.stopped_by, r.stopped_early) == (5, 1, "max_steps", False)
+    meta = json.loads((tmp_path / "cut" / "checkpoint" / "checkpoint.json").read_text())
+    assert (meta["progress"]["step"], meta["progress"]["batch"]) == (5, 2)  # step 5 saved
+    stop = [x for x in read_log(tmp_path / "cut" / "log.csv") if x["phase"] == "stop"]
+    assert [(x["step"], x["stopped_by"]) for x in stop] == [("5", "max_steps=5")]
+    # the same budget again trains no further
+    again = Trainer({**cfg, "max_steps": 5}, tmp_path / "cut").fit(TinyGAN(seed=9), Samples(14),
+                                                                   resume=True)
+    assert (again.steps, again.stopped_by) == (5, "max_steps")
+    # past it, the run continues where it stopped and ends as the uninterrupted one
+    more = TinyGAN(seed=9)
+    r = Trainer(cfg, tmp_path / "cut").fit(more, Samples(14), resume=True)
+    assert (r.steps, r.epochs, r.stopped_by) == (9, 3, None)
+    for k, v in weights(whole).items():
+        assert torch.equal(v, weights(more)[k]), k
+
+
+def test_max_minutes_stops_on_the_wall_clock_after_a_whole_step(tmp_path):
+    class Slow(TinyAE):
+        def training_step(self, batch, ctx):
+            time.sleep(0.05)
+            return super().training_step(batch, ctx)
+
+    # 0.005 min = 0.3 s at >= 0.05 s a step: at most 6 of the 30 steps (10 epochs x 3)
+    r = Trainer({"epochs": 10, "batch_size": 4, "max_minutes": 0.005, "loss_curves": False},
+                tmp_path).fit(Slow(), Samples(14))
+    assert r.stopped_by == "max_minutes" and 1 <= r.steps <= 6 and r.seconds >= 0.3
+    meta = json.loads((tmp_path / "checkpoint" / "checkpoint.json").read_text())
+    assert meta["progress"]["step"] == r.steps  # the last step is the checkpoint
+    assert read_log(tmp_path / "log.csv")[-1]["stopped_by"] == "max_minutes=0.005"
+    r = Trainer({"epochs": 10, "batch_size": 4, "max_minutes": 0.01, "loss_curves": False},
+                tmp_path).fit(Slow(), Samples(14), resume=True)
+    assert r.stopped_by == "max_minutes" and r.seconds >= 0.6 and r.steps > \
+        meta["progress"]["step"]
+
+
+@pytest.mark.parametrize("improving", [True, False])
+def test_a_budget_stop_keeps_the_last_weights_only_when_they_validate_best(tmp_path, improving):
+    class Judged(TinyAE):
+        def validation_step(self, batch, ctx):
+            return {"loss": 1 / (1 + ctx.global_step) if improving else float(ctx.global_step)}
+
+    model = Judged()
+    cfg = {"epochs": 3, "batch_size": 4, "val_fraction": 0.15, "max_steps": 5,
+           "loss_curves": False}
+    r = Trainer(cfg, tmp_path).fit(model, Samples(14))  # 3 steps an epoch: stops mid-epoch 2
+    assert (r.steps, r.best_epoch) == (5, 1)
+    last, _ = ckpt.load_checkpoint(tmp_path / "checkpoint")
+    best = load_file(tmp_path / "checkpoint" / "best.safetensors")
+    for k, v in weights(model).items():
+        assert torch.equal(v, last[f"net.{k}"] if improving else best[k]), k
+
+
+def test_a_budget_reached_with_the_last_epoch_did_not_stop_the_run(tmp_path):
+    r = Trainer({"epochs": 2, "batch_size": 4, "val_fraction": 0.15, "max_steps": 6,
+                 "loss_curves": False}, tmp_path).fit(TinyAE(), Samples(14))
+    assert (r.steps, r.epochs, r.stopped_by) == (6, 2, None)
+    assert not any(x["phase"] == "stop" for x in read_log(tmp_path / "log.csv"))
 
 
 def test_resume_refusals(tmp_path):

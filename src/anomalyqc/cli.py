@@ -224,7 +224,9 @@ def fit(
     width: int | None = typer.Option(None, help="Trained detectors: the networks' stem width "
                                                 "(stage i outputs width * 2**(i+1))."),
     resume: bool = typer.Option(False, "--resume", help="Trained detectors: continue the run "
-                                                        "checkpointed in RUN.training/."),
+                                                        "checkpointed in RUN.training/ (or, "
+                                                        "with --overwrite, the finished run "
+                                                        "in RUN, e.g. past its budget)."),
     roi_dir: str | None = typer.Option(None, "--roi-dir", help=_ROI_DIR_HELP),
 ) -> None:
     """Fit a detector on the good training images and save it to a run folder."""
@@ -263,6 +265,11 @@ def fit(
     info = json.loads((out / "fit_info.json").read_text())
     _print_json(info)
     _print_listing(info)
+    if info.get("stopped_by") in ("max_steps", "max_minutes"):
+        console.print(f"training stopped by its budget ({info['stopped_by']}) after "
+                      f"{info['epochs_reached']} epochs, {info['steps']} steps; `fit --resume "
+                      f"--overwrite` with a larger budget continues it", markup=False,
+                      highlight=False)
     console.print(f"model saved to {out}", markup=False, highlight=False)
 
 

@@ -124,7 +124,8 @@ def fit_run(detector: str, data: str | Path, out: str | Path, params: dict[str, 
     splits each epoch over the processes. Its log, checkpoints and loss curves go to
     `work_dir` (default: the sibling folder `out`.training, which outlives a killed fit,
     unlike the temporary folder), where resume=True continues a stopped run; at the end
-    they move into `out`/training.
+    they move into `out`/training. A finished run (all epochs, or stopped by a budget)
+    continues from `out`/training with resume=True and overwrite=True.
 
     A detector that uses ROIs (Detector.uses_roi) reads them when the training images have
     them (ROOT/roi/ in the MVTec layout, ROOT/`roi_dir`/ in the folder layout): all or
@@ -153,7 +154,8 @@ def fit_run(detector: str, data: str | Path, out: str | Path, params: dict[str, 
     # before any work; the other ranks write nothing.
     with (atomic_folder(out, run_replacement_check(overwrite)) if rank == 0
           else nullcontext(Path(out))) as target:
-        training = _Training(Path(work_dir or f"{os.path.abspath(out)}.training"), resume)
+        training = _Training(Path(work_dir or f"{os.path.abspath(out)}.training"), resume,
+                             Path(out) / "training")
         return _fit_into(det, data, listing, good, target, batch_size, num_workers, progress,
                          training, n_rois)
 
@@ -164,6 +166,18 @@ class _Training:
 
     work_dir: Path
     resume: bool
+    finished: Path  # the training folder of the run being replaced, if any
+
+    def adopt_finished_run(self) -> None:
+        """Resuming a finished run: copy its checkpoints to work_dir (the run in `out` stays
+        whole until the continued one replaces it). Nothing to do after a kill, whose
+        checkpoints are in work_dir already."""
+        from anomalyqc.training.checkpoint import has_checkpoint
+
+        if self.resume and not has_checkpoint(self.work_dir / "checkpoint") and \
+                has_checkpoint(self.finished / "checkpoint"):
+            shutil.rmtree(self.work_dir, ignore_errors=True)
+            shutil.copytree(self.finished, self.work_dir)
 
 
 def _fit_into(det: Detector, data: str | Path, listing: Listing, good: list[Any], target: Path,
@@ -176,6 +190,11 @@ def _fit_into(det: Detector, data: str | Path, listing: Listing, good: list[Any]
     owns_group = distributed.init_from_env() if world > 1 else False
     try:
         trains = isinstance(det, ReconstructionDetector)
+        if trains and training.resume:
+            if rank == 0:
+                training.adopt_finished_run()
+            if distributed.active():
+                distributed.dist.barrier()
         shard = good if trains else distributed.shard(good, rank, world)
         dataset = ImageDataset(shard, transform_for(det), channels=det.config.channels,
                                rois=det.uses_roi)

@@ -41,7 +41,13 @@ if TYPE_CHECKING:
 
 
 class ReconstructionConfig(DetectorConfig, TrainConfig):
-    """Input, network shape and training parameters (every TrainConfig field is a --set key)."""
+    """Input, network shape and training parameters (every TrainConfig field is a --set key).
+
+    `preset` names a set of defaults from the detector's PRESETS (e.g. "small", for small
+    inputs trained on a CPU budget); every key given explicitly wins over the preset's."""
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
+    preset: str | None = None
 
     # network (see anomalyqc.nets.coders.NetConfig)
     width: int = Field(32, ge=1)  # stem filters; stage i outputs width * 2**(i+1)
@@ -65,6 +71,16 @@ class ReconstructionConfig(DetectorConfig, TrainConfig):
     channels_last: bool = False
     fold_batchnorm: bool = False
     inference_dtype: InferenceDtype = "float32"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset") is not None:
+            name = data["preset"]
+            if name not in cls.PRESETS:
+                raise ValueError(f"preset={name!r} is not one of {sorted(cls.PRESETS)}")
+            data = {**cls.PRESETS[name], **data}
+        return data
 
     @model_validator(mode="after")
     def _size_fits_the_stages(self) -> ReconstructionConfig:
@@ -224,8 +240,13 @@ class ReconstructionDetector(Detector, Trainable):
             "epochs_run": result.epochs,
             "steps": result.steps,
             "stopped_early": result.stopped_early,
+            # what ended training: a budget (max_steps, max_minutes), early stopping, or
+            # None when every epoch ran; epochs_reached counts a budget's partial epoch
+            "stopped_by": result.stopped_by,
+            "epochs_reached": round(result.steps / max(result.steps_per_epoch, 1), 3),
             "train_seconds": round(result.seconds, 3),
-            "seconds_per_epoch": round(result.seconds / max(result.epochs, 1), 3),
+            "seconds_per_epoch": round(result.seconds * result.steps_per_epoch
+                                       / max(result.steps, 1), 3),
             "best_epoch": result.best_epoch,
             "best_validation_loss": result.best_metric,
             "monitor": self.monitor,

@@ -17,6 +17,11 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     epochs: int = Field(10, ge=1)
+    # budgets, checked after every step: training ends at the first one reached (its step
+    # finished and checkpointed). Both count the whole run, resumes included, so a resume
+    # continues only past a larger budget (or none), as it does past more epochs.
+    max_steps: int | None = Field(None, ge=1)  # training steps (batches) in total
+    max_minutes: float | None = Field(None, gt=0)  # training wall clock (validation included)
     batch_size: int = Field(8, ge=1)
     val_fraction: float = Field(0.1, ge=0, lt=1)
     seed: int = 0

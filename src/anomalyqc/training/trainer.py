@@ -4,6 +4,9 @@
     result = trainer.fit(detector, dataset, resume=True)
 
 `out_dir` receives log.csv, checkpoint/ (checkpoint.py) and, at the end, loss_curves.png.
+A budget (config max_steps, max_minutes) ends a run after the step that reaches it: that
+step is checkpointed and a "stop" row goes into the log, so `resume=True` with a larger
+budget continues from there as from a kill.
 Under torchrun (RANK/WORLD_SIZE set) each process trains a shard of every epoch through
 DistributedDataParallel (gloo on CPU, NCCL on GPU); only rank 0 reports progress and writes
 files, and the replicas' weights are compared after every epoch (replicas.py). A run is a
@@ -58,6 +61,8 @@ class TrainResult:
     epochs: int  # epochs completed
     steps: int  # training steps completed
     stopped_early: bool
+    stopped_by: str | None  # "early_stopping", "max_steps", "max_minutes" or None (all epochs)
+    steps_per_epoch: int
     best_epoch: int | None  # 1-based epoch of the best monitored metric
     best_metric: float | None
     history: list[dict[str, float]]  # per epoch: train_<loss>, val_<loss>, lr factor
@@ -76,7 +81,8 @@ class _Progress:
     batch: int = 0  # batches of the current epoch done
     step: int = 0  # global steps done
     seconds: float = 0.0
-    stopped: bool = False
+    stopped: bool = False  # by early stopping
+    budget_stop: str | None = None  # the budget that ended the run: "max_steps"/"max_minutes"
     log_sums: dict[str, float] = field(default_factory=dict)
     log_steps: int = 0
     epoch_sums: dict[str, float] = field(default_factory=dict)
@@ -156,7 +162,7 @@ class Trainer:
         finally:
             if self.tensorboard is not None:
                 self.tensorboard.close()
-        if cfg.restore_best and self.best_weights is not None:
+        if cfg.restore_best and self.best_weights is not None and not self._last_beats_best():
             self._load_weights(self.best_weights, "best weights")
         for net in self.nets.values():
             net.eval()
@@ -166,7 +172,9 @@ class Trainer:
 
             plot_loss_curves(self.log.path, self.out_dir / "loss_curves.png", self.label)
         s = self.state
+        stopped_by = s.budget_stop or ("early_stopping" if s.stopped else None)
         return TrainResult(epochs=s.epoch, steps=s.step, stopped_early=s.stopped,
+                           stopped_by=stopped_by, steps_per_epoch=self.steps_per_epoch,
                            best_epoch=s.best_epoch, best_metric=s.best, history=list(s.history),
                            seconds=s.seconds, out_dir=self.out_dir, weights_sha256=digests)
 
@@ -261,7 +269,9 @@ class Trainer:
     def _loop(self) -> None:
         cfg, s = self.config, self.state
         started = time.perf_counter() - s.seconds
-        while s.epoch < cfg.epochs and not s.stopped:
+        # checked against this config's budget: a resume within the same one trains no more
+        s.budget_stop = self._over_budget()
+        while s.epoch < cfg.epochs and not s.stopped and not s.budget_stop:
             batches = self._batches(s.epoch)
             total = len(batches)
             for net in self.nets.values():
@@ -274,12 +284,58 @@ class Trainer:
                 s.seconds = time.perf_counter() - started
                 if s.step % cfg.log_every == 0:
                     self._log_train()
+                s.budget_stop = self._over_budget()
+                if s.budget_stop and s.batch < total:  # mid-epoch (at its end: validate first)
+                    self._stop_for_budget()
+                    return
                 if cfg.checkpoint_every and s.step % cfg.checkpoint_every == 0:
                     self._checkpoint()
                 self._report(s.batch, total)
             self._end_epoch()
             s.seconds = time.perf_counter() - started
+            if s.budget_stop and s.epoch < cfg.epochs and not s.stopped:
+                self._stop_for_budget()
+                return
+            s.budget_stop = None  # reached together with the last epoch: not what ended it
             self._checkpoint()
+
+    def _last_beats_best(self) -> bool:
+        """After a budget stop mid-epoch, are the last weights (never validated: their epoch
+        did not end) at least as good as the best epoch's? Validated now, on the validation
+        split; without one they are kept, being the most trained. Nothing is recorded, so a
+        resume is unaffected."""
+        s = self.state
+        if not s.budget_stop or s.batch == 0:
+            return False
+        if not self.val_idx:
+            return True
+        metric = self._validate().get(self.model.monitor)
+        return metric is not None and (s.best is None or metric <= s.best)
+
+    def _over_budget(self) -> str | None:
+        """The budget spent ("max_steps", "max_minutes"), or None. Under torchrun rank 0's
+        clock decides, so every process stops after the same step."""
+        cfg, s = self.config, self.state
+        if cfg.max_steps is not None and s.step >= cfg.max_steps:
+            return "max_steps"
+        if cfg.max_minutes is None:
+            return None
+        spent = torch.tensor([float(s.seconds >= 60 * cfg.max_minutes)])
+        if distributed.active():
+            distributed.broadcast_(spent)
+        return "max_minutes" if spent.item() else None
+
+    def _stop_for_budget(self) -> None:
+        """End the run here: the partial log interval, a "stop" row saying which budget, and
+        a checkpoint that a resume with a larger budget continues from."""
+        cfg, s = self.config, self.state
+        self._sync_buffers()
+        self._log_train()
+        limit = cfg.max_steps if s.budget_stop == "max_steps" else cfg.max_minutes
+        self.log.append({"epoch": s.epoch + 1, "step": s.step, "phase": "stop",
+                         "stopped_by": f"{s.budget_stop}={limit}",
+                         "seconds": round(s.seconds, 3)})
+        self._checkpoint()
 
     def _report(self, done: int, total: int) -> None:
         if self.progress is not None and self.rank == 0:

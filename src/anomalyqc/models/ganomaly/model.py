@@ -15,7 +15,7 @@ Prediction.extras. The anomaly map is |X - X_hat| smoothed by a Gaussian.
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -36,6 +36,12 @@ from anomalyqc.types import Batch, Prediction
 
 
 class GanomalyConfig(ReconstructionConfig):
+    # "small": 64x64-class inputs on a CPU budget of minutes (benchmarks/README.md, "Reconstruction
+    # against embedding on vial patches"): a narrow net that takes many steps, and a 10x
+    # higher learning rate, which learns faster in the first few hundred steps
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        "small": {"width": 4, "stages": 3, "latent_channels": 16, "lr": 2e-3},
+    }
     w_a: float = Field(1.0, ge=0)  # L1 in L_con (8.4, 8.6)
     w_b: float = Field(1.0, ge=0)  # 1 - SSIM in L_con
     w_adv: float = Field(1.0, ge=0)  # w1

@@ -43,6 +43,12 @@ from anomalyqc.types import Batch, Prediction
 
 
 class ResganadConfig(ReconstructionConfig):
+    # "small": 64x64-class inputs on a CPU budget of minutes (benchmarks/README.md, "Reconstruction
+    # against embedding on vial patches"): a narrow net of 3 stages of 2 two-conv blocks (the
+    # thesis's dense 64 bottleneck kept), and the same higher learning rate as GANomaly's
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        "small": {"width": 4, "stages": 3, "blocks": 2, "convs": 2, "lr": 2e-3},
+    }
     # network: the defaults are nets.presets.resganad_config(), the thesis's 10.5.2 at
     # width 64 and 256x256; width and image_size make it small
     width: int = Field(64, ge=1)
