@@ -45,8 +45,8 @@ EMBEDDING_SIZE = "128"
 TRAINED: dict[str, list[str]] = {
     "ganomaly": ["--set", "preset=small"],
     "resganad": ["--set", "preset=small"],
-    "draem": [],
-    "grdnet": [],
+    "draem": ["--set", "preset=small"],
+    "grdnet": ["--set", "preset=small"],
 }
 EMBEDDING = ("padim", "mhbc")
 BATCH = 16

@@ -151,12 +151,11 @@ def test_fit_predict_save_load_round_trip(cls, params, tmp_path):
     assert pred.score.shape == (3,) and pred.anomaly_map.shape == (3, 1, 32, 32)
     assert torch.isfinite(pred.score).all() and torch.isfinite(pred.anomaly_map).all()
     assert pred.reconstruction is not None and pred.reconstruction.shape == (3, 1, 32, 32)
-    if cls is Resganad:  # phi = 1 - SSIM(X, X_hat) and the normalised map
+    if cls is Resganad:  # phi = 1 - SSIM(X, X_hat)
         from anomalyqc.models.reconstruction import ssim_per_image
 
         assert torch.allclose(pred.score, 1 - ssim_per_image(x[:3], pred.reconstruction),
                               atol=1e-5)
-        assert torch.allclose(pred.anomaly_map.flatten(1).amax(1), torch.ones(3))
     det.save(tmp_path / "run")
     assert not any(p.suffix == ".pt" or p.suffix == ".pkl" for p in (tmp_path / "run").iterdir())
     names = set(load_file(tmp_path / "run" / "weights.safetensors"))
@@ -361,3 +360,49 @@ def test_focal_loss_down_weights_easy_pixels():
     w = torch.tensor([[1.0, 0.0]])
     only_first = focal_loss(hard[:, :1], target[:, :1], 2.0)
     assert torch.allclose(focal_loss(hard, target, 2.0, weight=w), only_first)
+
+
+def test_resganad_maps_compare_across_images_unless_normalised():
+    """The default map (smoothed 1 - SSIM) keeps its scale across images, so a pixel
+    threshold means the same on every image; normalise_map gives the thesis's display map."""
+    from anomalyqc.models.reconstruction import smooth_map, ssim_map
+
+    x = images(8)
+    det = Resganad(TINY_RESGANAD).fit([Batch.from_images(x)])
+    # a test image far from the training images, and one of them
+    odd = x[:2].clone()
+    odd[0, :, 8:24, 8:24] = 1.0 - odd[0, :, 8:24, 8:24]
+    pred = det.predict(odd)
+    expected = smooth_map((1 - ssim_map(odd, pred.reconstruction)).mean(1, keepdim=True),
+                          det.config.smoothing_sigma)
+    assert torch.allclose(pred.anomaly_map, expected, atol=1e-5)
+    # the maps' peaks differ between images (no per-image scaling)
+    peaks = pred.anomaly_map.flatten(1).amax(1)
+    assert not torch.allclose(peaks, torch.ones(2))
+    det.config.heatmap = "difference"
+    diff = det.predict(odd).anomaly_map
+    assert torch.allclose(diff, smooth_map((odd - pred.reconstruction).abs().mean(1, keepdim=True),
+                                           det.config.smoothing_sigma), atol=1e-5)
+    det.config.normalise_map = True
+    shown = det.predict(odd).anomaly_map
+    assert torch.allclose(shown.flatten(1).amax(1), torch.ones(2))
+    assert torch.allclose(shown.flatten(1).amin(1), torch.zeros(2))
+
+
+@pytest.mark.parametrize("name", ["draem", "grdnet"])
+def test_small_preset_of_the_u_net_detectors_is_smaller_and_trains(name):
+    from anomalyqc.models import detector_class
+
+    cls = detector_class(name)
+    small, full = cls(preset="small", image_size=64, channels=1), cls(image_size=64, channels=1)
+    small._build()
+    full._build()
+
+    def count(d):
+        return sum(p.numel() for net in d.nets.values() for p in net.parameters())
+
+    assert count(small) * 10 < count(full)
+    assert small.config.lr > full.config.lr
+    det = cls(preset="small", image_size=32, epochs=1, batch_size=4, val_fraction=0.0)
+    det.fit([Batch.from_images(images(8))])
+    assert torch.isfinite(det.predict(images(2)).score).all()

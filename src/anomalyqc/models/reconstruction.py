@@ -143,13 +143,17 @@ def focal_loss(prob: torch.Tensor, target: torch.Tensor, gamma: float = 2.0,
     return (loss * w).sum() / w.sum().clamp_min(1.0)
 
 
+def smooth_map(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian blur of (B, 1, H, W) maps (reflected borders); sigma <= 0 leaves them."""
+    if sigma <= 0:
+        return maps
+    k = min(2 * int(4 * sigma + 0.5) + 1, (min(maps.shape[-2:]) - 1) // 2 * 2 + 1)
+    return kornia.filters.gaussian_blur2d(maps, (k, k), (sigma, sigma), border_type="reflect")
+
+
 def difference_map(x: torch.Tensor, x_hat: torch.Tensor, sigma: float) -> torch.Tensor:
     """|X - X_hat| averaged over channels (B, 1, H, W), Gaussian-smoothed when sigma > 0."""
-    diff = (x - x_hat).abs().mean(dim=1, keepdim=True)
-    if sigma <= 0:
-        return diff
-    k = min(2 * int(4 * sigma + 0.5) + 1, (min(diff.shape[-2:]) - 1) // 2 * 2 + 1)
-    return kornia.filters.gaussian_blur2d(diff, (k, k), (sigma, sigma), border_type="reflect")
+    return smooth_map((x - x_hat).abs().mean(dim=1, keepdim=True), sigma)
 
 
 class ReconstructionDetector(Detector, Trainable):

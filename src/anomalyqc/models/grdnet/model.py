@@ -79,6 +79,12 @@ _EPS = 1e-6
 
 
 class GrdnetConfig(ReconstructionConfig):
+    # "small": 64x64-class inputs on a CPU budget of minutes, as GANomaly's (its generator is
+    # GRD-Net's reconstructive part), with a U-Net of matching width
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        "small": {"width": 4, "stages": 3, "latent_channels": 16, "lr": 2e-3,
+                  "unet_width": 8, "unet_depth": 3},
+    }
     # generator: nets.presets.grdnet_config (stages of two blocks of two convs down to 8x8,
     # conv bottleneck 32x8x8 = CRAE; bottleneck=dense, latent_dim=2048 = DRAE); stages
     # default to as many as bring the input to 8x8

@@ -16,7 +16,8 @@ Training input X*, M, N, beta = P_q(X) (eq. 8.11, q = 0.75, synth.perlin). Gener
 weights w_a = 2, w_b = 1, w1 = 1, w2 = 50, w3 = 1, w4 = 3 (8.13); Huber's delta is 1.
 
 Inference uses the autoencoder only: score phi = 1 - SSIM(X, X_hat) (8.14); heatmap
-|X - X_hat| min-max normalised to [0, 1] per image (8.15-8.16).
+1 - SSIM per pixel, or |X - X_hat| (8.15), min-max normalised per image (8.16) only on request
+(see ResganadConfig.heatmap).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from anomalyqc.models.reconstruction import (
     ReconstructionDetector,
     discriminator_loss,
     feature_matching,
+    smooth_map,
+    ssim_map,
     ssim_per_image,
 )
 from anomalyqc.nets import Discriminator, EncoderDecoderEncoder
@@ -70,7 +73,13 @@ class ResganadConfig(ReconstructionConfig):
     # anomaly synthesis P_q (synth.perlin.PerlinConfig)
     perturb_probability: float = Field(0.75, ge=0, le=1)  # q
     perlin_source: Literal["uniform", "texture"] = "uniform"
-    normalise_map: bool = True  # 8.16: each heatmap min-max scaled to [0, 1]
+    # The map: "ssim" is 1 - SSIM(X, X_hat) per pixel, the local form of the score (8.14);
+    # "difference" is |X - X_hat| (8.15); both Gaussian-smoothed by smoothing_sigma.
+    # normalise_map min-max scales each map to [0, 1] (8.16), as the thesis displays them:
+    # then every image's map reaches 1, so a pixel threshold or a pixel AUROC across images
+    # means nothing, which is why it is off by default.
+    heatmap: Literal["ssim", "difference"] = "ssim"
+    normalise_map: bool = False
 
 
 def contextual_loss(x: torch.Tensor, x_hat: torch.Tensor, w_a: float = 2.0, w_b: float = 1.0,
@@ -155,10 +164,13 @@ class Resganad(ReconstructionDetector):
 
     def infer(self, x: torch.Tensor) -> Prediction:
         x_hat = self.nets["generator"].autoencoder(x)  # type: ignore[operator]
-        score = 1 - ssim_per_image(x, x_hat)
-        diff = (x - x_hat).abs().mean(dim=1, keepdim=True)
-        return Prediction(score=score, anomaly_map=minmax(diff) if self.config.normalise_map
-                          else diff, reconstruction=x_hat)
+        c = self.config
+        local = 1 - ssim_map(x, x_hat)
+        score = local.flatten(1).mean(dim=1)  # = 1 - ssim_per_image(x, x_hat)
+        raw = local if c.heatmap == "ssim" else (x - x_hat).abs()
+        maps = smooth_map(raw.mean(dim=1, keepdim=True), c.smoothing_sigma)
+        return Prediction(score=score, anomaly_map=minmax(maps) if c.normalise_map else maps,
+                          reconstruction=x_hat)
 
 
 __all__ = ["Resganad", "ResganadConfig", "contextual_loss", "minmax", "noise_loss"]
