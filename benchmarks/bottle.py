@@ -43,7 +43,7 @@ DETECTORS = {
     "mhbc_euclidean": ("mhbc", ["--set", "covariance=none"]),
     "mhbc_pca48": ("mhbc", ["--set", "reduction=pca", "--set", "reduced_dim=48"]),
     **{f"{d}_eps{e}": (d, ["--set", f"eps={e}"]) for d in ("padim", "mhbc")
-       for e in ("0.1", "1", "10", "100")},
+       for e in ("0.01", "0.1", "1", "10", "100")},
 }
 VARIANTS = ["padim", "padim_random100", "mhbc", "mhbc_two_pass", "mhbc_pooled_cov",
             "mhbc_global_cov", "mhbc_euclidean", "patchcore", "patchcore_patch_max",
@@ -53,8 +53,8 @@ MULTIMODAL = ["padim", "mhbc", "mhbc_k64", "mhbc_two_pass", "mhbc_pooled_cov", "
               "mhbc_euclidean", "patchcore", "patchcore_1pct", "patchcore_kmeans_1pct"]
 
 # The covariance regularisation eps (B.6) against the per-location covariance's noise.
-REGULARISATION = ["padim", *(f"padim_eps{e}" for e in ("0.1", "1", "10", "100")),
-                  "mhbc", *(f"mhbc_eps{e}" for e in ("1", "10", "100")), "mhbc_euclidean"]
+REGULARISATION = [*(f"padim_eps{e}" for e in ("0.01", "0.1", "1", "10", "100")),
+                  *(f"mhbc_eps{e}" for e in ("0.01", "1", "10", "100")), "mhbc_euclidean"]
 
 
 def run_json(args: list[str]) -> dict:

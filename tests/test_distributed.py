@@ -200,7 +200,7 @@ def test_merge_patchcore_keeps_the_union_of_the_banks(data, tmp_path):
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"eps": 0.1}, "eps (0.01 vs 0.1)"),
+    ({"eps": 0.1}, "eps (1.0 vs 0.1)"),
     ({"image_size": 32}, "image_size (64 vs 32)"),
 ])
 def test_merge_refuses_runs_fitted_differently(data, tmp_path, change, message):

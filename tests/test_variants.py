@@ -159,7 +159,7 @@ def test_two_pass_mhbc_clusters_with_the_final_factor():
     torch.testing.assert_close(det.moments.mean(), one.moments.mean())
     # pass 2: K-Means assignments all made with the final factor
     ref = OnlineKMeans(x.shape[1], x.shape[2], 4, init_size=8, seed=0)
-    mean, chol = det.moments.mean().float(), det.moments.cholesky(0.01)
+    mean, chol = det.moments.mean().float(), det.moments.cholesky(det.config.eps)
     for chunk in x.split(4):
         ref.update(chunk, mean, chol)
     ref.finish_init(mean, chol)
@@ -180,7 +180,7 @@ def test_pooled_covariance_is_the_mean_within_location_covariance():
     x = _embeddings(det, TRAIN[:16]).double()  # (N, P, D)
     centred = x - x.mean(0, keepdim=True)
     cov = torch.einsum("npi,npj->ij", centred, centred) / (x.shape[1] * (x.shape[0] - 1))
-    cov += 0.01 * torch.eye(x.shape[2], dtype=cov.dtype)
+    cov += det.config.eps * torch.eye(x.shape[2], dtype=cov.dtype)
     assert det.chol.shape == (1, 152, 152) and det.mean.shape == (64, 152)
     torch.testing.assert_close(det.chol[0], cholesky(cov).float(), rtol=1e-3, atol=1e-4)
     # the "global" reading differs: one mean for all locations, total covariance

@@ -53,7 +53,7 @@ class MhbcConfig(EmbeddingConfig):
     clustering: Literal["kmeans", "coreset"] = "kmeans"
     covariance: Literal["local", "pooled", "global", "none"] = "local"
     passes: Literal[1, 2] = 1  # 2 = moments first, then K-Means with the final factor
-    eps: float = Field(0.01, gt=0)  # covariance regularisation (B.6, D.3)
+    eps: float = Field(1.0, gt=0)  # covariance regularisation (B.6, D.3), as PaDiM's
     init_images: int = Field(32, ge=1)  # images buffered to seed K-Means (bounded memory)
     # refactorise when the image count grew by this fraction (0: at every batch)
     refresh_growth: float = Field(1.0, ge=0)
