@@ -203,6 +203,16 @@ def test_bad_parameters_and_inputs_are_one_line_errors():
     assert detector_class("ganomaly") is Ganomaly and detector_class("resganad") is Resganad
 
 
+def test_max_steps_cuts_the_fit_short_and_reports_no_epoch_time(tmp_path):
+    # 8 images, val_fraction 0.1: 7 training images in batches of 4 are 2 steps an epoch
+    det = Ganomaly({**TINY, "epochs": 3, "max_steps": 3}).fit([Batch.from_images(images(8))])
+    r = det.fit_report
+    assert (r["steps"], r["epochs_run"], r["steps_per_epoch"]) == (3, 1, 2)
+    assert r["seconds_per_epoch"] is None  # the second epoch is partial
+    det = Ganomaly({**TINY, "epochs": 1, "max_steps": 5}).fit([Batch.from_images(images(8))])
+    assert det.fit_report["steps"] == 2 and det.fit_report["seconds_per_epoch"] > 0
+
+
 # ------------------------------------------------------------------------------ CLI
 def _fit_args(detector: str, data: Path, out: Path) -> list[str]:
     extra = ["--set", "blocks=1"] if detector == "resganad" else []

@@ -422,6 +422,28 @@ def test_resume_after_the_end_continues_with_more_epochs(tmp_path):
         assert torch.equal(v, weights(more)[k])
 
 
+def test_max_steps_stops_mid_epoch_and_a_resume_without_it_finishes_the_run(tmp_path):
+    cfg = {"epochs": 3, "batch_size": 4, "val_fraction": 0.1, "log_every": 3,
+           "loss_curves": False}
+    whole = TinyAE()
+    Trainer(cfg, tmp_path / "whole").fit(whole, Samples(14))  # 13 training images: 4 steps
+    cut = TinyAE()
+    r = Trainer({**cfg, "max_steps": 6}, tmp_path / "cut").fit(cut, Samples(14))
+    assert (r.steps, r.epochs, len(r.history)) == (6, 1, 1)  # no validation of epoch 2
+    meta = json.loads((tmp_path / "cut" / "checkpoint" / "checkpoint.json").read_text())
+    assert (meta["progress"]["epoch"], meta["progress"]["batch"]) == (1, 2)
+    assert [int(row["step"]) for row in read_log(tmp_path / "cut" / "log.csv")
+            if row["phase"] == "train"] == [3, 4, 6]  # the partial steps are logged too
+    more = TinyAE(seed=9)
+    r = Trainer(cfg, tmp_path / "cut").fit(more, Samples(14), resume=True)
+    assert (r.steps, r.epochs) == (12, 3)
+    for k, v in weights(whole).items():
+        assert torch.equal(v, weights(more)[k]), k
+    # a limit at an epoch's end ends that epoch as usual
+    r = Trainer({**cfg, "max_steps": 4}, tmp_path / "edge").fit(TinyAE(), Samples(14))
+    assert (r.steps, r.epochs, len(r.history)) == (4, 1, 1)
+
+
 def test_resume_refusals(tmp_path):
     cfg = {"epochs": 1, "batch_size": 4, "loss_curves": False}
     Trainer(cfg, tmp_path).fit(TinyAE(), Samples(8))

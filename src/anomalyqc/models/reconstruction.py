@@ -217,7 +217,11 @@ class ReconstructionDetector(Detector, Trainable):
             "steps": result.steps,
             "stopped_early": result.stopped_early,
             "train_seconds": round(result.seconds, 3),
-            "seconds_per_epoch": round(result.seconds / max(result.epochs, 1), 3),
+            # a run cut short by max_steps has a partial epoch: no per-epoch figure
+            "seconds_per_epoch": round(result.seconds / result.epochs, 3)
+            if result.epochs and result.steps == result.epochs * trainer.steps_per_epoch
+            else None,
+            "steps_per_epoch": trainer.steps_per_epoch,
             "best_epoch": result.best_epoch,
             "best_validation_loss": result.best_metric,
             "monitor": self.monitor,

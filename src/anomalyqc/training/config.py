@@ -17,6 +17,10 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     epochs: int = Field(10, ge=1)
+    # stop after this many training steps in all (a trial or timing run); a run stopped
+    # mid-epoch is checkpointed there without that epoch's validation, and a resume with a
+    # higher limit (or none) continues it. None: the epochs alone decide.
+    max_steps: int | None = Field(None, ge=1)
     batch_size: int = Field(8, ge=1)
     val_fraction: float = Field(0.1, ge=0, lt=1)
     seed: int = 0

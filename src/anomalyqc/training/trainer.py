@@ -255,7 +255,7 @@ class Trainer:
     def _loop(self) -> None:
         cfg, s = self.config, self.state
         started = time.perf_counter() - s.seconds
-        while s.epoch < cfg.epochs and not s.stopped:
+        while s.epoch < cfg.epochs and not s.stopped and not self._at_step_limit():
             batches = self._batches(s.epoch)
             total = len(batches)
             for net in self.nets.values():
@@ -271,9 +271,18 @@ class Trainer:
                 if cfg.checkpoint_every and s.step % cfg.checkpoint_every == 0:
                     self._checkpoint()
                 self._report(s.batch, total)
+                if self._at_step_limit():
+                    break
+            if s.batch < total:  # max_steps reached mid-epoch: keep the place, no validation
+                self._log_train()
+                self._checkpoint()
+                return
             self._end_epoch()
             s.seconds = time.perf_counter() - started
             self._checkpoint()
+
+    def _at_step_limit(self) -> bool:
+        return self.config.max_steps is not None and self.state.step >= self.config.max_steps
 
     def _report(self, done: int, total: int) -> None:
         if self.progress is not None and self.rank == 0:
