@@ -13,7 +13,10 @@ included, validation and setup excluded), from each step's end time: anomalib's 
 Lightning callback, ours from the trainer's log.csv (log_every=1). With `--steps N` a model
 trains only a warm-up step and N timed steps, and its epoch is extrapolated as
 warm-up + (steps per epoch - 1) x mean timed step; the table and JSON say which rows are
-extrapolated. Peak RSS is each process's own (a cut-short fit never reaches the epoch's end,
+extrapolated. The same figure is also taken in process CPU seconds (all threads): when
+other jobs share the 2 cores, wall time stretches with the load while CPU time barely moves,
+so the CPU column compares the two sides even when the load changed between their jobs.
+Peak RSS is each process's own (a cut-short fit never reaches the epoch's end,
 so its peak leaves out anything the rest of the epoch would add: the JSON says so).
 
 Network sizes: anomalib's defaults on its side (GANomaly: DCGAN coders of 64 features down
@@ -93,15 +96,15 @@ def epoch_estimate(step_ends: Sequence[float], steps_per_epoch: int,
             "steps_per_epoch": steps_per_epoch}
 
 
-def step_ends_from_log(rows: Sequence[dict[str, str]]) -> list[float]:
-    """Each training step's end (seconds since training started) from our log.csv rows,
-    written with log_every=1; a gap in the steps means the log cannot time every step."""
+def step_ends_from_log(rows: Sequence[dict[str, str]], clock: str = "seconds") -> list[float]:
+    """Each training step's end (seconds since training started, wall or `cpu_seconds`) from
+    our log.csv rows, written with log_every=1; a gap in the steps would leave steps untimed."""
     train = [r for r in rows if r.get("phase") == "train"]
     steps = [int(r["step"]) for r in train]
     if steps != list(range(1, len(steps) + 1)):
         raise SystemExit(f"log.csv has training rows for steps {steps[:5]}...: expected one per "
                          f"step from 1 (log_every=1)")
-    return [float(r["seconds"]) for r in train]
+    return [float(r[clock]) for r in train]
 
 
 # ------------------------------------------------------------------------- ours
@@ -146,12 +149,16 @@ def run_ours(name: str, variant: str, sets: dict[str, Any], data: Path, work: Pa
     logs = work / "logs"
     fit, wall = run_json(our_fit_command(cli, name, data, run, steps, sets),
                          logs / f"ours_{variant}_fit.log")
-    ends = step_ends_from_log(read_log(run / "training" / "log.csv"))
+    rows = read_log(run / "training" / "log.csv")
+    ends = step_ends_from_log(rows)
+    cpu_ends = step_ends_from_log(rows, "cpu_seconds")
     bench, _ = run_json(cli + ["benchmark", str(run), "--data", str(data), "--repeats",
                                str(repeats)], logs / f"ours_{variant}_benchmark.log")
     return {"detector": name, "sets": sets, "fit": fit, "fit_process_wall_s": wall,
             "step_end_seconds": ends,
+            "step_end_cpu_seconds": cpu_ends,
             "epoch": epoch_estimate(ends, fit["steps_per_epoch"], steps),
+            "epoch_cpu": epoch_estimate(cpu_ends, fit["steps_per_epoch"], steps),
             "parameters": our_parameter_counts(run),
             "latency": {k: bench[k] for k in ("latency_batch1_end_to_end",
                                               "latency_batch1_model_only")},
@@ -177,6 +184,7 @@ def run_anomalib(model: str, python: Path, worker: Path, data: Path, work: Path,
     per_epoch = math.ceil(fit["n_train"] / BATCH)
     return {"fit": fit, "fit_process_wall_s": wall,
             "epoch": epoch_estimate(fit["step_end_seconds"], per_epoch, steps),
+            "epoch_cpu": epoch_estimate(fit["step_end_cpu_seconds"], per_epoch, steps),
             "parameters": fit["parameters"],
             "latency": {k: latency[k] for k in ("latency_batch1_end_to_end",
                                                 "latency_batch1_model_only")},
@@ -186,6 +194,7 @@ def run_anomalib(model: str, python: Path, worker: Path, data: Path, work: Path,
 # ------------------------------------------------------------------------- table
 def figures(row: dict[str, Any]) -> dict[str, Any]:
     return {"epoch_s": row["epoch"]["epoch_train_s"],
+            "epoch_cpu_s": row["epoch_cpu"]["epoch_train_s"],
             "extrapolated": row["epoch"]["extrapolated"],
             "fit_rss": row["fit"]["peak_rss_mb"],
             "model_ms": row["latency"]["latency_batch1_model_only"]["median_ms"],
@@ -196,8 +205,8 @@ def figures(row: dict[str, Any]) -> dict[str, Any]:
 def ratios(ours: dict[str, Any], theirs: dict[str, Any]) -> dict[str, float]:
     """ours / anomalib: below 1 means ours takes less time or memory."""
     a, b = figures(ours), figures(theirs)
-    return {k: round(a[k] / b[k], 3) for k in ("epoch_s", "model_ms", "e2e_ms", "fit_rss",
-                                                "infer_rss")}
+    return {k: round(a[k] / b[k], 3) for k in ("epoch_s", "epoch_cpu_s", "model_ms", "e2e_ms",
+                                                "fit_rss", "infer_rss")}
 
 
 def _params(p: dict[str, int]) -> str:
@@ -206,9 +215,9 @@ def _params(p: dict[str, int]) -> str:
 
 
 def table(result: dict[str, Any]) -> str:
-    lines = ["| detector | parameters | epoch s (training, steps) | s/step | fit peak RSS MB "
-             "| ms/img b1 model | ms/img b1 e2e | inference peak RSS MB |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| detector | parameters | epoch s (training, steps) | s/step | epoch CPU s "
+             "| fit peak RSS MB | ms/img b1 model | ms/img b1 e2e | inference peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|"]
 
     def row(label: str, r: dict[str, Any]) -> str:
         f, e = figures(r), r["epoch"]
@@ -216,7 +225,8 @@ def table(result: dict[str, Any]) -> str:
                else "measured")
         rss = f"{f['fit_rss']:.0f}" + (" (cut short)" if f["extrapolated"] else "")
         return (f"| {label} | {_params(r['parameters'])} | {f['epoch_s']:.1f} ({how}, "
-                f"{e['steps_per_epoch']} steps) | {e['seconds_per_step']:.2f} | {rss} | "
+                f"{e['steps_per_epoch']} steps) | {e['seconds_per_step']:.2f} | "
+                f"{f['epoch_cpu_s']:.1f} | {rss} | "
                 f"{f['model_ms']:.1f} | {f['e2e_ms']:.1f} | {f['infer_rss']:.0f} |")
 
     for model, r in result["anomalib"].items():
@@ -224,11 +234,12 @@ def table(result: dict[str, Any]) -> str:
     for variant, r in result["ours"].items():
         lines.append(row(f"ours {variant}", r))
     if result["ratios"]:
-        lines += ["", "| ours / anomalib | epoch | ms/img model | ms/img e2e | fit peak RSS "
-                  "| inference peak RSS |", "|---|---|---|---|---|---|"]
+        lines += ["", "| ours / anomalib | epoch | epoch CPU | ms/img model | ms/img e2e "
+                  "| fit peak RSS | inference peak RSS |", "|---|---|---|---|---|---|---|"]
         for variant, q in result["ratios"].items():
             ref = result["ours"][variant]["detector"]
             lines.append(f"| {variant} vs anomalib {ref} | {q['epoch_s']:.2f}x | "
+                         f"{q['epoch_cpu_s']:.2f}x | "
                          f"{q['model_ms']:.2f}x | {q['e2e_ms']:.2f}x | {q['fit_rss']:.2f}x | "
                          f"{q['infer_rss']:.2f}x |")
     for note in result.get("skipped", []):

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -73,15 +74,23 @@ def log(msg: str) -> None:
 JOBS: list[dict[str, Any]] = []  # every job of this run: log, wall time, machine load
 
 
+def _children_cpu() -> float:
+    """CPU seconds (user + system) of the finished child processes so far."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def run_json(cmd: list[str], logfile: Path) -> tuple[dict[str, Any], float]:
     """Run a job in its own process; its stdout ends with one JSON object. (result, wall s)"""
     logfile.parent.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()[0]
+    cpu_before = _children_cpu()
     started = time.perf_counter()
     with open(logfile, "w") as err:
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
     wall = time.perf_counter() - started
     JOBS.append({"job": logfile.stem, "wall_s": round(wall, 2),
+                 "cpu_s": round(_children_cpu() - cpu_before, 2),
                  "load_1m_before": load_before, "load_1m_after": os.getloadavg()[0]})
     if proc.returncode != 0:
         tail = logfile.read_text()[-2000:]

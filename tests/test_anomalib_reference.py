@@ -108,6 +108,16 @@ def test_table_has_every_row_of_the_run(ref):
     assert table.count("| anomalib padim |") == 4  # three accuracy rows, one speed row
 
 
+def test_run_json_records_each_jobs_cpu_time_and_load(ref, tmp_path):
+    ref.JOBS.clear()
+    code = ("import json, time; t = time.process_time()\n"
+            "while time.process_time() - t < 0.3: pass\nprint(json.dumps({}))")
+    ref.run_json([sys.executable, "-c", code], tmp_path / "busy.log")
+    job = ref.JOBS[-1]
+    assert job["job"] == "busy" and job["cpu_s"] >= 0.3 and job["wall_s"] >= 0.3
+    assert {"load_1m_before", "load_1m_after"} <= set(job)
+
+
 def test_run_json_takes_the_last_json_object(ref, tmp_path):
     code = ("import json; print('model saved'); print(json.dumps({'a': {'b': 1}}, indent=2));"
             "print('report: x')")
@@ -183,10 +193,11 @@ def test_epoch_is_measured_or_extrapolated_from_the_steps_after_warm_up(rec):
 
 
 def test_step_times_come_from_every_training_row_of_our_log(rec):
-    rows = [{"phase": "train", "step": "1", "seconds": "4.5"},
-            {"phase": "train", "step": "2", "seconds": "6.0"},
+    rows = [{"phase": "train", "step": "1", "seconds": "4.5", "cpu_seconds": "8.0"},
+            {"phase": "train", "step": "2", "seconds": "6.0", "cpu_seconds": "11.0"},
             {"phase": "val", "step": "2", "seconds": "6.0"}]
     assert rec.step_ends_from_log(rows) == [4.5, 6.0]
+    assert rec.step_ends_from_log(rows, "cpu_seconds") == [8.0, 11.0]
     with pytest.raises(SystemExit, match="log_every=1"):
         rec.step_ends_from_log([rows[1]])
 
@@ -213,6 +224,7 @@ def _recon_row(epoch_s, extrapolated, rss, model_ms, e2e_ms, infer_rss, params, 
     row = {"epoch": {"epoch_train_s": epoch_s, "extrapolated": extrapolated,
                      "seconds_per_step": epoch_s / 27, "steps_timed": 3 if extrapolated else 27,
                      "steps_per_epoch": 27},
+           "epoch_cpu": {"epoch_train_s": 1.5 * epoch_s},
            "fit": {"peak_rss_mb": rss}, "inference_peak_rss_mb": infer_rss,
            "latency": {"latency_batch1_model_only": {"median_ms": model_ms},
                        "latency_batch1_end_to_end": {"median_ms": e2e_ms}},
@@ -227,17 +239,18 @@ def test_recon_table_and_ratios(rec):
     ours = _recon_row(525.0, False, 2850.0, 400.0, 440.0, 1500.0,
                       {"generator": 1_000_000, "total": 1_000_000}, detector="draem")
     q = rec.ratios(ours, theirs)
-    assert q == {"epoch_s": 0.25, "model_ms": 0.2, "e2e_ms": 0.2, "fit_rss": 0.25,
-                 "infer_rss": 0.5}
+    assert q == {"epoch_s": 0.25, "epoch_cpu_s": 0.25, "model_ms": 0.2, "e2e_ms": 0.2,
+                 "fit_rss": 0.25, "infer_rss": 0.5}
     result = {"anomalib": {"draem": theirs}, "ours": {"draem-defaults": ours},
               "ratios": {"draem-defaults": q},
               "skipped": ["ours ganomaly: skipped, this anomalyqc has no `fit ganomaly` yet"]}
     t = rec.table(result)
     assert ("| anomalib draem | 97.4M (reconstructive 69.0M, discriminative 28.4M) | 2100.0 "
-            "(extrapolated from 3 steps, 27 steps) | 77.78 | 11400 (cut short) | 2000.0 | "
-            "2200.0 | 3000 |") in t
+            "(extrapolated from 3 steps, 27 steps) | 77.78 | 3150.0 | 11400 (cut short) | "
+            "2000.0 | 2200.0 | 3000 |") in t
     assert "| ours draem-defaults | 1.0M (generator 1.0M) | 525.0 (measured, 27 steps) |" in t
-    assert "| draem-defaults vs anomalib draem | 0.25x | 0.20x | 0.20x | 0.25x | 0.50x |" in t
+    assert ("| draem-defaults vs anomalib draem | 0.25x | 0.25x | 0.20x | 0.20x | 0.25x | "
+            "0.50x |") in t
     assert t.rstrip().endswith("no `fit ganomaly` yet")
 
 
@@ -275,6 +288,7 @@ def test_our_recon_rows_through_the_cli(ref, rec, tiny_vials, tmp_path, monkeypa
     e = row["epoch"]
     assert e["steps_per_epoch"] == 2 and e["extrapolated"] == (steps is not None)
     assert len(row["step_end_seconds"]) == 2 and e["epoch_train_s"] > 0
+    assert row["epoch_cpu"]["epoch_train_s"] > 0 and row["epoch_cpu"]["extrapolated"]
     assert row["fit"]["steps"] == 2 and row["fit"]["peak_rss_mb"] > 0
     assert row["parameters"]["total"] == sum(v for k, v in row["parameters"].items()
                                              if k != "total") > 0

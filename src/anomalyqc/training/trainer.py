@@ -71,6 +71,7 @@ class _Progress:
     batch: int = 0  # batches of the current epoch done
     step: int = 0  # global steps done
     seconds: float = 0.0
+    cpu_seconds: float = 0.0  # this process's CPU time (all threads): steadier under load
     stopped: bool = False
     log_sums: dict[str, float] = field(default_factory=dict)
     log_steps: int = 0
@@ -255,6 +256,7 @@ class Trainer:
     def _loop(self) -> None:
         cfg, s = self.config, self.state
         started = time.perf_counter() - s.seconds
+        cpu_started = time.process_time() - s.cpu_seconds
         while s.epoch < cfg.epochs and not s.stopped and not self._at_step_limit():
             batches = self._batches(s.epoch)
             total = len(batches)
@@ -266,6 +268,7 @@ class Trainer:
                 s.batch += 1
                 s.step += 1
                 s.seconds = time.perf_counter() - started
+                s.cpu_seconds = time.process_time() - cpu_started
                 if s.step % cfg.log_every == 0:
                     self._log_train()
                 if cfg.checkpoint_every and s.step % cfg.checkpoint_every == 0:
@@ -279,6 +282,7 @@ class Trainer:
                 return
             self._end_epoch()
             s.seconds = time.perf_counter() - started
+            s.cpu_seconds = time.process_time() - cpu_started
             self._checkpoint()
 
     def _at_step_limit(self) -> bool:
@@ -354,7 +358,8 @@ class Trainer:
             return
         means = {k: v / s.log_steps for k, v in s.log_sums.items()}
         self._write_row({"epoch": s.epoch + 1, "step": s.step, "phase": "train", **means,
-                         **s.last_lr, "seconds": round(s.seconds, 3)})
+                         **s.last_lr, "seconds": round(s.seconds, 3),
+                         "cpu_seconds": round(s.cpu_seconds, 3)})
         s.log_sums, s.log_steps = {}, 0
 
     def _write_row(self, row: dict[str, Any]) -> None:
