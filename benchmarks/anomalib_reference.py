@@ -436,14 +436,10 @@ def main_recon(args: argparse.Namespace) -> None:
         "anomalib": {}, "ours": {}, "ratios": {}, "skipped": [],
         "jobs": JOBS,  # how busy the machine was around each job
     }
-    if not args.ours_only:
+    if not args.ours_only:  # the venv is checked before anything runs
         python = ensure_venv(args.venv, not args.no_install)
         result["anomalib_environment"] = {"venv": str(args.venv), **anomalib_versions(python)}
-        for model in models:
-            log(f"anomalib {model}: fit ({steps[model] or 'full epoch'} steps), latency")
-            result["anomalib"][model] = rec.run_anomalib(
-                model, python, WORKER, args.data, work, steps[model], args.repeats,
-                args.workers, args.seed, run_json)
+    # ours first: a failure on our side shows in minutes, before anomalib's long jobs
     if not args.anomalib_only:
         have = rec.our_detectors()
         for name, variant, sets in rec.variants(models, args.ours_defaults):
@@ -456,6 +452,12 @@ def main_recon(args: argparse.Namespace) -> None:
             log(f"ours {variant}: fit ({steps[name] or 'full epoch'} steps), benchmark")
             result["ours"][variant] = rec.run_ours(name, variant, sets, args.data, work,
                                                    steps[name], args.repeats, CLI, run_json)
+    if not args.ours_only:
+        for model in models:
+            log(f"anomalib {model}: fit ({steps[model] or 'full epoch'} steps), latency")
+            result["anomalib"][model] = rec.run_anomalib(
+                model, python, WORKER, args.data, work, steps[model], args.repeats,
+                args.workers, args.seed, run_json)
     for variant, r in result["ours"].items():
         if r["detector"] in result["anomalib"]:
             result["ratios"][variant] = rec.ratios(r, result["anomalib"][r["detector"]])
