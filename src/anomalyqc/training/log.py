@@ -20,6 +20,7 @@ from anomalyqc.errors import ConfigError, DataError
 from anomalyqc.fileio import atomic_write_bytes
 
 FIXED = ["epoch", "step", "phase"]
+TIMES = ("seconds", "cpu_seconds")  # clocks, not curves
 
 
 def _text(value: Any) -> str:
@@ -117,7 +118,7 @@ class TensorBoard:
 
     def append(self, row: dict[str, Any]) -> None:
         for k, v in row.items():
-            if k not in (*FIXED, "seconds") and isinstance(v, float):
+            if k not in (*FIXED, *TIMES) and isinstance(v, float):
                 self.writer.add_scalar(f"{row['phase']}/{k}", v, int(row["step"]))
         self.writer.flush()
 

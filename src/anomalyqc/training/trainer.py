@@ -81,6 +81,7 @@ class _Progress:
     batch: int = 0  # batches of the current epoch done
     step: int = 0  # global steps done
     seconds: float = 0.0
+    cpu_seconds: float = 0.0  # this process's CPU time (all threads): steadier under load
     stopped: bool = False  # by early stopping
     budget_stop: str | None = None  # the budget that ended the run: "max_steps"/"max_minutes"
     log_sums: dict[str, float] = field(default_factory=dict)
@@ -271,6 +272,7 @@ class Trainer:
         started = time.perf_counter() - s.seconds
         # checked against this config's budget: a resume within the same one trains no more
         s.budget_stop = self._over_budget()
+        cpu_started = time.process_time() - s.cpu_seconds
         while s.epoch < cfg.epochs and not s.stopped and not s.budget_stop:
             batches = self._batches(s.epoch)
             total = len(batches)
@@ -282,6 +284,7 @@ class Trainer:
                 s.batch += 1
                 s.step += 1
                 s.seconds = time.perf_counter() - started
+                s.cpu_seconds = time.process_time() - cpu_started
                 if s.step % cfg.log_every == 0:
                     self._log_train()
                 s.budget_stop = self._over_budget()
@@ -297,6 +300,7 @@ class Trainer:
                 self._stop_for_budget()
                 return
             s.budget_stop = None  # reached together with the last epoch: not what ended it
+            s.cpu_seconds = time.process_time() - cpu_started
             self._checkpoint()
 
     def _last_beats_best(self) -> bool:
@@ -407,7 +411,8 @@ class Trainer:
             return
         means = {k: v / s.log_steps for k, v in s.log_sums.items()}
         self._write_row({"epoch": s.epoch + 1, "step": s.step, "phase": "train", **means,
-                         **s.last_lr, "seconds": round(s.seconds, 3)})
+                         **s.last_lr, "seconds": round(s.seconds, 3),
+                         "cpu_seconds": round(s.cpu_seconds, 3)})
         s.log_sums, s.log_steps = {}, 0
 
     def _write_row(self, row: dict[str, Any]) -> None:
