@@ -33,7 +33,7 @@ from anomalyqc.progress import Progress
 # distributed), so its __init__ may be half-run when this module loads.
 from anomalyqc.training.config import TrainConfig
 from anomalyqc.training.devices import resolve_device
-from anomalyqc.training.interface import OptimGroup, Trainable
+from anomalyqc.training.interface import OptimGroup, StepContext, Trainable
 from anomalyqc.types import Batch, Prediction, Sample
 
 if TYPE_CHECKING:
@@ -84,12 +84,16 @@ class ReconstructionConfig(DetectorConfig, TrainConfig):
 
     @model_validator(mode="after")
     def _size_fits_the_stages(self) -> ReconstructionConfig:
-        h, w = as_hw(self.crop_size or self.image_size)
-        f = 2**self.stages
-        if h % f or w % f:
-            raise ValueError(f"the input {h}x{w} is not divisible by 2**stages = {f}: use a "
-                             f"multiple of {f} for image_size/crop_size, or fewer stages")
+        self.require_halvings(self.stages, "stages", "fewer stages")
         return self
+
+    def require_halvings(self, n: int, name: str, fix: str) -> None:
+        """The input must halve n times (a network with n stride-2 levels)."""
+        h, w = as_hw(self.crop_size or self.image_size)
+        f = 2**n
+        if h % f or w % f:
+            raise ValueError(f"the input {h}x{w} is not divisible by 2**{name} = {f}: use a "
+                             f"multiple of {f} for image_size/crop_size, or {fix}")
 
 
 def ssim_map(x: torch.Tensor, y: torch.Tensor, window: int = 11) -> torch.Tensor:
@@ -149,6 +153,16 @@ def smooth_map(maps: torch.Tensor, sigma: float) -> torch.Tensor:
         return maps
     k = min(2 * int(4 * sigma + 0.5) + 1, (min(maps.shape[-2:]) - 1) // 2 * 2 + 1)
     return kornia.filters.gaussian_blur2d(maps, (k, k), (sigma, sigma), border_type="reflect")
+
+
+def discriminator_step(ctx: StepContext, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """The GAN discriminator's update: real X against the detached X_hat, one forward of D
+    (as DistributedDataParallel wants), BCE; returns the loss."""
+    with ctx.autocast():
+        logits, _ = ctx.nets["discriminator"](torch.cat([x, x_hat.detach()]))
+    d_loss = discriminator_loss(logits.float(), len(x))
+    ctx.step("discriminator", d_loss)
+    return d_loss
 
 
 def difference_map(x: torch.Tensor, x_hat: torch.Tensor, sigma: float) -> torch.Tensor:

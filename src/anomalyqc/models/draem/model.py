@@ -29,7 +29,6 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from anomalyqc.data.transforms import as_hw
 from anomalyqc.models.base import DetectorConfig, register
 from anomalyqc.models.reconstruction import (
     ReconstructionConfig,
@@ -79,11 +78,7 @@ class DraemConfig(ReconstructionConfig):
 
     @model_validator(mode="after")
     def _size_fits_the_unet(self) -> DraemConfig:
-        h, w = as_hw(self.crop_size or self.image_size)
-        f = 2**self.unet_depth
-        if h % f or w % f:
-            raise ValueError(f"the input {h}x{w} is not divisible by 2**unet_depth = {f}: use a "
-                             f"multiple of {f} for image_size/crop_size, or a lower unet_depth")
+        self.require_halvings(self.unet_depth, "unet_depth", "a lower unet_depth")
         return self
 
 

@@ -26,7 +26,7 @@ from anomalyqc.models.reconstruction import (
     ReconstructionConfig,
     ReconstructionDetector,
     difference_map,
-    discriminator_loss,
+    discriminator_step,
     feature_matching,
     ssim_per_image,
 )
@@ -83,7 +83,7 @@ class Ganomaly(ReconstructionDetector):
                 "enc": enc}
 
     def training_step(self, batch: Batch, ctx: StepContext) -> dict[str, float]:
-        g, d = ctx.nets["generator"], ctx.nets["discriminator"]
+        g = ctx.nets["generator"]
         x = batch.image
         n = len(x)
         with ctx.autocast():  # forwards only: the losses (SSIM above all) stay in fp32
@@ -93,10 +93,7 @@ class Ganomaly(ReconstructionDetector):
         x_hat, feats = x_hat.float(), feats.float()
         losses = self._generator_losses(x, x_hat, z.float(), z_hat.float(), feats[:n], feats[n:])
         ctx.step("generator", losses["loss"])
-        with ctx.autocast():
-            logits, _ = d(torch.cat([x, x_hat.detach()]))
-        d_loss = discriminator_loss(logits.float(), n)
-        ctx.step("discriminator", d_loss)
+        d_loss = discriminator_step(ctx, x, x_hat)
         return {**{k: float(v.detach()) for k, v in losses.items()},
                 "d_loss": float(d_loss.detach())}
 

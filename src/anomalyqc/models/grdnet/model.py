@@ -62,7 +62,7 @@ from anomalyqc.models.ganomaly.model import contextual_loss, encoder_loss
 from anomalyqc.models.reconstruction import (
     ReconstructionConfig,
     ReconstructionDetector,
-    discriminator_loss,
+    discriminator_step,
     feature_matching,
     focal_loss,
 )
@@ -140,11 +140,7 @@ class GrdnetConfig(ReconstructionConfig):
 
     @model_validator(mode="after")
     def _unet_fits(self) -> GrdnetConfig:
-        h, w = as_hw(self.crop_size or self.image_size)
-        f = 2**self.unet_depth
-        if h % f or w % f:
-            raise ValueError(f"the input {h}x{w} is not divisible by 2**unet_depth = {f}: use a "
-                             f"multiple of {f} for image_size/crop_size, or a lower unet_depth")
+        self.require_halvings(self.unet_depth, "unet_depth", "a lower unet_depth")
         return self
 
 
@@ -287,10 +283,7 @@ class Grdnet(ReconstructionDetector):
         gan = c.w_adv * terms["adv"] + c.w_con * terms["con"] + c.w_enc * terms["enc"]
         loss = gan + c.w_focal * (terms["focal"] + terms["overlap"])
         ctx.step("generator", loss)
-        with ctx.autocast():
-            logits, _ = d(torch.cat([x, x_hat.detach()]))
-        d_loss = discriminator_loss(logits.float(), n)
-        ctx.step("discriminator", d_loss)
+        d_loss = discriminator_step(ctx, x, x_hat)
         return {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in terms.items()},
                 "d_loss": float(d_loss.detach())}
 

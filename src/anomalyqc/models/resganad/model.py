@@ -33,7 +33,7 @@ from anomalyqc.models.base import DetectorConfig, register
 from anomalyqc.models.reconstruction import (
     ReconstructionConfig,
     ReconstructionDetector,
-    discriminator_loss,
+    discriminator_step,
     feature_matching,
     smooth_map,
     ssim_map,
@@ -131,7 +131,7 @@ class Resganad(ReconstructionDetector):
 
     def training_step(self, batch: Batch, ctx: StepContext) -> dict[str, float]:
         c = self.config
-        g, d = ctx.nets["generator"], ctx.nets["discriminator"]
+        g = ctx.nets["generator"]
         x = batch.image
         n = len(x)
         p = self.synth(x, roi=batch.roi, generator=ctx.generator)
@@ -146,10 +146,7 @@ class Resganad(ReconstructionDetector):
         loss = (c.w_adv * terms["adv"] + c.w_con * terms["con"] + c.w_enc * terms["enc"]
                 + c.w_nse * terms["nse"])
         ctx.step("generator", loss)
-        with ctx.autocast():
-            logits, _ = d(torch.cat([x, x_hat.detach()]))
-        d_loss = discriminator_loss(logits.float(), n)
-        ctx.step("discriminator", d_loss)
+        d_loss = discriminator_step(ctx, x, x_hat)
         return {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in terms.items()},
                 "d_loss": float(d_loss.detach())}
 
