@@ -17,6 +17,7 @@ checkpointed, so `resume=True` after a kill continues to the same final weights.
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
 import time
@@ -104,6 +105,11 @@ def make_schedule(config: TrainConfig, total_steps: int) -> Schedule:
                               config.min_lr_factor)
     return Schedule()
 
+
+
+def _destroy_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 class Trainer:
     """Trains a `Trainable` on a dataset of good images (anomalyqc.types.Sample items)."""
@@ -198,6 +204,10 @@ class Trainer:
             if device.type == "cuda":
                 torch.cuda.set_device(device)
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            # The group outlives fit (the caller may still use it) but must be torn down
+            # before the interpreter exits: left to the runtime's exit, gloo's threads can
+            # abort the process ("terminate called without an active exception").
+            atexit.register(_destroy_group)
         if distributed.active():
             rank, world = dist.get_rank(), dist.get_world_size()
             backend = dist.get_backend()
