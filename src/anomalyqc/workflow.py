@@ -215,6 +215,8 @@ def _fit_into(det: Detector, data: str | Path, listing: Listing, good: list[Any]
         rss_all = distributed.gather_floats(peak_rss_mb())
         backbone_all = distributed.gather_floats(det.fit_timings.get("backbone_seconds", 0.0)
                                                  if hasattr(det, "fit_timings") else 0.0)
+        if owns_group:  # no process tears the group down while a peer still uses it
+            distributed.dist.barrier()
     finally:
         if owns_group:
             distributed.dist.destroy_process_group()

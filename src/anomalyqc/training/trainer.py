@@ -169,6 +169,9 @@ class Trainer:
         finally:
             if self.tensorboard is not None:
                 self.tensorboard.close()
+            # The DDP wrappers hold the process group's reducers: freed here, not at
+            # interpreter exit after the group is gone (which can abort the process).
+            self.wrapped = dict(self.nets)
         if cfg.restore_best and self.best_weights is not None and not self._last_beats_best():
             self._load_weights(self.best_weights, "best weights")
         for net in self.nets.values():
