@@ -68,3 +68,20 @@ def reseal(run: Path) -> None:
 
     old = read_manifest(run, verify=False)
     write_manifest(run, old.input_size, old.channels)
+
+
+def run_commands_work(run: Path, data: Path, tmp_path: Path) -> None:
+    """evaluate, predict, calibrate and benchmark all succeed on a fitted run folder."""
+    import math
+
+    r = invoke("evaluate", run, "--data", data)
+    assert r.exit_code == 0, r.output
+    m = stdout_json(r.output)
+    assert math.isfinite(m["image_auroc"]) and math.isfinite(m["pixel_auroc"])
+    good = sorted((data / "test" / "good").iterdir())[0]
+    r = invoke("predict", run, good, "--out", tmp_path / "pred")
+    assert r.exit_code == 0, r.output
+    r = invoke("calibrate", run, "--data", data)
+    assert r.exit_code == 0, r.output
+    r = invoke("benchmark", run, "--data", data, "--repeats", 2, "--batch-size", 4)
+    assert r.exit_code == 0, r.output

@@ -251,7 +251,7 @@ def _fit_args(data: Path, out: Path) -> list[str]:
 
 @pytest.mark.slow
 def test_cli_fit_evaluate_predict_calibrate_benchmark(tiny_vials, tmp_path):
-    from conftest import invoke, stdout_json
+    from conftest import invoke, run_commands_work, stdout_json
 
     run = tmp_path / "draem"
     r = invoke(*_fit_args(tiny_vials, run), "--epochs", 2)
@@ -262,17 +262,7 @@ def test_cli_fit_evaluate_predict_calibrate_benchmark(tiny_vials, tmp_path):
     assert (run / "training" / "log.csv").is_file()
     params = json.loads((run / "config.json").read_text())["params"]
     assert params["epochs"] == 2 and params["unet_width"] == 4
-    r = invoke("evaluate", run, "--data", tiny_vials)
-    assert r.exit_code == 0, r.output
-    m = stdout_json(r.output)
-    assert math.isfinite(m["image_auroc"]) and math.isfinite(m["pixel_auroc"])
-    good = sorted((tiny_vials / "test" / "good").iterdir())[0]
-    r = invoke("predict", run, good, "--out", tmp_path / "pred")
-    assert r.exit_code == 0, r.output
-    r = invoke("calibrate", run, "--data", tiny_vials)
-    assert r.exit_code == 0, r.output
-    r = invoke("benchmark", run, "--data", tiny_vials, "--repeats", 2, "--batch-size", 4)
-    assert r.exit_code == 0, r.output
+    run_commands_work(run, tiny_vials, tmp_path)
 
 
 @pytest.mark.slow

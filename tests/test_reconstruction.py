@@ -225,7 +225,7 @@ def _fit_args(detector: str, data: Path, out: Path) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("detector", ["ganomaly", "resganad"])
 def test_cli_fit_evaluate_predict(detector, tiny_vials, tmp_path):
-    from conftest import invoke, stdout_json
+    from conftest import invoke, run_commands_work, stdout_json
 
     run = tmp_path / detector
     r = invoke(*_fit_args(detector, tiny_vials, run), "--epochs", 2)
@@ -235,17 +235,7 @@ def test_cli_fit_evaluate_predict(detector, tiny_vials, tmp_path):
     assert info["seconds_per_epoch"] > 0 and math.isfinite(info["best_validation_loss"])
     assert (run / "training" / "log.csv").is_file() and info["training_folder"] == "training"
     assert json.loads((run / "config.json").read_text())["params"]["epochs"] == 2
-    r = invoke("evaluate", run, "--data", tiny_vials)
-    assert r.exit_code == 0, r.output
-    m = stdout_json(r.output)
-    assert math.isfinite(m["image_auroc"]) and math.isfinite(m["pixel_auroc"])
-    good = sorted((tiny_vials / "test" / "good").iterdir())[0]
-    r = invoke("predict", run, good, "--out", tmp_path / "pred")
-    assert r.exit_code == 0, r.output
-    r = invoke("calibrate", run, "--data", tiny_vials)
-    assert r.exit_code == 0, r.output
-    r = invoke("benchmark", run, "--data", tiny_vials, "--repeats", 2, "--batch-size", 4)
-    assert r.exit_code == 0, r.output
+    run_commands_work(run, tiny_vials, tmp_path)
 
 
 def test_cli_refusals(tiny_vials, tmp_path):
