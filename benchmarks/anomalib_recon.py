@@ -21,9 +21,10 @@ so its peak leaves out anything the rest of the epoch would add: the JSON says s
 
 Network sizes: anomalib's defaults on its side (GANomaly: DCGAN coders of 64 features down
 to 4x4, latent 100; DRAEM: reconstructive base width 128, discriminative 64). Ours is set to
-the same depth, widths and latent size where our config can express it (MATCHED; our blocks
-are residual 3x3 convs, not DCGAN's 4x4 ones), otherwise our defaults; the table states the
-parameter counts of both. A detector our CLI does not have yet is skipped with a note.
+the same depth, widths and latent size as far as our config can express it (MATCHED; our
+blocks are pre-activation residual 3x3 convs, not DCGAN's 4x4 ones), and with
+`--ours-defaults` also at our default sizes; the table states the parameter counts of
+both. A detector our CLI does not have yet is skipped with a note.
 """
 
 from __future__ import annotations
@@ -39,9 +40,15 @@ BATCH = 8
 IMAGE_SIZE = 256
 # Our parameters that give anomalib's default network shape (see the module docstring).
 MATCHED: dict[str, dict[str, Any]] = {
-    # 256 -> 4x4 in 6 halvings, widths 64..2048 as DCGAN's pyramid, dense latent of 100
-    "ganomaly": {"width": 32, "stages": 6, "blocks": 1, "convs": 1, "bottleneck": "dense",
-                 "latent_dim": 100},
+    # DCGAN's pyramid: a 4x4 stride-2 first conv to 64 maps at 128x128, then five halvings
+    # to 2048 x 4x4 (widths 128..2048), dense latent of 100; the decoder mirrors it
+    "ganomaly": {"width": 64, "stem": "strided", "stages": 5, "blocks": 1, "convs": 1,
+                 "bottleneck": "dense", "latent_dim": 100},
+    # DRAEM's reconstructive net: two 3x3 convs per level, widths to 1024 at 16x16 after
+    # four halvings (ours: 64-wide stem, stages of two 2-conv blocks, 66 M parameters
+    # against 69 M); its discriminative U-Net: base 64, five poolings, capped at 512
+    "draem": {"width": 64, "stages": 4, "blocks": 2, "convs": 2, "unet_width": 64,
+              "unet_depth": 5, "unet_max_width": 512},
 }
 
 RunJson = Callable[[list[str], Path], tuple[dict[str, Any], float]]

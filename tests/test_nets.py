@@ -77,6 +77,8 @@ def test_stage_resamples_only_in_its_last_block() -> None:
     (dict(bottleneck="conv", channels=3, image_size=(32, 48), blocks=1, convs=1), (3, 8, 12)),
     (dict(bottleneck="dense", stages=3, blocks=3, convs=3, width_mult=1.5, max_width=7), (16,)),
     (dict(bottleneck="conv", residual=False), (3, 8, 8)),
+    (dict(bottleneck="conv", stem="strided", stages=1), (3, 8, 8)),
+    (dict(bottleneck="dense", stem="strided", channels=3), (16,)),
 ])
 def test_autoencoder_shapes(params: dict, latent: tuple[int, ...]) -> None:
     cfg = NetConfig(**{**TINY, **params})
@@ -89,6 +91,23 @@ def test_autoencoder_shapes(params: dict, latent: tuple[int, ...]) -> None:
     ae = Autoencoder(cfg)
     out = ae(x)
     assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
+
+
+def test_strided_stem_keeps_every_feature_map_off_the_full_resolution() -> None:
+    """The strided stem halves once more, so no conv of the encoder or decoder (but the
+    decoder's output layer) produces a map at the input's resolution."""
+    cfg = NetConfig(**{**TINY, "stem": "strided"})
+    assert cfg.halvings == 3 and cfg.feature_shape == (16, 4, 4)
+    ae = Autoencoder(cfg)
+    sides: list[int] = []
+    for m in ae.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            m.register_forward_hook(lambda _m, _i, out: sides.append(out.shape[-1]))
+    out = ae(_x(2, 1, 32, 32))
+    assert out.shape == (2, 1, 32, 32)
+    assert sides.count(32) == 1 and max(sides[:-1]) == 16
+    plain = NetConfig(**TINY)
+    assert plain.halvings == 2 and count_parameters(Autoencoder(plain)) != count_parameters(ae)
 
 
 def test_widths_double_per_stage_and_respect_the_cap() -> None:
@@ -194,6 +213,8 @@ def test_eval_mode_is_per_sample_and_train_mode_updates_batch_stats() -> None:
 def test_bad_configs_and_inputs_are_clear_errors() -> None:
     with pytest.raises(ConfigError, match="divisible by 2\\*\\*stages"):
         Encoder(TINY, image_size=36, stages=3)
+    with pytest.raises(ConfigError, match="stages \\+ 1, the strided stem\\) = 8"):
+        Encoder(TINY, image_size=36, stages=2, stem="strided")
     with pytest.raises(ConfigError):
         Encoder(TINY, bottleneck="sparse")
     with pytest.raises(ConfigError, match="16 \\* 2\\*\\*k"):

@@ -396,3 +396,27 @@ def test_small_preset_of_the_u_net_detectors_is_smaller_and_trains(name):
     det = cls(preset="small", image_size=32, epochs=1, batch_size=4, val_fraction=0.0)
     det.fit([Batch.from_images(images(8))])
     assert torch.isfinite(det.predict(images(2)).score).all()
+
+
+def test_adversarial_loss_is_feature_matching_and_leaves_the_discriminator_untouched() -> None:
+    """L_adv = ||f(X) - f(X_hat)||^2 with D run on each half alone (GANomaly's code): the
+    gradient reaches the generator's output only, D's weights get none and stay trainable."""
+    from torch import nn
+
+    from anomalyqc.models.reconstruction import adversarial_loss
+    from anomalyqc.nets import Discriminator
+    from anomalyqc.training.interface import StepContext
+
+    torch.manual_seed(0)
+    d = Discriminator(image_size=16, base_width=4, stages=2, blocks=1, convs=1)
+    ctx = StepContext({"discriminator": d}, 0, 0, torch.Generator().manual_seed(0),
+                      torch.device("cpu"))
+    x = torch.rand(3, 1, 16, 16)
+    x_hat = torch.rand(3, 1, 16, 16, requires_grad=True)
+    loss = adversarial_loss(ctx, x, x_hat)
+    with torch.no_grad():
+        want = nn.functional.mse_loss(d(x_hat)[1], d(x)[1])
+    assert float(loss.detach()) == pytest.approx(float(want), rel=1e-5) and float(loss.detach()) > 0
+    loss.backward()
+    assert x_hat.grad is not None and float(x_hat.grad.abs().sum()) > 0
+    assert all(p.grad is None and p.requires_grad for p in d.parameters())

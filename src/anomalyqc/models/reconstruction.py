@@ -54,6 +54,7 @@ class ReconstructionConfig(DetectorConfig, TrainConfig):
     width_mult: float = Field(2.0, gt=0)
     max_width: int | None = Field(None, ge=1)
     stages: int = Field(4, ge=1, le=8)
+    stem: Literal["conv", "strided"] = "conv"  # "strided": a 4x4 stride-2 stem (NetConfig)
     blocks: int = Field(2, ge=1)
     convs: int = Field(2, ge=1)
     residual: bool = True
@@ -84,7 +85,7 @@ class ReconstructionConfig(DetectorConfig, TrainConfig):
 
     @model_validator(mode="after")
     def _size_fits_the_stages(self) -> ReconstructionConfig:
-        self.require_halvings(self.stages, "stages", "fewer stages")
+        self.require_halvings(self.stages + (self.stem == "strided"), "stages", "fewer stages")
         return self
 
     def require_halvings(self, n: int, name: str, fix: str) -> None:
@@ -114,6 +115,25 @@ def feature_matching(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
     """GANomaly's adversarial loss for the generator: L2 between the discriminator's features
     of the real and reconstructed images (the real side is a fixed target)."""
     return F.mse_loss(fake, real.detach())
+
+
+def adversarial_loss(ctx: StepContext, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """L_adv (eq. 8.1) for the generator's step, as GANomaly's own code computes it: D on the
+    real images and on the reconstructions in two forwards. The real side is a fixed target,
+    so it runs without a graph, and D's weights are frozen while the reconstructions pass
+    through it, so the backward computes only what reaches the generator (D's update is
+    discriminator_step). D's gradients here would be discarded anyway; not computing them
+    is about a fifth of a step at GANomaly's anomalib size (benchmarks/README.md)."""
+    d = ctx.unwrapped("discriminator")
+    with torch.no_grad(), ctx.autocast():
+        _, f_real = d(x)
+    d.requires_grad_(False)
+    try:
+        with ctx.autocast():
+            _, f_fake = d(x_hat)
+    finally:
+        d.requires_grad_(True)
+    return feature_matching(f_real.float(), f_fake.float())
 
 
 def discriminator_loss(logits: torch.Tensor, n_real: int) -> torch.Tensor:
@@ -193,7 +213,7 @@ class ReconstructionDetector(Detector, Trainable):
         try:
             return as_config(dict(
                 channels=c.channels, image_size=self.input_size, base_width=c.width,
-                width_mult=c.width_mult, max_width=c.max_width, stages=c.stages, blocks=c.blocks,
+                width_mult=c.width_mult, max_width=c.max_width, stages=c.stages, stem=c.stem, blocks=c.blocks,
                 convs=c.convs, residual=c.residual, widen=c.widen, bottleneck=c.bottleneck,
                 latent_channels=c.latent_channels, latent_dim=c.latent_dim))
         except ConfigError as exc:

@@ -1,14 +1,17 @@
 """Residual encoder, mirrored decoder, autoencoder and GANomaly's encoder-decoder-encoder
 generator (thesis 8.2.2.1-8.2.2.2, 8.2.2.5, figs. 8.2, 8.8, 8.9, 10.3).
 
-Encoder: 3x3 stem conv to `base_width`, then `stages` stages of `blocks` pre-activation
+Encoder: a stem conv to `base_width` (3x3 at full resolution, or with `stem="strided"` a 4x4
+stride-2 conv as DCGAN's first layer, which keeps every feature map off the full resolution:
+at 256x256 that is most of a training step's cost), then `stages` stages of `blocks` pre-activation
 blocks, the width multiplied by `width_mult` at each stage and H, W halved at its end, then
 BN-ReLU and the bottleneck:
   - "conv": a 1x1 conv to `latent_channels` maps (CRAE, e.g. 32x8x8, thesis 9.1.3.1);
   - "dense": flatten + linear to `latent_dim` features (DRAE 2048; ResGANAD 64, fig. 10.3);
   - "none": the feature map itself (discriminator trunks).
 The decoder mirrors it with transposed convolutions and ends in a 3x3 conv to the image
-channels; the autoencoder puts a sigmoid on that, since images live in [0, 1].
+channels (a 4x4 stride-2 transposed conv after a strided stem); the autoencoder puts a
+sigmoid on that, since images live in [0, 1].
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ class NetConfig(BaseModel):
     width_mult: float = Field(2.0, gt=0)
     max_width: int | None = Field(None, ge=1)  # cap on any stage's width
     stages: int = Field(4, ge=1, le=8)  # each halves H and W
+    stem: Literal["conv", "strided"] = "conv"  # "strided" halves H and W once more, first
     blocks: int = Field(2, ge=1)  # blocks per stage (fig. 8.2: 2; figs. 8.8/8.9: 3)
     convs: int = Field(2, ge=1)  # 3x3 convs per block (ResGANAD, 10.5.2: 3)
     residual: bool = True  # False: same layers without shortcuts (the "vanilla" net, 9.1)
@@ -56,11 +60,17 @@ class NetConfig(BaseModel):
     @model_validator(mode="after")
     def _divisible(self) -> NetConfig:
         h, w = self.hw
-        f = 2**self.stages
+        f = 2**self.halvings
         if h % f or w % f:
-            raise ValueError(f"image size {h}x{w} is not divisible by 2**stages = {f}; "
+            what = "(stages + 1, the strided stem)" if self.stem == "strided" else "stages"
+            raise ValueError(f"image size {h}x{w} is not divisible by 2**{what} = {f}; "
                              f"use a multiple of {f} or fewer stages")
         return self
+
+    @property
+    def halvings(self) -> int:
+        """How many times the encoder halves H and W (stages, plus a strided stem)."""
+        return self.stages + (self.stem == "strided")
 
     @property
     def hw(self) -> tuple[int, int]:
@@ -75,7 +85,7 @@ class NetConfig(BaseModel):
     def feature_shape(self) -> tuple[int, int, int]:
         """(C, h, w) of the last stage's output, before the bottleneck."""
         h, w = self.hw
-        f = 2**self.stages
+        f = 2**self.halvings
         return self.width(self.stages - 1), h // f, w // f
 
     @property
@@ -109,7 +119,10 @@ class Encoder(nn.Module):
     def __init__(self, config: NetConfig | dict[str, Any] | None = None, **params: Any) -> None:
         super().__init__()
         cfg = self.config = as_config(config, **params)
-        layers: list[nn.Module] = [nn.Conv2d(cfg.channels, cfg.width(-1), 3, padding=1, bias=False)]
+        layers: list[nn.Module] = [
+            nn.Conv2d(cfg.channels, cfg.width(-1), 4, stride=2, padding=1, bias=False)
+            if cfg.stem == "strided" else
+            nn.Conv2d(cfg.channels, cfg.width(-1), 3, padding=1, bias=False)]
         for i in range(cfg.stages):
             layers.append(stage(cfg.width(i - 1), cfg.width(i), cfg.blocks, "down", cfg.convs,
                                 cfg.residual, cfg.widen))
@@ -155,7 +168,8 @@ class Decoder(nn.Module):
                                 cfg.residual, cfg.widen))
         base = cfg.width(-1)
         layers += [nn.BatchNorm2d(base), nn.ReLU(inplace=True),
-                   nn.Conv2d(base, cfg.channels, 3, padding=1)]
+                   nn.ConvTranspose2d(base, cfg.channels, 4, stride=2, padding=1)
+                   if cfg.stem == "strided" else nn.Conv2d(base, cfg.channels, 3, padding=1)]
         self.body = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

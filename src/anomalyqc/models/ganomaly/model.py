@@ -25,9 +25,9 @@ from anomalyqc.models.base import DetectorConfig, register
 from anomalyqc.models.reconstruction import (
     ReconstructionConfig,
     ReconstructionDetector,
+    adversarial_loss,
     difference_map,
     discriminator_step,
-    feature_matching,
     ssim_per_image,
 )
 from anomalyqc.nets import Discriminator, EncoderDecoderEncoder
@@ -73,10 +73,8 @@ class Ganomaly(ReconstructionDetector):
         return {"generator": EncoderDecoderEncoder(net), "discriminator": Discriminator(net)}
 
     def _generator_losses(self, x: torch.Tensor, x_hat: torch.Tensor, z: torch.Tensor,
-                          z_hat: torch.Tensor, f_real: torch.Tensor, f_fake: torch.Tensor,
-                          ) -> dict[str, torch.Tensor]:
+                          z_hat: torch.Tensor, adv: torch.Tensor) -> dict[str, torch.Tensor]:
         c = self.config
-        adv = feature_matching(f_real, f_fake)
         con = contextual_loss(x, x_hat, c.w_a, c.w_b).mean()
         enc = encoder_loss(z, z_hat).mean()
         return {"loss": c.w_adv * adv + c.w_con * con + c.w_enc * enc, "adv": adv, "con": con,
@@ -85,13 +83,10 @@ class Ganomaly(ReconstructionDetector):
     def training_step(self, batch: Batch, ctx: StepContext) -> dict[str, float]:
         g = ctx.nets["generator"]
         x = batch.image
-        n = len(x)
         with ctx.autocast():  # forwards only: the losses (SSIM above all) stay in fp32
             x_hat, z, z_hat = g(x)
-            # D's own gradients of this forward are dropped: no DDP reduction for them
-            _, feats = ctx.unwrapped("discriminator")(torch.cat([x, x_hat]))
-        x_hat, feats = x_hat.float(), feats.float()
-        losses = self._generator_losses(x, x_hat, z.float(), z_hat.float(), feats[:n], feats[n:])
+        adv = adversarial_loss(ctx, x, x_hat)
+        losses = self._generator_losses(x, x_hat.float(), z.float(), z_hat.float(), adv)
         ctx.step("generator", losses["loss"])
         d_loss = discriminator_step(ctx, x, x_hat)
         return {**{k: float(v.detach()) for k, v in losses.items()},

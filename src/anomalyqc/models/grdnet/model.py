@@ -62,8 +62,8 @@ from anomalyqc.models.ganomaly.model import contextual_loss, encoder_loss
 from anomalyqc.models.reconstruction import (
     ReconstructionConfig,
     ReconstructionDetector,
+    adversarial_loss,
     discriminator_step,
-    feature_matching,
     focal_loss,
 )
 from anomalyqc.nets import Discriminator, EncoderDecoderEncoder, UNet
@@ -273,13 +273,8 @@ class Grdnet(ReconstructionDetector):
     def training_step(self, batch: Batch, ctx: StepContext) -> dict[str, float]:
         c = self.config
         x = batch.image
-        n = len(x)
         terms, x_hat = self._forward(batch, ctx)
-        d = ctx.nets["discriminator"]
-        with ctx.autocast():
-            _, feats = d(torch.cat([x, x_hat]))  # one forward of D per step (DDP)
-        feats = feats.float()
-        terms["adv"] = feature_matching(feats[:n], feats[n:])
+        terms["adv"] = adversarial_loss(ctx, x, x_hat)
         gan = c.w_adv * terms["adv"] + c.w_con * terms["con"] + c.w_enc * terms["enc"]
         loss = gan + c.w_focal * (terms["focal"] + terms["overlap"])
         ctx.step("generator", loss)

@@ -33,8 +33,8 @@ from anomalyqc.models.base import DetectorConfig, register
 from anomalyqc.models.reconstruction import (
     ReconstructionConfig,
     ReconstructionDetector,
+    adversarial_loss,
     discriminator_step,
-    feature_matching,
     smooth_map,
     ssim_map,
     ssim_per_image,
@@ -133,15 +133,12 @@ class Resganad(ReconstructionDetector):
         c = self.config
         g = ctx.nets["generator"]
         x = batch.image
-        n = len(x)
         p = self.synth(x, roi=batch.roi, generator=ctx.generator)
         with ctx.autocast():  # forwards only: the losses (SSIM above all) stay in fp32
             x_hat, z, z_hat = g(p.images)
-            # D's own gradients of this forward are dropped: no DDP reduction for them
-            _, feats = ctx.unwrapped("discriminator")(torch.cat([x, x_hat]))
-        x_hat, feats = x_hat.float(), feats.float()
-        terms = self._losses(x, x_hat, z.float(), z_hat.float())
-        terms["adv"] = feature_matching(feats[:n], feats[n:])
+        terms = self._losses(x, x_hat.float(), z.float(), z_hat.float())
+        terms["adv"] = adversarial_loss(ctx, x, x_hat)
+        x_hat = x_hat.float()
         terms["nse"] = noise_loss(x_hat, p.images, p.mask, p.noise, p.beta)
         loss = (c.w_adv * terms["adv"] + c.w_con * terms["con"] + c.w_enc * terms["enc"]
                 + c.w_nse * terms["nse"])
