@@ -80,10 +80,13 @@ _EPS = 1e-6
 
 class GrdnetConfig(ReconstructionConfig):
     # "small": 64x64-class inputs on a CPU budget of minutes, as GANomaly's (its generator is
-    # GRD-Net's reconstructive part), with a U-Net of matching width
+    # GRD-Net's reconstructive part), with a U-Net of matching width; anomalies filled with
+    # texture cut from other training images: on the vial patches the U-Net trained on uniform
+    # noise found the real defects far worse (benchmarks/README.md, "Reconstruction against
+    # embedding on vial patches")
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "small": {"width": 4, "stages": 3, "latent_channels": 16, "lr": 2e-3,
-                  "unet_width": 8, "unet_depth": 3},
+                  "unet_width": 8, "unet_depth": 3, "perlin_source": "texture"},
     }
     # generator: nets.presets.grdnet_config (stages of two blocks of two convs down to 8x8,
     # conv bottleneck 32x8x8 = CRAE; bottleneck=dense, latent_dim=2048 = DRAE); stages
