@@ -47,7 +47,22 @@ def _check_kit(kit: Kit, key_frames: tuple[int, ...], policy: AcceptancePolicy |
 def _models(
     layout: ProductLayout, default: str | Path | None, per_region: Mapping[str, str | Path] | None
 ) -> LineModels:
-    return LineModels.from_runs(layout.region_names, default, per_region)
+    """The region models, checked against the layout (ROIs included) before any scoring."""
+    models = LineModels.from_runs(layout.region_names, default, per_region)
+    models.check_layout(layout)
+    return models
+
+
+def _layout_record(layout: ProductLayout, path: str | Path) -> dict[str, Any]:
+    """The layout file and its ROI masks (path and sha256: a new mask changes the scores)."""
+    import hashlib
+
+    rois = {}
+    for r in layout.regions:
+        if r.roi is not None:
+            p = Path(path).parent / r.roi
+            rois[r.name] = {"path": str(p), "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+    return {"path": str(path), "name": layout.name, "roi_masks": rois}
 
 
 def calibrate_line(
@@ -172,7 +187,7 @@ def validate_line(
                     "n_strips": len(kit.strips),
                     "n_frames": kit.n_frames,
                 },
-                "layout": {"path": str(layout_path or kit.root / "layout.yaml"), "name": layout.name},
+                "layout": _layout_record(layout, layout_path or kit.root / "layout.yaml"),
                 "models": _model_records(models),
                 "thresholds": thr.to_json(),
                 "calibration": {

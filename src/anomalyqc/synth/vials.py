@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import asdict, astuple, dataclass, field
+from dataclasses import asdict, astuple, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -323,6 +323,41 @@ def _roi(cov_a: np.ndarray, cov_b: np.ndarray, margin: int) -> np.ndarray:
         k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * margin + 1, 2 * margin + 1))
         roi = cv2.dilate(roi, k)
     return roi
+
+
+def pose_roi(cfg: VialStripConfig) -> np.ndarray:
+    """(H, W) uint8 0/1: the ROI of `_roi` (plastic, grown by roi_margin) in every pose the
+    generator draws, for a fixed layout that cannot follow each strip's pose.
+
+    The noiseless strip is drawn once unposed; its coverage is moved over a grid of shifts
+    (up to max_shift, steps of at most 1 px) and rotations (up to max_rotation_deg, steps that
+    move no pixel more than 1 px) about the image centre as `_render` poses a strip, and the
+    union is grown by roi_margin + 1 px (the grid's slack).
+    """
+    geo = _geometry(cfg)
+    scene = _render.sample_scene(np.random.default_rng(0), cfg, geo)
+    scene = replace(scene, shift=(0.0, 0.0), angle_deg=0.0, bubbles=[], droplets=[])
+    _, cov = _render.render_noiseless(cfg, geo, scene, [])
+    base = (cov >= 0.5).astype(np.float32)
+    h, w = base.shape
+    cx, cy = (w - 1) / 2.0, (h - 1) / 2.0
+    m = float(cfg.max_shift)
+    shifts = np.linspace(-m, m, 2 * int(np.ceil(m)) + 1) if m > 0 else np.zeros(1)
+    arm = float(np.hypot(cx, cy))
+    a = float(cfg.max_rotation_deg)
+    n_ang = 2 * int(np.ceil(arm * np.radians(a))) + 1 if a > 0 else 1
+    angles = np.linspace(-a, a, n_ang) if a > 0 else np.zeros(1)
+    out = np.zeros((h, w), bool)
+    for ang in angles:
+        rot = cv2.getRotationMatrix2D((cx, cy), float(ang), 1.0)
+        for dx in shifts:
+            for dy in shifts:
+                mat = rot.copy()
+                mat[:, 2] += (dx, dy)
+                out |= cv2.warpAffine(base, mat, (w, h), flags=cv2.INTER_LINEAR) >= 0.5
+    grow = cfg.roi_margin + 1
+    k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * grow + 1, 2 * grow + 1))
+    return np.asarray(cv2.dilate(out.astype(np.uint8), k))
 
 
 def cut_patches(sample: StripSample, patch_size: int = 64) -> list[Patch]:
