@@ -172,6 +172,11 @@ def synth_vials(
     patches: bool = typer.Option(False, help="Write per-vial, per-region patches."),
     regions: str = typer.Option("0,1,2,3", help="With --patches: the regions to write, e.g. 1 "
                                                 "for the shoulder patches (meniscus) only."),
+    keep_clean_patches: bool = typer.Option(
+        True, "--keep-clean-patches/--drop-clean-patches",
+        help="With --patches: the defect-free patches of defective strips go to test/good as "
+             "<type>_<strip>_v<vial>_r<region>.png (meta.json: strip_type), since a strip is "
+             "judged on all its patches; --drop-clean-patches leaves them out."),
     meniscus_levels: str | None = typer.Option(
         None, help="Distinct fill levels as fractions of the strip height, e.g. 0.36,0.46,0.56: "
                    "each vial draws one, so normal appearance is multi-modal at a location."),
@@ -185,7 +190,8 @@ def synth_vials(
             levels = tuple(float(v) for v in meniscus_levels.split(",")) if meniscus_levels else ()
         except ValueError:
             raise typer.BadParameter("expected comma-separated numbers, e.g. 1,2 or 0.4,0.5")
-        cfg = VialStripConfig(regions=region_ids, meniscus_levels=levels)
+        cfg = VialStripConfig(regions=region_ids, meniscus_levels=levels,
+                              keep_clean_patches_of_defective=keep_clean_patches)
         return generate_vial_dataset(out, seed, n_train, n_test_good, n_test_defect, patches,
                                      cfg=cfg, progress=bars)
 

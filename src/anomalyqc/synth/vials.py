@@ -101,7 +101,10 @@ class VialStripConfig:
     roi_margin: int = 2  # px the ROI extends past the plastic (keeps dents inside it)
     patch_size: int = 64
     regions: tuple[int, ...] = (0, 1, 2, 3)  # region patches written in patch mode
-    keep_clean_patches_of_defective: bool = False  # else they are dropped
+    # Patch mode: the defect-free patches of a defective strip go to test/good (as
+    # <type>_<strip>_v<vial>_r<region>.png) rather than being dropped: a strip's decision is
+    # the max over all its patches, so its clean patches are part of what is judged.
+    keep_clean_patches_of_defective: bool = True
 
     def __post_init__(self) -> None:
         checks = [
@@ -488,9 +491,9 @@ def generate_vial_dataset(
     """Write a synthetic BFS dataset in the MVTec AD layout (see module doc); return a summary.
 
     The same arguments give byte-identical files. In patch mode each strip becomes 20 patches
-    named `<strip>_v<vial>_r<region>.png`; defect-free patches of defective strips are dropped
-    (unless cfg.keep_clean_patches_of_defective, then they go to test/good as
-    `<type>_<strip>_v<vial>_r<region>.png`).
+    named `<strip>_v<vial>_r<region>.png`; defect-free patches of defective strips go to
+    test/good as `<type>_<strip>_v<vial>_r<region>.png` (meta.json: type "good", strip_type
+    the strip's defect), or are dropped with cfg.keep_clean_patches_of_defective=False.
     """
     cfg = cfg or VialStripConfig()
     if not isinstance(seed, (int, np.integer)) or seed < 0:
