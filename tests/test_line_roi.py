@@ -281,3 +281,16 @@ def test_build_report_without_model_timings_still_works(line: dict) -> None:
                            (1,), False)  # fmt: skip
     rep = build_report(ks, thr, AcceptancePolicy.parse("2/3"), 500.0)
     assert rep["timing"]["forward_by_model"] == {}
+
+
+def test_detector_rois_follow_the_patch_geometry_resize_then_centre_crop(tmp_path: Path) -> None:
+    from anomalyqc.line.inspect import detector_rois
+
+    lay = load_layout(_half_roi_layout(tmp_path, ("liquid",), disc=True))
+    grd = Grdnet({**TINY_GRD, "image_size": (40, 36), "crop_size": 32})
+    got = detector_rois(lay, grd, [0, 1, 2, 3])
+    assert got is not None and got.shape == (4, 1, 32, 32)
+    ref = torch.from_numpy(lay.roi_masks((40, 36)))[:, None, 4:36, 2:34]
+    assert torch.equal(got, ref) and not got[2].all() and got[0].all()
+    assert detector_rois(lay, grd, [0, 1]) is None  # none of these regions has a mask
+    assert detector_rois(lay, Padim(image_size=32, pretrained=False), [0, 1, 2, 3]) is None
