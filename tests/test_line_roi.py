@@ -261,6 +261,35 @@ def test_line_validate_with_grdnet_rois_and_a_model_per_region(line: dict, tmp_p
     assert not (tmp_path / "r2").exists()
 
 
+def test_thresholds_hold_only_for_the_roi_masks_they_were_calibrated_with(line: dict, tmp_path: Path) -> None:
+    import shutil
+
+    root = line["root"]
+    models = ["--model", root / "padim", "--model", f"shoulder={root / 'grd'}"]
+    thr = tmp_path / "thr.json"
+    r = invoke("line", "calibrate", *models, "--kit", line["cal"], "--out", thr, *KEY)
+    assert r.exit_code == 0, r.output
+    info = json.loads(thr.read_text())["info"]["roi_masks_sha256"]
+    assert list(info) == ["shoulder"] and len(info["shoulder"]) == 64  # PaDiM's regions: not used
+    base = ["line", "validate", *models, "--kit", line["test"], "--thresholds", thr, "--accept", "2/3",
+            "--max-examples", 0, *KEY]  # fmt: skip
+    assert invoke(*base, "--out", tmp_path / "ok").exit_code == 0
+    # the same layout with another shoulder mask: refused, naming the region
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(line["test"] / "layout.yaml", other / "layout.yaml")
+    shutil.copytree(line["test"] / "roi", other / "roi")
+    m = cv2.imread(str(other / "roi" / "shoulder.png"), cv2.IMREAD_GRAYSCALE)
+    m[:, : m.shape[1] // 2] = 0
+    cv2.imwrite(str(other / "roi" / "shoulder.png"), m)
+    r = invoke(*base, "--layout", other / "layout.yaml", "--out", tmp_path / "no")
+    assert r.exit_code == 2 and "other ROI masks for regions shoulder" in r.output
+    # a mask only PaDiM's regions use may change
+    shutil.copy(line["test"] / "roi" / "shoulder.png", other / "roi" / "shoulder.png")
+    cv2.imwrite(str(other / "roi" / "flag.png"), m)
+    assert invoke(*base, "--layout", other / "layout.yaml", "--out", tmp_path / "ok2").exit_code == 0
+
+
 def test_build_report_without_model_timings_still_works(line: dict) -> None:
     """KitScores built without per-model timings (an older caller) give an empty table."""
     from anomalyqc.line.validate import KitScores
