@@ -39,7 +39,7 @@ from anomalyqc.data import make_loader
 from anomalyqc.evaluation import image_auroc, pixel_auroc
 from anomalyqc.models.reconstruction import feature_matching, ssim_per_image
 from anomalyqc.provenance import provenance
-from anomalyqc.synth.vials import generate_vial_dataset
+from anomalyqc.synth.vials import VialStripConfig, generate_vial_dataset
 from anomalyqc.training.sampling import split_indices
 from anomalyqc.types import GOOD
 from anomalyqc.workflow import dataset_for, fit_run
@@ -57,9 +57,11 @@ DEFAULT_VARIANTS = ("residual_crae", "vanilla_crae", "residual_drae")
 def make_patches(out: Path, n_train: int = 25, n_test_good: int = 10, n_test_defect: int = 60,
                  seed: int = 0) -> Path:
     """Vial-region patches (64x64, 20 per strip) in the MVTec layout, as
-    `anomalyqc synth vials --patches` writes them."""
+    `anomalyqc synth vials --patches --drop-clean-patches` writes them: the published figures'
+    set, without the clean patches of defective strips that the generator keeps by default."""
     generate_vial_dataset(out, seed=seed, n_train=n_train, n_test_good=n_test_good,
-                          n_test_defect=n_test_defect, patches=True)
+                          n_test_defect=n_test_defect, patches=True,
+                          cfg=VialStripConfig(keep_clean_patches_of_defective=False))
     return out
 
 
@@ -201,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="recon-ablations-") as tmp:
         data = args.data or make_patches(Path(tmp) / "patches")
         result["data"] = str(args.data) if args.data else "generated: synth vials --patches " \
-            "--n-train 25 --n-test-good 10 --n-test-defect 60 --seed 0"
+            "--drop-clean-patches --n-train 25 --n-test-good 10 --n-test-defect 60 --seed 0"
         rows = {}
         for v in variants:
             rows[v] = run_variant(v, data, Path(tmp) / "runs", args.image_size, args.width,

@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         data = args.data or make_patches(Path(tmp) / "patches")
         runs = args.runs or Path(tmp) / "runs"
         result["data"] = str(args.data) if args.data else "generated: synth vials --patches " \
-            "--n-train 25 --n-test-good 10 --n-test-defect 60 --seed 0"
+            "--drop-clean-patches --n-train 25 --n-test-good 10 --n-test-defect 60 --seed 0"
         rows = []
         for width, size in configs:
             run = runs / f"resganad_w{width}_s{size}"

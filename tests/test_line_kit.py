@@ -74,7 +74,11 @@ def test_kit_layout_on_disk(kit_dir: Path) -> None:
 
 def test_read_kit_gives_back_what_was_generated(kit_dir: Path) -> None:
     kit = read_kit(kit_dir)
-    assert isinstance(kit, Kit) and kit.n_frames == 4 and kit.layout == default_layout(TINY.strip, 32)
+    expected = default_layout(TINY.strip, 32)
+    for reg in expected.regions:  # with the generator's ROI mask of each region
+        reg.roi = f"roi/{reg.name}.png"
+    assert isinstance(kit, Kit) and kit.n_frames == 4 and kit.layout == expected
+    assert kit.layout.roi_masks().shape == (4, 32, 32)
     assert sorted(kit.labels.tolist()) == [0, 0, 1, 1]
     plan = {sid: (index, kind) for sid, index, kind in kit_plan(2, 2, TINY.defect_types, 3)}
     for s in kit.strips:

@@ -10,6 +10,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from conftest import invoke
 from sklearn.metrics import roc_auc_score
 
 from anomalyqc.errors import ConfigError, DataError
@@ -241,7 +242,6 @@ def test_patches_mode(tmp_path: Path) -> None:
     train = sorted(p.name for p in (out / "train" / "good").iterdir())
     assert len(train) == 2 * 20 and all(name.match(n) for n in train)
     assert {n[:3] for n in train} == {"000", "001"}
-    assert len(list((out / "test" / "good").glob("*.png"))) == 20
     n_defect = 0
     for t in DEFECT_TYPES:
         files = sorted((out / "test" / t).glob("*.png"))
@@ -254,11 +254,34 @@ def test_patches_mode(tmp_path: Path) -> None:
             assert mask.shape == (64, 64) and mask.max() == 255
             assert (out / "roi" / "test" / t / f"{f.stem}_roi.png").exists()
         n_defect += len(files)
-    assert summary["counts"]["test/good"] == 20 and summary["n_images"] == 40 + 20 + n_defect
+    # the clean patches of the 4 defective strips are kept, in test/good, named by their type
+    good = sorted(p.name for p in (out / "test" / "good").glob("*.png"))
+    clean = [n for n in good if not name.match(n)]
+    assert len(good) - len(clean) == 20 and len(clean) == 4 * 20 - n_defect
+    kept = re.compile(r"^(" + "|".join(DEFECT_TYPES) + r")_(\d{3})_v([0-4])_r([0-3])\.png$")
+    assert all(kept.match(n) for n in clean)
+    assert not (out / "ground_truth" / "good").exists()  # no defect: no mask
+    assert summary["counts"]["test/good"] == 20 + len(clean)
+    assert summary["n_images"] == 40 + 20 + 4 * 20  # every patch of every test strip
     meta = json.loads((out / "meta.json").read_text())
     some = next(k for k in meta["test"] if k.startswith("test/bump/"))
     m = name.match(Path(some).name)
     assert meta["test"][some]["vial"] == int(m.group(2)) and meta["test"][some]["defects"]
+    c = meta["test"][f"test/good/{clean[0]}"]
+    assert c["type"] == "good" and c["strip_type"] == kept.match(clean[0]).group(1)  # type: ignore[union-attr]
+    assert (out / "roi" / "test" / "good" / f"{Path(clean[0]).stem}_roi.png").exists()
+
+
+def test_patches_mode_can_drop_the_clean_patches_of_defective_strips(tmp_path: Path) -> None:
+    out = tmp_path / "p"
+    r = invoke("synth", "vials", "--out", out, "--seed", 2, "--n-train", 1, "--n-test-good", 1,
+               "--n-test-defect", 4, "--patches", "--drop-clean-patches")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    good = sorted(p.name for p in (out / "test" / "good").glob("*.png"))
+    assert len(good) == 20 and all(n[:3] == "000" for n in good)
+    defect = sum(len(list((out / "test" / t).glob("*.png"))) for t in DEFECT_TYPES)
+    assert 4 <= defect < 80
+    assert json.loads((out / "meta.json").read_text())["config"]["keep_clean_patches_of_defective"] is False
 
 
 def test_cut_patches_keep_every_defect_pixel() -> None:

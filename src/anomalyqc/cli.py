@@ -22,7 +22,7 @@ from rich.markup import escape
 from rich.progress import Progress as RichProgress
 from rich.progress import TaskID
 
-from anomalyqc.errors import AnomalyQCError, DataWarning
+from anomalyqc.errors import AnomalyQCError, ConfigError, DataWarning
 from anomalyqc.fileio import json_safe
 from anomalyqc.options import (
     at_least,
@@ -172,6 +172,11 @@ def synth_vials(
     patches: bool = typer.Option(False, help="Write per-vial, per-region patches."),
     regions: str = typer.Option("0,1,2,3", help="With --patches: the regions to write, e.g. 1 "
                                                 "for the shoulder patches (meniscus) only."),
+    keep_clean_patches: bool = typer.Option(
+        True, "--keep-clean-patches/--drop-clean-patches",
+        help="With --patches: the defect-free patches of defective strips go to test/good as "
+             "<type>_<strip>_v<vial>_r<region>.png (meta.json: strip_type), since a strip is "
+             "judged on all its patches; --drop-clean-patches leaves them out."),
     meniscus_levels: str | None = typer.Option(
         None, help="Distinct fill levels as fractions of the strip height, e.g. 0.36,0.46,0.56: "
                    "each vial draws one, so normal appearance is multi-modal at a location."),
@@ -185,7 +190,8 @@ def synth_vials(
             levels = tuple(float(v) for v in meniscus_levels.split(",")) if meniscus_levels else ()
         except ValueError:
             raise typer.BadParameter("expected comma-separated numbers, e.g. 1,2 or 0.4,0.5")
-        cfg = VialStripConfig(regions=region_ids, meniscus_levels=levels)
+        cfg = VialStripConfig(regions=region_ids, meniscus_levels=levels,
+                              keep_clean_patches_of_defective=keep_clean_patches)
         return generate_vial_dataset(out, seed, n_train, n_test_good, n_test_defect, patches,
                                      cfg=cfg, progress=bars)
 
@@ -488,16 +494,29 @@ def line_layout(
     out: Path = typer.Option(..., "--out", help="Layout YAML file to write."),
     height: int = typer.Option(256, help="Strip height in px of the synthetic strip."),
     patch_size: int = typer.Option(256, help="Square patch size the regions are resized to."),
+    rois: bool = typer.Option(True, "--rois/--no-rois",
+                              help="Also write each region's ROI mask (the synthetic vial's plastic "
+                                   "in every pose) to <out stem>_roi/<region>.png beside --out."),
 ) -> None:
     """Write the layout of the synthetic strip (5 vials x 4 regions) to edit for a product."""
-    from anomalyqc.line.layout import default_layout, write_layout
+    from anomalyqc.line.layout import DEFAULT_REGION_NAMES
+    from anomalyqc.synth.kit import write_synthetic_layout
     from anomalyqc.synth.vials import VialStripConfig
 
     def job() -> None:
         at_least(height, 32, "--height")
         file_target(out, "--out", "layout.yaml")
-        write_layout(default_layout(VialStripConfig(height=height, vial_pitch=max(8, round(height / 4))),
-                                    patch_size), out)
+        roi_dir = f"{out.stem}_roi"
+        folder = out.parent / roi_dir
+        ours = {f"{n}.png" for n in DEFAULT_REGION_NAMES}
+        if rois and folder.exists() and (
+            not folder.is_dir() or (other := sorted(p.name for p in folder.iterdir() if p.name not in ours))
+        ):
+            what = f"holds {other[0]}" if folder.is_dir() else "is a file"
+            raise ConfigError(f"{folder} {what}: the ROI masks of --out go there; choose another "
+                              "--out name or pass --no-rois")
+        write_synthetic_layout(out, VialStripConfig(height=height, vial_pitch=max(8, round(height / 4))),
+                               patch_size, roi_dir if rois else None)
 
     _run(job)
     console.print(f"layout written to {out}", highlight=False, soft_wrap=True)

@@ -4,7 +4,25 @@
 key frames (and, with `use_rank`, the two rank images) are cut into region patches, the
 patches of each model go through it as ONE batch (60 patches for 3 key frames x 5 vials x 4
 regions with a shared model), and the scores are turned into region, vial and strip
-decisions against the per-region thresholds (see line.decisions). Timings are kept per stage.
+decisions against the per-region thresholds (see line.decisions). Timings are kept per stage,
+and the forward pass per model.
+
+ROIs. A layout region may name an ROI mask (line.layout). A detector that uses ROIs
+(`Detector.uses_roi`: GRD-Net, and DRAEM / ResGANAD, which only use them to train) gets, in
+the same batch, each patch's ROI: its region's mask stretched to the detector's input exactly
+as the patch is (nearest neighbour, then the centre crop), repeated over frames and vials.
+Which ROI a patch gets:
+
+- a region with a mask: that mask;
+- a region without one, when another region of the same detector has one: a full mask (the
+  whole patch is inspected; a batch carries ROIs for all its patches or none);
+- no region of the detector has a mask: no ROIs at all. A detector that needs them
+  (`Detector.needs_roi`, a GRD-Net trained on ROIs) is then refused with an error naming the
+  layout and the fix, before anything is scored.
+
+Detectors that do not use ROIs never get them, so a layout with ROIs works with them as
+before. For a detector whose output is restricted to the ROI (`needs_roi`) the strip heatmap
+is zero outside the ROIs of its regions, at strip resolution (`ProductLayout.strip_roi`).
 """
 
 from __future__ import annotations
@@ -27,6 +45,7 @@ from anomalyqc.line.patches import cut, paste
 from anomalyqc.line.rank import KEY_FRAMES, LineBatch, line_batch
 from anomalyqc.line.thresholds import RegionThresholds
 from anomalyqc.models.base import Detector
+from anomalyqc.types import Batch
 
 _GRAY = torch.tensor([0.299, 0.587, 0.114])  # ITU-R BT.601 luma
 
@@ -88,27 +107,58 @@ class LineModels:
             out.setdefault(id(d), (d, []))[1].append(i)
         return list(out.values())
 
+    def model_keys(self) -> list[str]:
+        """A name per distinct model (groups() order) for timings: its model id, else the
+        detector's name; a repeated one gets #2, #3, ..."""
+        out: list[str] = []
+        for d, _ in self.groups():
+            base = d.model_id or d.name
+            key, n = base, 1
+            while key in out:
+                n += 1
+                key = f"{base}#{n}"
+            out.append(key)
+        return out
+
     def describe(self) -> list[dict[str, Any]]:
-        """One entry per distinct model: regions, run folder, detector, model id, input."""
+        """One entry per distinct model: timing key, regions, run folder, detector, model id,
+        input, and whether it uses / needs ROIs."""
         names = self.regions
         return [
             {
+                "key": key,
                 "regions": [names[i] for i in idx],
                 "run": self.runs.get(names[idx[0]]),
                 "detector": d.name,
                 "model_id": d.model_id,
                 "input_size": list(d.input_size),
                 "channels": d.config.channels,
+                "uses_roi": d.uses_roi,
+                "needs_roi": d.needs_roi,
             }
-            for d, idx in self.groups()
+            for key, (d, idx) in zip(self.model_keys(), self.groups())
         ]
 
     def check_layout(self, layout: ProductLayout) -> None:
+        """The models cover the layout's regions, and a model that needs ROIs has them."""
         if self.regions != layout.region_names:
             raise ConfigError(
                 f"models cover regions {self.regions}, layout {layout.name!r} has "
                 f"{layout.region_names}; give a model for each region of the layout"
             )
+        with_roi = set(layout.roi_regions)
+        for d, idx in self.groups():
+            names = [self.regions[i] for i in idx]
+            if d.needs_roi and not with_roi & set(names):
+                run = self.runs.get(names[0])
+                which = f"model {run}" if run else f"this {d.name} model"
+                raise ConfigError(
+                    f"{layout.describe_source()}: regions {', '.join(names)} have no ROI mask, but "
+                    f"{which} ({d.name}, trained with ROIs) needs one per patch; add "
+                    f"`roi: <mask>.png` to these regions of the layout (a PNG beside it, nonzero = "
+                    "inspect; an all-white one inspects the whole patch), or use a model trained "
+                    "without ROIs (roi_mode=whole_image)"
+                )
 
 
 def prepare_patches(patches: torch.Tensor, detector: Detector) -> torch.Tensor:
@@ -138,6 +188,21 @@ def prepare_patches(patches: torch.Tensor, detector: Detector) -> torch.Tensor:
     return patches.contiguous()
 
 
+def detector_rois(layout: ProductLayout, detector: Detector, region_idx: list[int]) -> torch.Tensor | None:
+    """The ROI of every region at `detector`'s input, (n_regions, 1, h, w) float32 in {0, 1},
+    or None when the detector gets no ROIs (see the module doc for the rules)."""
+    if not detector.uses_roi:
+        return None
+    if not {layout.region_names[i] for i in region_idx} & set(layout.roi_regions):
+        return None  # check_layout refused this for a detector that needs ROIs
+    masks = torch.from_numpy(layout.roi_masks(as_hw(detector.config.image_size)))[:, None]
+    if detector.config.crop_size is not None:
+        (ch, cw), (h, w) = as_hw(detector.config.crop_size), masks.shape[-2:]
+        y0, x0 = (h - ch) // 2, (w - cw) // 2
+        masks = masks[..., y0 : y0 + ch, x0 : x0 + cw]
+    return masks.contiguous()
+
+
 @dataclass
 class InspectionResult:
     """What one acquisition gave: scores, decisions (with thresholds), heatmap, timings."""
@@ -147,6 +212,8 @@ class InspectionResult:
     decisions: dict[str, np.ndarray] | None  # see line.decisions.acquisition_decisions
     heatmap: np.ndarray  # (H, W) float32: max over sources; in threshold units with thresholds
     timings_ms: dict[str, float]  # cut, forward, aggregate, total
+    # forward pass (input preparation included) of each model, by LineModels.model_keys()
+    model_timings_ms: dict[str, float] = field(default_factory=dict)
 
     @property
     def n_patches(self) -> int:
@@ -201,7 +268,8 @@ def inspect_acquisition(
     `frames_or_rank`: the acquisition's frames, (F, H, W) or (F, C, H, W), uint8 or float in
     [0, 1]; or a mapping of named images (e.g. {"rank_min": ..., "rank_max": ...}) used as
     they are. From frames the key frames (1-based) are used, plus the two rank images with
-    `use_rank`. Without `thresholds` only scores and the raw heatmap are returned.
+    `use_rank`. Without `thresholds` only scores and the raw heatmap are returned. ROIs of
+    the layout's regions go to the detectors that use them (module doc).
     """
     models.check_layout(layout)
     if thresholds is not None and thresholds.regions != layout.region_names:
@@ -221,12 +289,25 @@ def inspect_acquisition(
     n = len(batch)
     scores = torch.full((n,), float("nan"))
     maps: list[tuple[torch.Tensor, torch.Tensor]] = []
+    model_ms: dict[str, float] = {}
+    restricted = [False] * layout.n_regions  # regions whose heatmap is cut to the ROI
     with torch.inference_mode():
-        for det, region_idx in models.groups():
+        for key, (det, region_idx) in zip(models.model_keys(), models.groups()):
+            tm = time.perf_counter()
             sel = torch.isin(batch.region, torch.tensor(region_idx))
-            pred = det.predict(prepare_patches(batch.patches[sel], det))  # one batch per model
+            x = prepare_patches(batch.patches[sel], det)
+            rois = detector_rois(layout, det, region_idx)
+            if rois is None:
+                pred = det.predict(x)  # one batch per model
+            else:
+                roi = rois[batch.region[sel]]
+                pred = det.predict(Batch(x, torch.zeros(len(x), dtype=torch.int64), roi=roi))
+                if det.needs_roi:
+                    for i in region_idx:
+                        restricted[i] = True
             scores[sel] = pred.score.detach().float().cpu()
             maps.append((sel, pred.anomaly_map.detach().float().cpu()))
+            model_ms[key] = (time.perf_counter() - tm) * 1e3
     t2 = time.perf_counter()
     s, v, r = len(batch.sources), layout.n_vials, layout.n_regions
     score_grid = scores.numpy().astype(np.float64).reshape(s, v, r)
@@ -242,6 +323,8 @@ def inspect_acquisition(
         tv = torch.as_tensor(thresholds.values, dtype=torch.float32)
         full = full / torch.where(tv.abs() > 0, tv, torch.ones_like(tv))[None, None, :, None, None]
     heat = paste(full, layout).amax(dim=0)[0]
+    if any(restricted):
+        heat = torch.where(torch.from_numpy(layout.strip_roi(tuple(restricted))), heat, 0.0)
     t3 = time.perf_counter()
     timings = {
         "cut": (t1 - t0) * 1e3,
@@ -249,4 +332,4 @@ def inspect_acquisition(
         "aggregate": (t3 - t2) * 1e3,
         "total": (t3 - t0) * 1e3,
     }
-    return InspectionResult(batch.sources, score_grid, decisions, heat.numpy(), timings)
+    return InspectionResult(batch.sources, score_grid, decisions, heat.numpy(), timings, model_ms)

@@ -4,6 +4,7 @@ Folder layout (the generator `anomalyqc.synth.kit` writes it; arrange your own k
 
     KIT/
       layout.yaml                                  product layout (anomalyqc.line.layout)
+      roi/<region>.png                             optional ROI masks, named by layout.yaml
       ground_truth.json                            labels (below)
       strips/<strip_id>/run_<k>/frame_<i>.png      8-bit grayscale, layout's image size;
                                                    k = 1..n_runs, i = 1..F (any zero padding)

@@ -18,8 +18,10 @@ square patch size every region is resized to before it reaches a detector (the t
       - {name: shoulder, box: [0, 69, 64, 154], roi: masks/shoulder.png}
       - ...
 
-A ROI mask is a grayscale PNG (nonzero = inspect), at any size: it is resized to each patch.
-Its path is relative to the layout file.
+A ROI mask is a grayscale PNG (nonzero = inspect), at any size: it is stretched to the
+region's box in the strip and to each patch, like the region's pixels. Its path is relative
+to the layout file; `load_layout` remembers that folder, so the line reads the masks from a
+loaded layout (see line.inspect for what each kind of detector gets).
 """
 
 from __future__ import annotations
@@ -29,7 +31,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from anomalyqc.errors import ConfigError, DataError
 from anomalyqc.fileio import atomic_write_bytes
@@ -96,6 +106,9 @@ class ProductLayout(BaseModel):
     # Regions of one vial, and vials, must not overlap unless allowed: with overlaps a pixel of
     # the strip heatmap would come from two patches (pasting then keeps the larger score).
     allow_overlap: bool = False
+    # The file the layout was read from (load_layout): ROI paths are relative to its folder.
+    _source: Path | None = PrivateAttr(default=None)
+    _roi_cache: dict[Any, np.ndarray] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
     def _check(self) -> ProductLayout:
@@ -149,6 +162,75 @@ class ProductLayout(BaseModel):
         """(height, width) of a strip image."""
         return self.image_height, self.image_width
 
+    def __eq__(self, other: object) -> bool:
+        """Equal descriptions; the file a layout was read from (and its caches) do not count."""
+        if not isinstance(other, ProductLayout):
+            return NotImplemented
+        return self.model_dump() == other.model_dump()
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like every pydantic model
+
+    @property
+    def source(self) -> Path | None:
+        """The layout file this layout was read from (None when built in memory)."""
+        return self._source
+
+    @property
+    def roi_regions(self) -> list[str]:
+        """Names of the regions that have an ROI mask."""
+        return [r.name for r in self.regions if r.roi is not None]
+
+    def describe_source(self) -> str:
+        """How errors name this layout: its file, else its name."""
+        return str(self._source) if self._source is not None else f"layout {self.name!r}"
+
+    def roi_masks(self, size: int | tuple[int, int] | None = None) -> np.ndarray:
+        """Every region's ROI at `size` (default: the patch size): (n_regions, h, w) float32 in
+        {0, 1}, all ones for a region without a mask. Read from beside the layout file once."""
+        from anomalyqc.data.transforms import as_hw
+
+        hw = as_hw(size or self.patch_size)
+        key = ("patch", hw, tuple((r.name, r.roi) for r in self.regions))
+        if key not in self._roi_cache:
+            self._roi_cache[key] = region_roi_masks(self, self._roi_folder(), hw)
+        return self._roi_cache[key]
+
+    def strip_roi(self, regions: tuple[bool, ...]) -> np.ndarray:
+        """(H, W) bool: inside every box, the region's ROI stretched to the box where
+        `regions[j]` is true and the region has a mask, the whole box otherwise; False
+        outside all boxes."""
+        if len(regions) != self.n_regions:
+            raise ValueError(f"strip_roi: {len(regions)} flags for {self.n_regions} regions")
+        key = ("strip", tuple(bool(f) for f in regions), tuple((r.name, r.roi) for r in self.regions))
+        if key not in self._roi_cache:
+            import cv2
+
+            native = self._native_masks()
+            out = np.zeros(self.image_size, bool)
+            for v_boxes in self.boxes():
+                for j, (x0, y0, x1, y1) in enumerate(v_boxes):
+                    m = native.get(self.regions[j].name) if regions[j] else None
+                    if m is None:
+                        out[y0:y1, x0:x1] = True
+                    else:
+                        size = (int(x1 - x0), int(y1 - y0))
+                        fit = cv2.resize(m, size, interpolation=cv2.INTER_NEAREST_EXACT)
+                        out[y0:y1, x0:x1] |= fit > 0
+            self._roi_cache[key] = out
+        return self._roi_cache[key]
+
+    def _roi_folder(self) -> Path | None:
+        if self.roi_regions and self._source is None:
+            raise ConfigError(
+                f"layout {self.name!r} names ROI masks for regions {self.roi_regions} but was not read "
+                "from a file, so their paths have no folder; read it with load_layout(PATH)"
+            )
+        return None if self._source is None else self._source.parent
+
+    def _native_masks(self) -> dict[str, np.ndarray]:
+        folder = self._roi_folder()
+        return {r.name: _read_roi(Path(folder or "."), r) for r in self.regions if r.roi is not None}
+
     def boxes(self) -> np.ndarray:
         """Absolute region boxes, (n_vials, n_regions, 4) int64 as x0, y0, x1, y1."""
         v = np.array([s.box for s in self.vials], np.int64)[:, None, :]
@@ -197,6 +279,7 @@ def load_layout(path: str | Path) -> ProductLayout:
                 f"{path}: regions[{r.name}].roi: mask file {path.parent / r.roi} does not exist; "
                 "fix the path (relative to the layout file) or remove the roi entry"
             )
+    layout._source = path
     return layout
 
 
@@ -218,23 +301,45 @@ def write_layout(layout: ProductLayout, path: str | Path) -> None:
     atomic_write_bytes(path, ("\n".join(lines) + "\n").encode("utf-8"))
 
 
-def region_roi_masks(layout: ProductLayout, layout_dir: str | Path, size: int | None = None) -> np.ndarray:
-    """ROI of every region at patch size: (n_regions, size, size) float32 in {0, 1}.
+def _read_roi(layout_dir: Path, region: RegionSpec) -> np.ndarray:
+    """A region's ROI mask as read (uint8, nonzero = inspect); refuses an unreadable or empty one."""
+    import cv2
 
-    A region without a mask file is inspected whole (all ones).
+    assert region.roi is not None
+    p = layout_dir / region.roi
+    m = cv2.imread(str(p), cv2.IMREAD_GRAYSCALE)
+    if m is None:
+        raise DataError(f"{p}: cannot read the ROI mask of region {region.name}; write it as a grayscale PNG")
+    if not m.any():
+        raise DataError(
+            f"{p}: the ROI mask of region {region.name} is all zero, so nothing would be inspected; "
+            "paint the pixels to inspect (nonzero) or remove the roi entry"
+        )
+    return m
+
+
+def region_roi_masks(
+    layout: ProductLayout, layout_dir: str | Path | None = None, size: int | tuple[int, int] | None = None
+) -> np.ndarray:
+    """ROI of every region at `size` (an int is a square; default the patch size):
+    (n_regions, h, w) float32 in {0, 1}, nearest-neighbour resized like the data's ROIs.
+
+    A region without a mask file is inspected whole (all ones). `layout_dir` defaults to the
+    folder of the file the layout was read from.
     """
     import cv2
 
-    size = size or layout.patch_size
-    out = np.ones((layout.n_regions, size, size), np.float32)
+    from anomalyqc.data.transforms import as_hw
+
+    h, w = as_hw(size or layout.patch_size)
+    folder = Path(layout_dir) if layout_dir is not None else layout._roi_folder()
+    out = np.ones((layout.n_regions, h, w), np.float32)
     for i, r in enumerate(layout.regions):
         if r.roi is None:
             continue
-        p = Path(layout_dir) / r.roi
-        m = cv2.imread(str(p), cv2.IMREAD_GRAYSCALE)
-        if m is None:
-            raise DataError(f"{p}: cannot read the ROI mask of region {r.name}; write it as a grayscale PNG")
-        out[i] = cv2.resize(m, (size, size), interpolation=cv2.INTER_NEAREST) > 0
+        assert folder is not None
+        m = _read_roi(folder, r)
+        out[i] = cv2.resize(m, (w, h), interpolation=cv2.INTER_NEAREST_EXACT) > 0
     return out
 
 

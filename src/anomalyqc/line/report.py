@@ -66,6 +66,18 @@ def _confusion(c: dict[str, dict[str, int]]) -> str:
     return _table(["truth \\ decision", *cols], [[k, *v.values()] for k, v in c.items()])
 
 
+def _roi_use(model: dict[str, Any], report: dict[str, Any]) -> str:
+    """What the model did with the layout's ROI masks."""
+    rois = set(report.get("layout", {}).get("roi_masks", {}))
+    have = [r for r in model["regions"] if r in rois]
+    if not model.get("uses_roi"):
+        return "not used by this detector" if have else "none"
+    if not have:
+        return "none"
+    names = ", ".join(have)
+    return f"{names} (others: whole patch)" if len(have) < len(model["regions"]) else names
+
+
 def render_html(report: dict[str, Any]) -> str:
     """The report as one self-contained HTML page (images linked from examples/)."""
     e = html.escape
@@ -104,6 +116,18 @@ def render_html(report: dict[str, Any]) -> str:
     ]
     tm = report["timing"]
     rows_t = [[k, v["median"], v["p95"], v["max"]] for k, v in tm["stages"].items()]
+    rows_m = [
+        [k, v["detector"], ", ".join(v["regions"]), v["n_patches_per_batch"], v["median"], v["p95"],
+         v["max"], v["mean_per_patch_ms"]]
+        for k, v in tm.get("forward_by_model", {}).items()
+    ]  # fmt: skip
+    per_model = (
+        "<h3>Forward pass per model (ms)</h3>"
+        + _table(["model", "detector", "regions", "patches per batch", "median", "p95", "max",
+                  "mean per patch"], rows_m)  # fmt: skip
+        if rows_m
+        else ""
+    )
     conf = "".join(
         f"<h3>{e(name)}</h3>{_confusion(table['confusion'])}"
         for name, table in (*((c, t1[c]) for c in cols), ("strip (acquisition)", t2), ("product", t3))
@@ -129,8 +153,11 @@ def render_html(report: dict[str, Any]) -> str:
     )
     prov = report.get("provenance", {})
     models = _table(
-        ["regions", "run", "detector", "model id"],
-        [[", ".join(m["regions"]), m["run"], m["detector"], m["model_id"]] for m in report.get("models", [])],
+        ["regions", "run", "detector", "model id", "ROIs"],
+        [
+            [", ".join(m["regions"]), m["run"], m["detector"], m["model_id"], _roi_use(m, report)]
+            for m in report.get("models", [])
+        ],
     )
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>anomalyqc line validation report</title>
@@ -156,6 +183,7 @@ Date (UTC): {e(str(prov.get("utc")))}; anomalyqc {e(str(report.get("anomalyqc_ve
 <p>{tm["n_batches_timed"]} batches timed ({tm["warmup_batches_excluded"]} warm-up excluded); budget
 {_f(tm["budget_ms"])} ms: p95 within budget {_f(tm["p95_within_budget"])}, max within budget
 {_f(tm["max_within_budget"])}.</p>{_table(["stage", "median", "p95", "max"], rows_t)}
+{per_model}
 <h2>Confusion matrices</h2>{conf}
 <h2>Errors per acquisition</h2>
 <p>Panels: key frame {e(str(report.get("panel_frame")))} | heatmap in threshold units (0..2,

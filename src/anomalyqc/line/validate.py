@@ -15,7 +15,7 @@ Levels:
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,9 @@ class KitScores:
     scores: np.ndarray  # (A, S, V, R)
     region_labels: np.ndarray  # (A, V, R) int8: 1 defective, 0 good, -1 unknown
     timings_ms: list[dict[str, float]]  # per acquisition: cut, forward, aggregate, total
+    # per acquisition: forward time of each model (LineModels.model_keys), and the models
+    model_timings_ms: list[dict[str, float]] = field(default_factory=list)
+    models: list[dict[str, Any]] = field(default_factory=list)  # LineModels.describe()
 
     @property
     def strip_labels(self) -> np.ndarray:
@@ -81,7 +84,8 @@ def score_kit(
     """Inspect every acquisition of the kit (no thresholds: scores and timings only)."""
     check_kit_layout(kit, layout)
     runs = [(i, r) for i, s in enumerate(kit.strips) for r in s.runs]
-    scores, labels, timings, acqs = [], [], [], []
+    models.check_layout(layout)
+    scores, labels, timings, model_timings, acqs = [], [], [], [], []
     sources: list[str] = []
     shape = (layout.n_vials, layout.n_regions)
     for i, run in tracked(runs, progress, f"Inspecting {kit.root.name}"):
@@ -89,9 +93,12 @@ def score_kit(
         sources = res.sources
         scores.append(res.scores)
         timings.append(res.timings_ms)
+        model_timings.append(res.model_timings_ms)
         acqs.append((i, run.run))
         labels.append(np.full(shape, -1, np.int8) if run.regions is None else run.regions.astype(np.int8))
-    return KitScores(kit, sources, acqs, np.stack(scores), np.stack(labels), timings)
+    return KitScores(
+        kit, sources, acqs, np.stack(scores), np.stack(labels), timings, model_timings, models.describe()
+    )
 
 
 def calibrate(
@@ -160,11 +167,37 @@ def _percentile_stats(values: list[float]) -> dict[str, float]:
     }
 
 
-def timing_summary(timings: list[dict[str, float]], n_patches: int, budget_ms: float) -> dict[str, Any]:
-    """Batch timings per stage; the first acquisition (model warm-up) is left out when there are more."""
+def timing_summary(
+    timings: list[dict[str, float]],
+    n_patches: int,
+    budget_ms: float,
+    model_timings: list[dict[str, float]] | None = None,
+    models: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Batch timings per stage, and the forward pass per model (`model_timings`, described by
+    `models` = LineModels.describe()); the first acquisition (model warm-up) is left out when
+    there are more."""
     used = timings[1:] if len(timings) > 1 else timings
     stages = {k: _percentile_stats([t[k] for t in used]) for k in ("cut", "forward", "aggregate", "total")}
     total = stages["total"]
+    by_model: dict[str, Any] = {}
+    if model_timings:
+        used_m = model_timings[1:] if len(model_timings) > 1 else model_timings
+        n_regions = sum(len(m["regions"]) for m in models or []) or 1
+        for m in models or []:
+            k = m["key"]
+            if not all(k in t for t in used_m):
+                continue
+            stats = _percentile_stats([t[k] for t in used_m])
+            n_model = n_patches * len(m["regions"]) // n_regions
+            by_model[k] = {
+                "detector": m["detector"],
+                "model_id": m["model_id"],
+                "regions": m["regions"],
+                "n_patches_per_batch": n_model,
+                **stats,
+                "mean_per_patch_ms": stats["mean"] / max(n_model, 1),
+            }
     return {
         "unit": "ms",
         "n_patches_per_batch": n_patches,
@@ -172,6 +205,8 @@ def timing_summary(timings: list[dict[str, float]], n_patches: int, budget_ms: f
         "warmup_batches_excluded": len(timings) - len(used),
         "budget_ms": budget_ms,
         "stages": stages,
+        # the "forward" stage split by model: input preparation and one predict per model
+        "forward_by_model": by_model,
         "median": total["median"],
         "p95": total["p95"],
         "max": total["max"],
@@ -190,7 +225,7 @@ def build_report(
     t = thresholds.values
     dec = acquisition_decisions(test.scores, t)
     n_patches = int(np.prod(test.scores.shape[1:]))
-    timing = timing_summary(test.timings_ms, n_patches, budget_ms)
+    timing = timing_summary(test.timings_ms, n_patches, budget_ms, test.model_timings_ms, test.models)
     per_patch = timing["mean_per_patch_ms"]
 
     lab = test.region_labels  # (A, V, R)

@@ -47,7 +47,51 @@ def _check_kit(kit: Kit, key_frames: tuple[int, ...], policy: AcceptancePolicy |
 def _models(
     layout: ProductLayout, default: str | Path | None, per_region: Mapping[str, str | Path] | None
 ) -> LineModels:
-    return LineModels.from_runs(layout.region_names, default, per_region)
+    """The region models, checked against the layout (ROIs included) before any scoring."""
+    models = LineModels.from_runs(layout.region_names, default, per_region)
+    models.check_layout(layout)
+    return models
+
+
+def _roi_files(layout: ProductLayout, path: str | Path) -> dict[str, dict[str, str]]:
+    """Path and sha256 of each region's ROI mask (a new mask changes an ROI model's scores)."""
+    import hashlib
+
+    out = {}
+    for r in layout.regions:
+        if r.roi is not None:
+            p = Path(path).parent / r.roi
+            out[r.name] = {"path": str(p), "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+    return out
+
+
+def _layout_record(layout: ProductLayout, path: str | Path) -> dict[str, Any]:
+    return {"path": str(path), "name": layout.name, "roi_masks": _roi_files(layout, path)}
+
+
+ROI_INFO = "roi_masks_sha256"  # in the thresholds' info: the masks the ROI models were calibrated with
+
+
+def _roi_used(models: LineModels, layout: ProductLayout, path: str | Path) -> dict[str, str | None]:
+    """sha256 of the ROI mask of each region scored by a model that uses ROIs (None: no mask)."""
+    files = _roi_files(layout, path)
+    uses = {r for d, idx in models.groups() if d.uses_roi for r in (models.regions[i] for i in idx)}
+    return {r: files[r]["sha256"] if r in files else None for r in models.regions if r in uses}
+
+
+def _check_roi_calibration(
+    thr: RegionThresholds, models: LineModels, layout: ProductLayout, path: str | Path, source: str | Path
+) -> None:
+    """Thresholds of an ROI model hold only for the masks they were calibrated with."""
+    then = thr.info.get(ROI_INFO)
+    if then is None:
+        return  # written before masks were recorded
+    now = _roi_used(models, layout, path)
+    if diff := sorted(r for r in set(now) | set(then) if now.get(r) != then.get(r)):
+        raise ConfigError(
+            f"{source}: calibrated with other ROI masks for regions {', '.join(diff)} than "
+            f"{path} has now; recalibrate with this layout or use the layout it was calibrated with"
+        )
 
 
 def calibrate_line(
@@ -70,6 +114,7 @@ def calibrate_line(
     scores = score_kit(kit, layout, models, key_frames, use_rank, progress)
     thr = calibrate(scores, metric, models, key_frames, use_rank)
     thr.info["layout"] = layout.name
+    thr.info[ROI_INFO] = _roi_used(models, layout, layout_path or kit.root / "layout.yaml")
     thr.save(out_file)
     return thr
 
@@ -129,6 +174,7 @@ def validate_line(
                 f"{thr.rank}, not {list(key_frames)} and {use_rank}; use the same --key-frames and "
                 "--rank/--no-rank, or recalibrate"
             )
+        _check_roi_calibration(thr, models, layout, layout_path or kit.root / "layout.yaml", thresholds_file)
     else:
         assert calibration_kit is not None
         cal = read_kit(calibration_kit)
@@ -142,6 +188,7 @@ def validate_line(
             use_rank,
         )
         thr.info["layout"] = layout.name
+        thr.info[ROI_INFO] = _roi_used(models, layout, layout_path or kit.root / "layout.yaml")
     scores = score_kit(kit, layout, models, key_frames, use_rank, progress)
     report = build_report(scores, thr, policy, budget_ms)
     # Built aside and swapped in whole: a killed run never leaves a report that looks
@@ -172,7 +219,7 @@ def validate_line(
                     "n_strips": len(kit.strips),
                     "n_frames": kit.n_frames,
                 },
-                "layout": {"path": str(layout_path or kit.root / "layout.yaml"), "name": layout.name},
+                "layout": _layout_record(layout, layout_path or kit.root / "layout.yaml"),
                 "models": _model_records(models),
                 "thresholds": thr.to_json(),
                 "calibration": {

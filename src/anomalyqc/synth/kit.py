@@ -6,6 +6,7 @@ reads, so a user's own kit, arranged the same way, goes through the same validat
 
     KIT/
       layout.yaml                                  the product layout (anomalyqc.line.layout)
+      roi/<region>.png                             ROI mask of each region (layout.yaml names them)
       ground_truth.json                            labels per strip, run, vial and region
       strips/<strip_id>/run_<k>/frame_<i>.png      8-bit grayscale frames; k, i count from 1
       masks/<strip_id>/run_<k>/frame_<i>.png       optional defect masks (0 / 255)
@@ -26,14 +27,16 @@ from anomalyqc import __version__
 from anomalyqc.errors import ConfigError
 from anomalyqc.fileio import atomic_write_json, atomic_write_png, prepare_generated_folder
 from anomalyqc.line.kit import GROUND_TRUTH, KIT_FORMAT, KIT_FORMAT_VERSION, LAYOUT_FILE, frame_name, run_name
-from anomalyqc.line.layout import default_layout, write_layout
+from anomalyqc.line.layout import ProductLayout, default_layout, load_layout, write_layout
 from anomalyqc.line.patches import region_labels
 from anomalyqc.progress import Progress, tracked
 from anomalyqc.synth.acquisition import AcquisitionConfig, acquire, make_strip
+from anomalyqc.synth.vials import VialStripConfig, pose_roi
 
 GENERATOR = "anomalyqc.synth.kit"
 GENERATOR_VERSION = 1
-_ENTRIES = ("strips", "masks", LAYOUT_FILE, GROUND_TRUTH)
+ROI_DIR = "roi"
+_ENTRIES = ("strips", "masks", ROI_DIR, LAYOUT_FILE, GROUND_TRUTH)
 
 
 def _is_previous_kit(out: Path) -> bool:
@@ -63,6 +66,39 @@ def kit_plan(
     return [(f"strip_{n:0{digits}d}", jobs[j][1], jobs[j][0]) for n, j in enumerate(order)]
 
 
+def region_rois(layout: ProductLayout, cfg: VialStripConfig) -> dict[str, np.ndarray]:
+    """The ROI of each region of the generator's layout, at the region's box size (uint8 0/1):
+    the generator's ROI (plastic grown by roi_margin, as `synth vials` writes it) over every
+    pose it draws (vials.pose_roi), merged over the vials, since all vials share a region's mask."""
+    strip = pose_roi(cfg)
+    out: dict[str, np.ndarray] = {}
+    boxes = layout.boxes()
+    for j, name in enumerate(layout.region_names):
+        x0, y0, x1, y1 = (int(c) for c in boxes[0, j])
+        m = np.zeros((y1 - y0, x1 - x0), np.uint8)
+        for v in range(layout.n_vials):
+            a0, b0, a1, b1 = (int(c) for c in boxes[v, j])
+            m |= strip[b0:b1, a0:a1]
+        out[name] = m
+    return out
+
+
+def write_synthetic_layout(
+    path: str | Path, cfg: VialStripConfig, patch_size: int = 256, rois: str | None = ROI_DIR
+) -> ProductLayout:
+    """Write the generator's layout to `path` and, unless `rois` is None, each region's ROI
+    mask to `<folder of path>/<rois>/<region>.png` (named in the layout); return it as loaded."""
+    path = Path(path)
+    layout = default_layout(cfg, patch_size)
+    if rois is not None:
+        for j, (name, m) in enumerate(region_rois(layout, cfg).items()):
+            rel = f"{rois}/{name}.png"
+            atomic_write_png(path.parent / rel, m * 255)
+            layout.regions[j].roi = rel
+    write_layout(layout, path)
+    return load_layout(path)
+
+
 def _strip_rng(seed: int, kind: str, index: int) -> np.random.Generator:
     """Independent stream per strip: the counts of other kinds never change a strip."""
     code = sum(ord(c) * 31**i for i, c in enumerate(kind)) % (2**31)
@@ -90,8 +126,7 @@ def generate_kit(
         raise ConfigError(f"n_runs must be >= 1, got {n_runs}")
     out = Path(out_dir)
     _prepare(out)
-    layout = default_layout(cfg.strip, patch_size)
-    write_layout(layout, out / LAYOUT_FILE)
+    layout = write_synthetic_layout(out / LAYOUT_FILE, cfg.strip, patch_size)
     strips: dict[str, Any] = {}
     plan = kit_plan(n_good, n_defect, cfg.defect_types, int(seed))
     for strip_id, index, kind in tracked(plan, progress, "Generating the test kit"):

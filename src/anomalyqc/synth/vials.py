@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import asdict, astuple, dataclass, field
+from dataclasses import asdict, astuple, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +101,10 @@ class VialStripConfig:
     roi_margin: int = 2  # px the ROI extends past the plastic (keeps dents inside it)
     patch_size: int = 64
     regions: tuple[int, ...] = (0, 1, 2, 3)  # region patches written in patch mode
-    keep_clean_patches_of_defective: bool = False  # else they are dropped
+    # Patch mode: the defect-free patches of a defective strip go to test/good (as
+    # <type>_<strip>_v<vial>_r<region>.png) rather than being dropped: a strip's decision is
+    # the max over all its patches, so its clean patches are part of what is judged.
+    keep_clean_patches_of_defective: bool = True
 
     def __post_init__(self) -> None:
         checks = [
@@ -325,6 +328,41 @@ def _roi(cov_a: np.ndarray, cov_b: np.ndarray, margin: int) -> np.ndarray:
     return roi
 
 
+def pose_roi(cfg: VialStripConfig) -> np.ndarray:
+    """(H, W) uint8 0/1: the ROI of `_roi` (plastic, grown by roi_margin) in every pose the
+    generator draws, for a fixed layout that cannot follow each strip's pose.
+
+    The noiseless strip is drawn once unposed; its coverage is moved over a grid of shifts
+    (up to max_shift, steps of at most 1 px) and rotations (up to max_rotation_deg, steps that
+    move no pixel more than 1 px) about the image centre as `_render` poses a strip, and the
+    union is grown by roi_margin + 1 px (the grid's slack).
+    """
+    geo = _geometry(cfg)
+    scene = _render.sample_scene(np.random.default_rng(0), cfg, geo)
+    scene = replace(scene, shift=(0.0, 0.0), angle_deg=0.0, bubbles=[], droplets=[])
+    _, cov = _render.render_noiseless(cfg, geo, scene, [])
+    base = (cov >= 0.5).astype(np.float32)
+    h, w = base.shape
+    cx, cy = (w - 1) / 2.0, (h - 1) / 2.0
+    m = float(cfg.max_shift)
+    shifts = np.linspace(-m, m, 2 * int(np.ceil(m)) + 1) if m > 0 else np.zeros(1)
+    arm = float(np.hypot(cx, cy))
+    a = float(cfg.max_rotation_deg)
+    n_ang = 2 * int(np.ceil(arm * np.radians(a))) + 1 if a > 0 else 1
+    angles = np.linspace(-a, a, n_ang) if a > 0 else np.zeros(1)
+    out = np.zeros((h, w), bool)
+    for ang in angles:
+        rot = cv2.getRotationMatrix2D((cx, cy), float(ang), 1.0)
+        for dx in shifts:
+            for dy in shifts:
+                mat = rot.copy()
+                mat[:, 2] += (dx, dy)
+                out |= cv2.warpAffine(base, mat, (w, h), flags=cv2.INTER_LINEAR) >= 0.5
+    grow = cfg.roi_margin + 1
+    k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * grow + 1, 2 * grow + 1))
+    return np.asarray(cv2.dilate(out.astype(np.uint8), k))
+
+
 def cut_patches(sample: StripSample, patch_size: int = 64) -> list[Patch]:
     """The 20 (n_vials x 4) region patches of a strip, each resized to patch_size^2.
 
@@ -453,9 +491,9 @@ def generate_vial_dataset(
     """Write a synthetic BFS dataset in the MVTec AD layout (see module doc); return a summary.
 
     The same arguments give byte-identical files. In patch mode each strip becomes 20 patches
-    named `<strip>_v<vial>_r<region>.png`; defect-free patches of defective strips are dropped
-    (unless cfg.keep_clean_patches_of_defective, then they go to test/good as
-    `<type>_<strip>_v<vial>_r<region>.png`).
+    named `<strip>_v<vial>_r<region>.png`; defect-free patches of defective strips go to
+    test/good as `<type>_<strip>_v<vial>_r<region>.png` (meta.json: type "good", strip_type
+    the strip's defect), or are dropped with cfg.keep_clean_patches_of_defective=False.
     """
     cfg = cfg or VialStripConfig()
     if not isinstance(seed, (int, np.integer)) or seed < 0:
