@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -28,12 +29,47 @@ from anomalyqc.fileio import atomic_write_json
 from anomalyqc.line.decisions import AcceptancePolicy
 from anomalyqc.line.kit import read_kit
 from anomalyqc.line.patches import cut
+from anomalyqc.line.rank import key_frame_indices, rank_images
+from anomalyqc.line.thresholds import LINE_METHODS
 from anomalyqc.line.workflow import validate_line
 from anomalyqc.models.base import detector_class
 from anomalyqc.synth.acquisition import AcquisitionConfig
 from anomalyqc.synth.kit import generate_kit
 from anomalyqc.synth.vials import VialStripConfig
 from anomalyqc.types import Batch
+
+
+def _same_kit(root: Path, seed: int, good: int, defect: int, runs: int, cfg: AcquisitionConfig) -> bool:
+    """The kit under `root` is what generate_kit would write with these settings."""
+    try:
+        gt = json.loads((root / "ground_truth.json").read_text())
+    except (OSError, ValueError):
+        return False
+    gen = gt.get("generator", {})
+    want = json.loads(json.dumps(asdict(cfg)))  # tuples as lists, as stored
+    return bool(
+        (gen.get("seed"), gen.get("n_good"), gen.get("n_defect"), gt.get("n_runs"))
+        == (seed, good, defect, runs)
+        and gen.get("config") == want
+    )
+
+
+def _tpr_by_type(test_kit: Path, rep: dict) -> dict[str, dict[str, float | int]]:
+    """Strip (acquisition) TPR per defect type, from the report's false accepts."""
+    kit = read_kit(test_kit)
+    missed: dict[str, int] = {}
+    for e in rep["errors"]["false_accepts"]:
+        key = "+".join(e["defect_types"])
+        missed[key] = missed.get(key, 0) + 1
+    out: dict[str, dict[str, float | int]] = {}
+    for s in kit.strips:
+        if s.label:
+            key = "+".join(s.defect_types)
+            out.setdefault(key, {"n": 0})
+            out[key]["n"] = int(out[key]["n"]) + len(s.runs)
+    for key, row in out.items():
+        row["tpr"] = 1.0 - missed.get(key, 0) / int(row["n"])
+    return dict(sorted(out.items()))
 
 
 def main() -> None:
@@ -49,11 +85,18 @@ def main() -> None:
     ap.add_argument("--cal-defect", type=int, default=20)
     ap.add_argument("--cal-runs", type=int, default=2)
     ap.add_argument("--height", type=int, default=128)
+    ap.add_argument("--vial-pitch", type=int, default=None, help="default: height / 4")
     ap.add_argument("--frames", type=int, default=16)
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--key-frames", default="1,8,16")
     ap.add_argument("--rank", action="store_true")
     ap.add_argument("--accept", default="7/10")
+    ap.add_argument("--metric", default="accuracy", choices=LINE_METHODS)
+    ap.add_argument(
+        "--reuse-kits",
+        action="store_true",
+        help="use the kits under --work when they were generated with the same settings",
+    )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument(
         "--set", action="append", default=[], help="detector parameter KEY=VALUE (JSON value)"
@@ -63,21 +106,34 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     load_before = os.getloadavg()
-    cfg = AcquisitionConfig(
-        strip=VialStripConfig(height=a.height, vial_pitch=a.height // 4), n_frames=a.frames
-    )
+    pitch = a.vial_pitch or a.height // 4
+    cfg = AcquisitionConfig(strip=VialStripConfig(height=a.height, vial_pitch=pitch), n_frames=a.frames)
     t0 = time.perf_counter()
-    generate_kit(a.work / "train", 11, a.train_strips, 0, 2, cfg, a.image_size)
-    generate_kit(a.work / "cal", 12, a.cal_good, a.cal_defect, a.cal_runs, cfg, a.image_size)
-    generate_kit(a.work / "test", 13, a.good, a.defect, a.runs, cfg, a.image_size)
+    kits_reused = []
+    for name, seed, good, defect, runs in (
+        ("train", 11, a.train_strips, 0, 2),
+        ("cal", 12, a.cal_good, a.cal_defect, a.cal_runs),
+        ("test", 13, a.good, a.defect, a.runs),
+    ):
+        if a.reuse_kits and _same_kit(a.work / name, seed, good, defect, runs, cfg):
+            kits_reused.append(name)
+        else:
+            generate_kit(a.work / name, seed, good, defect, runs, cfg, a.image_size)
     t_kits = time.perf_counter() - t0
 
+    keys = tuple(int(k) for k in a.key_frames.split(",") if k)
     kit = read_kit(a.work / "train")
     p = a.image_size
     chunks = []
     for s in kit.strips:
         for r in s.runs:
-            f = torch.from_numpy(r.load_frames()).float()[:, None] / 255
+            frames = r.load_frames()
+            # The model learns the kinds of images it will score: every frame when key frames
+            # are inspected, and the two rank images of the run when they are.
+            images = [frames] if keys else []
+            if a.rank:
+                images.append(np.stack(rank_images(frames)))
+            f = torch.from_numpy(np.concatenate(images)).float()[:, None] / 255
             chunks.append(cut(f, kit.layout, p).reshape(-1, 1, p, p))
     x = torch.cat(chunks)
     params = {"image_size": p, "allow_download": False}
@@ -87,7 +143,7 @@ def main() -> None:
     det.save(a.work / "run")
     t_fit = time.perf_counter() - t0
 
-    keys = tuple(int(k) for k in a.key_frames.split(",") if k)
+    key_frame_indices(a.frames, keys)
     t0 = time.perf_counter()
     rep = validate_line(
         a.work / "test",
@@ -95,6 +151,7 @@ def main() -> None:
         a.work / "run",
         calibration_kit=a.work / "cal",
         policy=AcceptancePolicy.parse(a.accept),
+        metric=a.metric,
         key_frames=keys,
         use_rank=a.rank,
     )
@@ -104,6 +161,9 @@ def main() -> None:
         "what": "anomalyqc line validate on generated kits (positive class: defective)",
         "settings": vars(a) | {"work": str(a.work), "out": str(a.out)},
         "n_training_patches": int(x.shape[0]),
+        "pixel_size_um": cfg.pixel_size_um,
+        "kits_reused": kits_reused,
+        "strip_tpr_by_defect_type": _tpr_by_type(a.work / "test", rep),
         "seconds": {"kits": t_kits, "fit": t_fit, "calibrate_and_validate": t_validate},
         "acquisitions_scored": rep["n_acquisitions"] + a.cal_runs * (a.cal_good + a.cal_defect),
         "table_10_1": {
@@ -123,6 +183,8 @@ def main() -> None:
             for k in ("median", "p95", "max", "n_patches_per_batch", "budget_ms")
         }
         | {"stages_median": {k: v["median"] for k, v in rep["timing"]["stages"].items()}},
+        "thresholds": rep["thresholds"]["regions"],
+        "sources": rep["sources"],
         "thesis": {"vial_accuracy": 0.987, "strip_accuracy": 0.959, "run_accuracy": 0.964},
         "load_average": {"before": load_before, "after": os.getloadavg()},
         "provenance": rep["provenance"],
