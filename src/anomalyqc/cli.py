@@ -461,7 +461,8 @@ def synth_kit(
     n_defect: int = typer.Option(141, help="Defective strips (split over the defect types)."),
     runs: int = typer.Option(10, help="Acquisitions per strip."),
     frames: int = typer.Option(16, help="Frames per acquisition."),
-    height: int = typer.Option(256, help="Strip height in px (vial pitch scales with it)."),
+    height: int = typer.Option(512, help="Strip height in px (vial pitch scales with it); 512 "
+                                         "is 156 um/px, particles of 100-1000 um at 1-6.4 px."),
     patch_size: int = typer.Option(256, help="Patch size written into the kit's layout.yaml."),
     defect_types: str | None = typer.Option(None, help="Comma-separated defect types (default: "
                                                        "all the thesis's line defects)."),
