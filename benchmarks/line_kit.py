@@ -153,7 +153,9 @@ def main() -> None:
             f = torch.from_numpy(np.concatenate(images)).float()[:, None] / 255
             chunks.append(cut(f, kit.layout, p))  # (B, V, R, 1, p, p)
     x = torch.cat(chunks)
-    params = {"image_size": p, "allow_download": False}
+    params: dict = {"image_size": p}
+    if "allow_download" in detector_class(a.detector).config_cls.model_fields:  # embedding detectors
+        params["allow_download"] = False
     params.update({k: json.loads(v) for k, v in (s.split("=", 1) for s in a.set)})
     t0 = time.perf_counter()
     regions = kit.layout.region_names
