@@ -48,13 +48,15 @@ def _pose(cfg: AcquisitionConfig, shift: tuple[float, float], angle: float) -> t
 
 def test_pixel_size_is_stated_and_particle_sizes_follow_it() -> None:
     cfg = AcquisitionConfig()
-    assert cfg.pixel_size_um == pytest.approx(312.5)  # 16 mm body over 51.2 px
-    assert cfg.particle_size_px == pytest.approx((1.0, 3.2))  # 100 um is under a pixel: from 1 px
+    assert cfg.pixel_size_um == pytest.approx(156.25)  # 16 mm body over 102.4 px (512 px strip)
+    assert cfg.particle_size_px == pytest.approx((1.0, 6.4))  # 100 um is under a pixel: from 1 px
+    still = AcquisitionConfig(strip=VialStripConfig())  # the still generator's 256 px strip
+    assert still.pixel_size_um == pytest.approx(312.5)
     tall = AcquisitionConfig(strip=VialStripConfig(height=1024, vial_pitch=256))
     assert tall.pixel_size_um == pytest.approx(78.125)
     assert tall.particle_size_px == pytest.approx((1.28, 12.8))  # the whole 100..1000 um range
-    with pytest.raises(ConfigError, match="all under 1.0 px at 312.5 um/px"):
-        AcquisitionConfig(particle_size_um=(50.0, 200.0))
+    with pytest.raises(ConfigError, match="all under 1.0 px at 156.2 um/px"):
+        AcquisitionConfig(particle_size_um=(50.0, 120.0))
     with pytest.raises(ConfigError, match="defect_types"):
         AcquisitionConfig(defect_types=("dent",))
     with pytest.raises(ConfigError, match="unknown line defect type"):

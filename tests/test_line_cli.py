@@ -263,3 +263,29 @@ def test_validate_output_is_written_whole_and_never_over_other_files(
     assert r.exit_code != 0
     assert (out / "report.json").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "rep"]
+
+
+def test_calibrate_strip_accuracy_is_the_best_strip_rule_of_the_calibration_kit(
+    line: dict[str, Path], tmp_path: Path
+) -> None:
+    files = {}
+    for metric in ("accuracy", "strip_accuracy"):
+        files[metric] = tmp_path / f"{metric}.json"
+        r = invoke("line", "calibrate", "--model", line["run"], "--kit", line["cal"], "--out", files[metric],
+                   "--metric", metric, *KEY)  # fmt: skip
+        assert r.exit_code == 0, r.output
+    thr = {k: json.loads(f.read_text()) for k, f in files.items()}
+    strip = thr["strip_accuracy"]
+    assert {c["method"] for c in strip["regions"].values()} == {"strip_accuracy"}
+    assert strip["info"]["metric"] == "strip_accuracy" and "per acquisition" in strip["info"]["sample"]
+
+    acqs, s = _hand_scores(line["cal"], line["run"])
+    y = np.array([st.label for st, _ in acqs]) == 1
+
+    def strip_accuracy(t: dict) -> float:
+        v = np.array([t["regions"][n]["value"] for n in t["region_order"]])
+        return float(((s >= v).any(axis=(1, 2, 3)) == y).mean())
+
+    acc = strip_accuracy(strip)
+    assert acc == pytest.approx(strip["regions"]["flag"]["metric_value"])
+    assert acc >= strip_accuracy(thr["accuracy"])  # the per-region choice is one of its starts

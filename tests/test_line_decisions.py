@@ -15,7 +15,12 @@ from anomalyqc.line.decisions import AcceptancePolicy, acquisition_decisions, re
 from anomalyqc.line.inspect import LineModels, inspect_acquisition, prepare_patches
 from anomalyqc.line.layout import default_layout
 from anomalyqc.line.patches import cut
-from anomalyqc.line.thresholds import RegionThresholds, calibrate_thresholds, load_thresholds
+from anomalyqc.line.thresholds import (
+    RegionThresholds,
+    calibrate_strip_thresholds,
+    calibrate_thresholds,
+    load_thresholds,
+)
 from anomalyqc.models.padim import Padim
 from anomalyqc.synth.vials import VialStripConfig
 from anomalyqc.types import Batch
@@ -333,3 +338,77 @@ def test_report_tables_by_hand() -> None:
     assert tm["p95_within_budget"] is False and tm["n_patches_per_batch"] == 40
     assert tm["mean_per_patch_ms"] == pytest.approx(72.0 / 40)
     json.dumps(rep, allow_nan=False)  # strict JSON as it stands
+
+
+# ------------------------------------------------------------------ strip-level thresholds
+
+
+def _line_scores(seed: int, n: int = 300) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(A, S, V, R) patch scores, (A,) strip labels, (A, V, R) region labels: half the strips
+    defective, each with one faint defective patch (+1 to +4 sd) in one vial and region, 3
+    sources x 5 vials. A defective region sample is 1 in 40, so max accuracy per region sits
+    high, above most of these defects."""
+    rng = np.random.default_rng(seed)
+    s = rng.normal(size=(n, 3, 5, 4))
+    y = (np.arange(n) % 2).astype(int)
+    lab = np.zeros((n, 5, 4), int)
+    for a in np.flatnonzero(y):
+        v, r = rng.integers(5), rng.integers(4)
+        s[a, rng.integers(3), v, r] += rng.uniform(1.0, 4.0)
+        lab[a, v, r] = 1
+    return s, y, lab
+
+
+def _strip_accuracy(scores: np.ndarray, y: np.ndarray, t: np.ndarray) -> float:
+    return float((acquisition_decisions(scores, t)["strip"] == y.astype(bool)).mean())
+
+
+def test_strip_thresholds_beat_region_max_accuracy_as_a_strip_rule() -> None:
+    s, y, lab = _line_scores(0, 600)
+    region = calibrate_thresholds(region_scores(s).reshape(-1, 4), lab.reshape(-1, 4), REGIONS, "accuracy")
+    t_region = np.array([c.value for c in region])
+    strip = calibrate_strip_thresholds(s, y, REGIONS, "strip_accuracy", start=t_region)
+    t_strip = np.array([c.value for c in strip])
+    assert all(c.method == "strip_accuracy" and (c.n_good, c.n_defect) == (300, 300) for c in strip)
+    assert not np.allclose(t_region, t_strip)
+    acc_region, acc_strip = _strip_accuracy(s, y, t_region), _strip_accuracy(s, y, t_strip)
+    assert strip[0].metric_value == pytest.approx(acc_strip)
+    assert acc_strip > acc_region + 0.05
+    assert (t_strip <= t_region + 1e-12).all()  # lower: the strip rule wants more of the faint ones
+    # not an artefact of the calibration draw: the same holds on fresh strips
+    s2, y2, _ = _line_scores(1, 4000)
+    assert _strip_accuracy(s2, y2, t_strip) > _strip_accuracy(s2, y2, t_region) + 0.02
+
+
+def test_strip_thresholds_are_a_local_optimum_and_f1_is_selectable() -> None:
+    s, y, _ = _line_scores(2, 120)
+    m = s.reshape(len(s), -1, 4).max(axis=1)
+    for method in ("strip_accuracy", "strip_f1"):
+        t = np.array([c.value for c in calibrate_strip_thresholds(s, y, REGIONS, method)])
+        rej = (m >= t).any(axis=1)
+        tp, fp, fn = (rej & (y == 1)).sum(), (rej & (y == 0)).sum(), (~rej & (y == 1)).sum()
+        best = (rej == y).mean() if method == "strip_accuracy" else 2 * tp / (2 * tp + fp + fn)
+        for j in range(4):  # no single region's threshold, moved to any score, does better
+            for g in np.concatenate([m[:, j], [np.inf]]):
+                t2 = t.copy()
+                t2[j] = g
+                r2 = (m >= t2).any(axis=1)
+                tp, fp, fn = (r2 & (y == 1)).sum(), (r2 & (y == 0)).sum(), (~r2 & (y == 1)).sum()
+                v = (r2 == y).mean() if method == "strip_accuracy" else 2 * tp / (2 * tp + fp + fn)
+                assert v <= best + 1e-12
+    # (A, R) maxima give the same as (A, S, V, R) scores; a NaN patch rejects its strip
+    t4 = [c.value for c in calibrate_strip_thresholds(s, y, REGIONS)]
+    assert t4 == [c.value for c in calibrate_strip_thresholds(m, y, REGIONS)]
+    s[0, 0, 0, 0] = np.nan
+    t5 = np.array([c.value for c in calibrate_strip_thresholds(s, y, REGIONS)])
+    assert bool(acquisition_decisions(s[0], t5)["strip"])
+
+
+def test_strip_thresholds_clear_errors() -> None:
+    s, y, _ = _line_scores(0, 20)
+    with pytest.raises(CalibrationError, match="no defective strips"):
+        calibrate_strip_thresholds(s, np.zeros_like(y), REGIONS)
+    with pytest.raises(ConfigError, match="strip_accuracy"):
+        calibrate_strip_thresholds(s, y, REGIONS, "accuracy")
+    with pytest.raises(ConfigError, match="strip_accuracy"):
+        calibrate_thresholds(s[:, 0, 0], y[:, None].repeat(4, 1), REGIONS, "strip_accuracy")

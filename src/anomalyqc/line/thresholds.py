@@ -1,11 +1,23 @@
 """Per-region thresholds for the line, chosen on a calibration kit (thesis table 10.1).
 
-Each region (flag, shoulder, liquid, bottom) gets its own threshold, chosen by
-`anomalyqc.evaluation.thresholds.select_threshold` (max accuracy or max F1) over the region
-samples of the calibration kit: one sample per (strip, run, vial), scored by the max over
-the acquisition's patches of that region (key frames, and rank images when used), labelled
-by the kit's region ground truth (1 = defective, the positive class). Runs of defective
-strips whose region labels are unknown are left out of region calibration.
+Each region (flag, shoulder, liquid, bottom) gets its own threshold. Two ways to choose them:
+
+- per region ("accuracy", "f1"): `anomalyqc.evaluation.thresholds.select_threshold` over the
+  region samples of the calibration kit: one sample per (strip, run, vial), scored by the max
+  over the acquisition's patches of that region (key frames, and rank images when used),
+  labelled by the kit's region ground truth (1 = defective, the positive class). Runs of
+  defective strips whose region labels are unknown are left out of region calibration.
+- per strip ("strip_accuracy", "strip_f1"): the thresholds that together give the best
+  decision of whole acquisitions (eq. 10.3: a strip is rejected when any patch reaches its
+  region's threshold), labelled by the strip's label. The line decides strips, and the
+  region choice does not see that: defective region samples are a few percent of each
+  region's samples, so max accuracy per region sits above most defects, and a region
+  threshold that is right for its region can still reject many good strips once the max is
+  taken over 60 patches. The search is a coordinate ascent (one region at a time, the others
+  fixed, every distinct score of that region a candidate) from two starts, nothing rejected
+  and the per-region max-accuracy thresholds when the region labels allow them; it never
+  ends below its start, so on the calibration kit it is at least as good a strip rule as the
+  per-region choice. Only strip labels are needed.
 
 The thresholds file records the model id of each region's detector: scores of another model
 are on another scale, so a file for other models is refused on load.
@@ -21,12 +33,14 @@ from typing import Any
 import numpy as np
 
 from anomalyqc.errors import CalibrationError, ConfigError, ModelFileError
-from anomalyqc.evaluation.thresholds import ThresholdChoice, select_threshold
+from anomalyqc.evaluation.thresholds import ThresholdChoice, _candidate_metric, select_threshold
 from anomalyqc.fileio import atomic_write_json
 
 THRESHOLDS_FORMAT = "anomalyqc-line-thresholds"
 THRESHOLDS_VERSION = 1
-LINE_METHODS = ("accuracy", "f1")
+REGION_METHODS = ("accuracy", "f1")
+STRIP_METHODS = ("strip_accuracy", "strip_f1")
+LINE_METHODS = REGION_METHODS + STRIP_METHODS
 
 
 @dataclass
@@ -90,8 +104,11 @@ def calibrate_thresholds(
 ) -> list[ThresholdChoice]:
     """Per-region thresholds from (N, R) region scores and (N, R) labels (1 defective, 0 good,
     -1 unknown: left out). A region with no good or no defective sample is an error."""
-    if method not in LINE_METHODS:
-        raise ConfigError(f"unknown calibration metric {method!r}; use one of {', '.join(LINE_METHODS)}")
+    if method not in REGION_METHODS:
+        raise ConfigError(
+            f"unknown region calibration metric {method!r}; use one of {', '.join(REGION_METHODS)} "
+            f"(or {', '.join(STRIP_METHODS)} through calibrate_strip_thresholds)"
+        )
     s, y = np.asarray(scores, np.float64), np.asarray(labels)
     if s.shape != y.shape or s.ndim != 2 or s.shape[1] != len(regions):
         raise ValueError(f"scores {s.shape} and labels {y.shape} must both be (N, {len(regions)})")
@@ -114,6 +131,120 @@ def calibrate_thresholds(
             sj = np.where(finite, sj, top + 1.0 + abs(top))
         out.append(select_threshold(yj, sj, method))
     return out
+
+
+def _finite_ranked(m: np.ndarray) -> np.ndarray:
+    """Non-finite scores (they always reject) moved above every finite one, per column."""
+    m = np.array(m, np.float64)
+    for j in range(m.shape[1]):
+        col = m[:, j]
+        finite = np.isfinite(col)
+        if not finite.all():
+            top = float(col[finite].max()) if finite.any() else 0.0
+            col[~finite] = top + 1.0 + abs(top)
+    return m
+
+
+def _best_for_region(mj: np.ndarray, y: np.ndarray, others: np.ndarray, method: str) -> tuple[float, float]:
+    """(threshold, metric) of region j with the other regions' rejects fixed.
+
+    Candidates flag the acquisitions the others accept from the highest score of j down;
+    ties go to the lowest threshold, and the value sits midway to the next lower score (as
+    select_threshold does)."""
+    n_def = int(y.sum())
+    n_good = int(y.size - n_def)
+    tp0, fp0 = int((others & (y == 1)).sum()), int((others & (y == 0)).sum())
+    rest = ~others
+    s, yr = mj[rest], y[rest]
+    top = float(mj.max())
+    if s.size == 0:  # the others reject everything: j changes nothing
+        tp, fp = np.array([tp0]), np.array([fp0])
+        name = "f1" if method == "strip_f1" else "accuracy"
+        return float(np.nextafter(top, np.inf)), float(_candidate_metric(name, tp, fp, n_good, n_def)[0])
+    order = np.argsort(-s, kind="stable")
+    s_desc, y_desc = s[order], yr[order]
+    last = np.flatnonzero(np.concatenate((s_desc[1:] != s_desc[:-1], [True])))
+    distinct = s_desc[last]
+    tp = np.concatenate(([0], np.cumsum(y_desc)[last])) + tp0
+    fp = np.concatenate(([0], (last + 1) - np.cumsum(y_desc)[last])) + fp0
+    metric = _candidate_metric("f1" if method == "strip_f1" else "accuracy", tp, fp, n_good, n_def)
+    best = float(metric.max())
+    i = int(np.flatnonzero(metric >= best - 1e-12)[-1])
+    if i == 0:  # j rejects nothing the others accept: sit above every score of j
+        return float(np.nextafter(top, np.inf)), best
+    if i < distinct.size:
+        return float((distinct[i - 1] + distinct[i]) / 2.0), best
+    below = mj[mj < distinct[-1]]  # scores of acquisitions the others already reject
+    lo = float(below.max()) if below.size else float(distinct[-1]) - 1.0
+    return float((distinct[-1] + lo) / 2.0), best
+
+
+def _strip_metric(m: np.ndarray, y: np.ndarray, t: np.ndarray, method: str) -> float:
+    rej = (m >= t).any(axis=1)
+    tp, fp = np.array([int((rej & (y == 1)).sum())]), np.array([int((rej & (y == 0)).sum())])
+    name = "f1" if method == "strip_f1" else "accuracy"
+    return float(_candidate_metric(name, tp, fp, int((y == 0).sum()), int((y == 1).sum()))[0])
+
+
+def calibrate_strip_thresholds(
+    scores: np.ndarray,
+    strip_labels: np.ndarray,
+    regions: list[str],
+    method: str = "strip_accuracy",
+    start: np.ndarray | None = None,
+    max_passes: int = 50,
+) -> list[ThresholdChoice]:
+    """Per-region thresholds that maximise the strip decision (eq. 10.3) on a calibration kit.
+
+    `scores` is (A, S, V, R) patch scores of A acquisitions (or already (A, R): each
+    acquisition's max per region), `strip_labels` (A,) 1 defective / 0 good. `start` is an
+    optional (R,) starting point (e.g. the per-region max-accuracy thresholds); the ascent
+    also starts from "reject nothing" and the better end wins. Each ThresholdChoice carries
+    the strip metric reached and the strip counts.
+    """
+    if method not in STRIP_METHODS:
+        raise ConfigError(
+            f"unknown strip calibration metric {method!r}; use one of {', '.join(STRIP_METHODS)}"
+        )
+    s = np.asarray(scores, np.float64)
+    y = np.asarray(strip_labels).astype(np.int64).ravel()
+    if s.ndim == 4:
+        s = s.reshape(s.shape[0], -1, s.shape[-1]).copy()
+        s[~np.isfinite(s)] = np.inf
+        m = s.max(axis=1)
+    elif s.ndim == 2:
+        m = s
+    else:
+        raise ValueError(f"scores must be (A, S, V, R) or (A, R), got {s.shape}")
+    if m.shape != (y.size, len(regions)):
+        raise ValueError(f"scores {s.shape} and labels {y.shape} do not match {len(regions)} regions")
+    n_def, n_good = int((y == 1).sum()), int((y == 0).sum())
+    if n_def == 0 or n_good == 0:
+        missing = "defective" if n_def == 0 else "good"
+        raise CalibrationError(
+            f"the calibration kit has no {missing} strips ({n_good} good, {n_def} defective "
+            f"acquisitions); strip-level calibration needs both: add {missing} strips"
+        )
+    m = _finite_ranked(m)
+    starts = [np.nextafter(m.max(axis=0), np.inf)]
+    if start is not None:
+        starts.append(np.asarray(start, np.float64).copy())
+    best_t, best_v = starts[0], -1.0
+    for t in starts:
+        t = t.copy()
+        value = _strip_metric(m, y, t, method)
+        for _ in range(max_passes):
+            improved = False
+            for j in range(m.shape[1]):
+                others = np.asarray((np.delete(m, j, axis=1) >= np.delete(t, j)).any(axis=1))
+                tj, v = _best_for_region(m[:, j], y, others, method)
+                if v > value + 1e-12:
+                    t[j], value, improved = tj, v, True
+            if not improved:
+                break
+        if value > best_v + 1e-12:
+            best_t, best_v = t, value
+    return [ThresholdChoice(float(v), method, best_v, n_good, n_def) for v in best_t]
 
 
 def load_thresholds(path: str | Path) -> RegionThresholds:

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from anomalyqc.errors import ConfigError
+from anomalyqc.errors import CalibrationError, ConfigError
 from anomalyqc.line.decisions import (
     PRODUCT_DEFECTIVE,
     PRODUCT_GOOD,
@@ -35,7 +35,12 @@ from anomalyqc.line.inspect import LineModels, inspect_acquisition
 from anomalyqc.line.kit import Kit
 from anomalyqc.line.layout import ProductLayout
 from anomalyqc.line.rank import KEY_FRAMES
-from anomalyqc.line.thresholds import RegionThresholds, calibrate_thresholds
+from anomalyqc.line.thresholds import (
+    STRIP_METHODS,
+    RegionThresholds,
+    calibrate_strip_thresholds,
+    calibrate_thresholds,
+)
 from anomalyqc.progress import Progress, tracked
 
 POSITIVE = "defective (label 1): reject = predicted defective; TPR = defective rejected, TNR = good accepted"
@@ -106,15 +111,25 @@ def calibrate(
 ) -> RegionThresholds:
     """Per-region thresholds from a scored calibration kit (see line.thresholds)."""
     regions = kit_scores.kit.layout.region_names
-    rs = region_scores(kit_scores.scores)  # (A, V, R)
-    choices = calibrate_thresholds(
-        rs.reshape(-1, len(regions)), kit_scores.region_labels.reshape(-1, len(regions)), regions, method
-    )
+    rs = region_scores(kit_scores.scores).reshape(-1, len(regions))  # (A * V, R)
+    lab = kit_scores.region_labels.reshape(-1, len(regions))
+    if method in STRIP_METHODS:
+        try:  # the per-region choice is one start of the ascent, when the labels allow it
+            start = np.array([c.value for c in calibrate_thresholds(rs, lab, regions, "accuracy")])
+        except CalibrationError:
+            start = None
+        choices = calibrate_strip_thresholds(
+            kit_scores.scores, kit_scores.strip_labels, regions, method, start
+        )
+        sample = "one per acquisition (strip, run), labelled by its strip; eq. 10.3 over its patches"
+    else:
+        choices = calibrate_thresholds(rs, lab, regions, method)
+        sample = "one per (strip, run, vial), max over the region's patches"
     info = {
         "calibration_kit": str(kit_scores.kit.root),
         "calibration_kit_sha256": kit_digest(kit_scores.kit.root),
         "metric": method,
-        "sample": "one per (strip, run, vial), max over the region's patches",
+        "sample": sample,
     }
     return RegionThresholds(regions, choices, models.model_ids(), tuple(key_frames), use_rank, info)
 

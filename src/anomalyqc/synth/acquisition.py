@@ -11,11 +11,18 @@ are the same, which is what makes a strip a physical object rather than an image
 
 Sizes: particles are given in micrometres (thesis ch. 1: defects of 100 to 1000 um) and drawn
 at `AcquisitionConfig.pixel_size_um`, set by the vial body diameter (`body_diameter_mm`, an
-assumption: 16 mm for the 10 ml vial) over its width in pixels. At the default strip
-geometry (body 51.2 px wide) a pixel is 312.5 um, so particles under `min_visible_px`
-(1 px) cannot be drawn: their sizes are then drawn from [1 px, upper bound] and a kit made at
-that resolution starts at 312.5 um. A taller strip (e.g. height 1024, vial_pitch 256) reaches
-78 um/px and the whole range.
+assumption: 16 mm for the 10 ml vial) over its width in pixels. Particles under
+`min_visible_px` (1 px) cannot be drawn: their sizes are then drawn from [1 px, upper bound].
+
+The default strip is 512 px tall with a 128 px vial pitch (body 102.4 px wide, 156.25 um/px):
+particles of 100 to 1000 um are 1 to 6.4 px, and a region box is about 128 px on a side, so a
+patch cut at 128 px is at the strip's own resolution, as the thesis's 256 x 256 patches cut
+from high-resolution strips are. The still generator's 256 px strip (312.5 um/px) draws most
+particles at 1 to 3 px, and a detector on 64 px patches barely sees them (benchmarks/README.md,
+"The inspection line end to end"). A 1024 px strip (78 um/px) reaches the whole size range at
+four times the drawing cost. Lengths given in px here (scratches, travel, slosh) and in the
+strip config (bubbles, droplets) do not scale with the strip: a taller strip makes those
+relatively smaller.
 
 Everything is a pure function of the strip seed and the run index.
 """
@@ -48,7 +55,8 @@ MOVING_TYPES = frozenset({"particle", "floating_particle", "foam"})
 class AcquisitionConfig:
     """Parameters of a line acquisition. Lengths in px unless named _um; levels in gray values."""
 
-    strip: VialStripConfig = field(default_factory=VialStripConfig)
+    # 512 x 640 px strips at 156 um/px: see the module docstring for why not the still default
+    strip: VialStripConfig = field(default_factory=lambda: VialStripConfig(height=512, vial_pitch=128))
     n_frames: int = 16
     body_diameter_mm: float = 16.0  # outer width of the vial body: sets the pixel size
     # motion over one acquisition
