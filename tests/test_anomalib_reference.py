@@ -209,8 +209,8 @@ def test_our_fit_is_256_batch_8_one_epoch_of_every_image(rec, ref):
     assert "fit ganomaly --data D --out R --image-size 256 --batch-size 8 --epochs 1" in text
     sets = [cmd[i + 1] for i, a in enumerate(cmd) if a == "--set"]
     assert sets[:2] == ["val_fraction=0", "log_every=1"] and sets[-1] == "max_steps=4"
-    assert "stages=6" in sets and "latent_dim=100" in sets and "bottleneck=dense" in sets
-    assert "--width 32" in text and not any(s.startswith("width") for s in sets)
+    assert {"stem=strided", "stages=5", "latent_dim=100", "bottleneck=dense"} <= set(sets)
+    assert "--width 64" in text and not any(s.startswith("width") for s in sets)
     assert not any(s.startswith("max_steps") for s in
                    rec.our_fit_command(["a"], "draem", Path("D"), Path("R"), None, {}))
     assert rec.variants(["ganomaly", "draem"], False) == [
