@@ -215,7 +215,7 @@ def test_our_fit_is_256_batch_8_one_epoch_of_every_image(rec, ref):
                    rec.our_fit_command(["a"], "draem", Path("D"), Path("R"), None, {}))
     assert rec.variants(["ganomaly", "draem"], False) == [
         ("ganomaly", "ganomaly-anomalib-sized", rec.MATCHED["ganomaly"]),
-        ("draem", "draem-defaults", {})]
+        ("draem", "draem-anomalib-sized", rec.MATCHED["draem"])]
     assert [v for _, v, _ in rec.variants(["ganomaly"], True)] == [
         "ganomaly-anomalib-sized", "ganomaly-defaults"]
 
