@@ -122,8 +122,8 @@ def adversarial_loss(ctx: StepContext, x: torch.Tensor, x_hat: torch.Tensor) -> 
     real images and on the reconstructions in two forwards. The real side is a fixed target,
     so it runs without a graph, and D's weights are frozen while the reconstructions pass
     through it, so the backward computes only what reaches the generator (D's update is
-    discriminator_step). D's gradients here would be discarded anyway; not computing them
-    is about a fifth of a step at GANomaly's anomalib size (benchmarks/README.md)."""
+    discriminator_step). D's gradients here would be discarded anyway, so they are not
+    computed."""
     d = ctx.unwrapped("discriminator")
     with torch.no_grad(), ctx.autocast():
         _, f_real = d(x)
