@@ -45,3 +45,27 @@ def test_two_process_fit_keeps_identical_replicas_and_the_run_predicts(detector,
     assert r.exit_code == 0, r.output
     pred = det.predict(torch.rand(2, det.config.channels, 32, 32))
     assert torch.isfinite(pred.score).all()
+
+
+@pytest.mark.parametrize("ranks_done,want", [(2, 0), (1, 1)])
+def test_launcher_accepts_a_teardown_crash_only_after_every_rank_finished(monkeypatch, capsys,
+                                                                          ranks_done, want):
+    """torchrun failing after both workers marked their fit done is a completed run (with a
+    warning); a worker that never got there is a failed fit."""
+    import sys
+
+    from rich.console import Console
+
+    from anomalyqc import launch
+
+    script = ("import os, pathlib, sys\n"
+              f"for r in range({ranks_done}):\n"
+              f"    (pathlib.Path(os.environ['{launch.DONE_DIR_ENV}']) / f'rank-{{r}}').touch()\n"
+              "sys.exit(1)\n")
+    monkeypatch.setattr(launch, "TORCHRUN", [sys.executable, "-c", script])
+    monkeypatch.setattr(launch, "command_args", lambda ctx, skip: [])
+    console = Console(width=200)
+    assert launch.relaunch_with_torchrun(None, 2, console) == want
+    out = capsys.readouterr().out
+    assert ("the run is complete" in out) == (want == 0)
+    assert ("fit processes failed" in out) == (want == 1)

@@ -265,8 +265,11 @@ def fit(
         _run(lambda: fit_run(detector.value, data, out, params, batch_size, workers,
                              progress=bars, overwrite=overwrite, resume=resume, roi_dir=roi_dir))
     from anomalyqc.distributed import world_from_env
+    from anomalyqc.launch import mark_rank_done
 
-    if world_from_env()[0] != 0:  # a torchrun worker other than rank 0: rank 0 reports
+    rank = world_from_env()[0]
+    mark_rank_done(rank)
+    if rank != 0:  # a torchrun worker other than rank 0: rank 0 reports
         return
     info = json.loads((out / "fit_info.json").read_text())
     _print_json(info)
