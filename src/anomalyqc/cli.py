@@ -237,11 +237,11 @@ def fit(
 ) -> None:
     """Fit a detector on the good training images and save it to a run folder."""
     from anomalyqc.models.base import detector_class
-    from anomalyqc.models.reconstruction import ReconstructionDetector
+    from anomalyqc.models.trained import TrainedDetector
     from anomalyqc.workflow import fit_run
 
     sets = _parse_sets(set_)
-    trains = issubclass(detector_class(detector.value), ReconstructionDetector)
+    trains = issubclass(detector_class(detector.value), TrainedDetector)
     dedicated = {"backbone": backbone, "epochs": epochs, "width": width}
     params = {"image_size": _parse_size(image_size, "--image-size"),
               "crop_size": _parse_size(crop_size, "--crop-size") if crop_size else None,

@@ -15,6 +15,7 @@ import os
 import resource
 import shutil
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from torch.utils.data import DataLoader
 
 from anomalyqc.data import ImageDataset, ImageTransform, make_loader
 from anomalyqc.data.io import IMAGE_EXTENSIONS, read_image
-from anomalyqc.data.layouts import Listing, Split, dataset_listing
+from anomalyqc.data.layouts import Listing, Split, dataset_listing, detect_layout
 from anomalyqc.data.listing import Skipped, classify, leaf_listing
 from anomalyqc.errors import CalibrationError, ConfigError, DataError, ModelFileError, OutputError
 from anomalyqc.fileio import atomic_folder, atomic_write_bytes, atomic_write_json
@@ -133,22 +134,23 @@ def fit_run(detector: str, data: str | Path, out: str | Path, params: dict[str, 
     the ROI is the whole image and fit_info.json says so.
     """
     from anomalyqc import distributed
-    from anomalyqc.models.reconstruction import ReconstructionDetector
+    from anomalyqc.models.trained import TrainedDetector
 
     det = detector_class(detector)(params or {})
-    trains = isinstance(det, ReconstructionDetector)
+    trains = isinstance(det, TrainedDetector)
     if resume and not trains:
         raise ConfigError(f"--resume is for detectors trained in epochs; {det.name} fits in one "
                           f"pass: fit it again instead")
     check_roi_option(det, roi_dir)
-    listing = dataset_listing(data, "train", roi_dir=roi_dir)
-    good = [r for r in listing.records if r.label == GOOD]
-    if not good:
+    listing = training_listing(det, data, roi_dir)
+    good = listing.records if det.supervised else \
+        [r for r in listing.records if r.label == GOOD]
+    if not any(r.label == GOOD for r in good):
         raise DataError(f"{data} has no good training images")
     n_rois = check_rois(good, data, "") if det.uses_roi else 0
     rank, world = distributed.world_from_env()
     if world > 1 and len(good) < 2 * world:
-        raise DataError(f"{data} has {len(good)} good training images: too few for {world} "
+        raise DataError(f"{data} has {len(good)} training images: too few for {world} "
                         f"processes (each needs at least 2); use fewer processes")
     # Rank 0 takes the folder first, so a refusal (no --overwrite, a second writer) comes
     # before any work; the other ranks write nothing.
@@ -158,6 +160,22 @@ def fit_run(detector: str, data: str | Path, out: str | Path, params: dict[str, 
                              Path(out) / "training")
         return _fit_into(det, data, listing, good, target, batch_size, num_workers, progress,
                          training, n_rois)
+
+
+def training_listing(det: Detector, data: str | Path, roi_dir: str | None = None) -> Listing:
+    """What `det` fits on: the training split's good images, or for a supervised detector
+    every labelled image of it (MVTec layout: train/good and train/<class>/ with masks from
+    ground_truth/<class>/; folder layout: good/ and every class folder)."""
+    if not det.supervised:
+        return dataset_listing(data, "train", roi_dir=roi_dir)
+    split: Split = "train" if detect_layout(data) == "mvtec" else "test"
+    listing = dataset_listing(data, split, roi_dir=roi_dir)
+    if not any(r.label != GOOD for r in listing.records):
+        raise DataError(
+            f"{det.name} is supervised and {data} has no defect images to learn from: put each "
+            f"defect class in a folder of its own beside the good images (ROOT/train/<class>/ "
+            f"in the MVTec layout, ROOT/<class>/ in the folder layout)")
+    return listing
 
 
 @dataclass
@@ -184,12 +202,12 @@ def _fit_into(det: Detector, data: str | Path, listing: Listing, good: list[Any]
               batch_size: int, num_workers: int, progress: Progress | None,
               training: _Training, n_rois: int = 0) -> Detector:
     from anomalyqc import distributed
-    from anomalyqc.models.reconstruction import ReconstructionDetector
+    from anomalyqc.models.trained import TrainedDetector
 
     rank, world = distributed.world_from_env()
     owns_group = distributed.init_from_env() if world > 1 else False
     try:
-        trains = isinstance(det, ReconstructionDetector)
+        trains = isinstance(det, TrainedDetector)
         if trains and training.resume:
             if rank == 0:
                 training.adopt_finished_run()
@@ -201,7 +219,7 @@ def _fit_into(det: Detector, data: str | Path, listing: Listing, good: list[Any]
         det.config.channels = dataset.channels
         loader = _Timed(make_loader(dataset, batch_size, shuffle=False, num_workers=num_workers))
         started = time.perf_counter()
-        if isinstance(det, ReconstructionDetector):
+        if isinstance(det, TrainedDetector):
             det.fit_dataset(dataset, progress, training.work_dir, training.resume)
             if rank == 0:  # the run folder keeps its log, curves and last checkpoint
                 shutil.move(training.work_dir, target / "training")
@@ -226,6 +244,8 @@ def _fit_into(det: Detector, data: str | Path, listing: Listing, good: list[Any]
         "detector": det.name,
         "data": str(data),
         "n_images": len(good),
+        **({"images_per_class": dict(sorted(Counter(r.defect_type for r in good).items()))}
+           if det.supervised else {}),
         **listing_summary(len(good), len(good), listing.skipped),
         "fit_seconds": round(fit_s, 3),
         "data_loading_seconds": round(loader.load_s, 3),

@@ -78,6 +78,9 @@ class Detector(ABC):
     # True: fit and inference read the data's ROI masks into Batch.roi when it has them
     # (GRD-Net's attention, the ROI-restricted anomaly synthesis); False: never opened.
     uses_roi: ClassVar[bool] = False
+    # True: fit learns from labelled images, good and defective (Batch.label, defect_type
+    # and mask; see workflow.training_listing); False: from good images only.
+    supervised: ClassVar[bool] = False
 
     def __init__(self, config: DetectorConfig | dict[str, Any] | None = None, **params: Any) -> None:
         base = config.model_dump() if isinstance(config, BaseModel) else dict(config or {})
@@ -104,8 +107,9 @@ class Detector(ABC):
 
     @abstractmethod
     def fit(self: D, batches: Iterable[Batch], progress: Progress | None = None) -> D:
-        """Learn from good images only (labels are ignored); `progress` is called as batches
-        go by (see anomalyqc.progress)."""
+        """Learn from good images only (labels are ignored), or from labelled images when
+        the detector is `supervised`; `progress` is called as batches go by (see
+        anomalyqc.progress)."""
 
     @abstractmethod
     def predict(self, images: torch.Tensor | Batch) -> Prediction:
