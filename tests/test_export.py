@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import invoke, stdout_json
 
 from anomalyqc.errors import ConfigError, ModelFileError
 from anomalyqc.export.onnx import EXPORT_DIR, INFO_FILE, MODEL_FILE, OnnxDetector, export_run
 from anomalyqc.models import Ganomaly, Mhbc, Patchcore, Resganad
 from anomalyqc.types import Batch
-from tests.conftest import invoke, stdout_json
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -616,6 +616,8 @@ def line_calibrate(
     ),
     key_frames: str = typer.Option("1,8,16", help=_KEY_HELP),
     rank: bool = typer.Option(False, "--rank/--no-rank", help="Also inspect the rank images."),
+    runtime: str = typer.Option("torch", help="torch | onnx | onnx-int8: run the models' checked "
+                                              "ONNX exports in ONNX Runtime (`anomalyqc export`)."),
 ) -> None:
     """Choose a threshold per region on a calibration kit and write them to --out."""
     from anomalyqc.line.workflow import calibrate_line
@@ -625,7 +627,7 @@ def line_calibrate(
     _run(lambda: file_target(out, "--out", "thresholds.json"))
     with _Bars() as bars:
         thr = _run(lambda: calibrate_line(kit, out, default, per, layout, metric.value, frames,
-                                          rank, progress=bars))
+                                          rank, progress=bars, runtime=runtime))
     _print_json(thr.to_json())
     console.print(f"thresholds written to {out}", highlight=False, soft_wrap=True)
 
@@ -647,6 +649,8 @@ def line_validate(
     key_frames: str = typer.Option("1,8,16", help=_KEY_HELP),
     rank: bool = typer.Option(False, "--rank/--no-rank", help="Also inspect the rank images."),
     max_examples: int = typer.Option(12, help="Heatmaps written per error kind."),
+    runtime: str = typer.Option("torch", help="torch | onnx | onnx-int8: run the models' checked "
+                                              "ONNX exports in ONNX Runtime (`anomalyqc export`)."),
 ) -> None:
     """The thesis's three tables, confusion matrices, errors with heatmaps and batch timing on
     a test kit (positive class: defective)."""
@@ -665,7 +669,8 @@ def line_validate(
     with _Bars() as bars:
         report = _run(lambda: validate_line(kit, out, default, per, layout, calibration,
                                             thresholds, metric.value, policy, budget_ms, frames,
-                                            rank, max_examples, progress=bars))
+                                            rank, max_examples, progress=bars,
+                                            runtime=runtime))
     _print_json({k: report[k] for k in ("positive_class", "table_10_1_region_vial",
                                         "table_10_2_strip", "table_10_3_run_policy", "timing")})
     console.print(f"report: {report['report_html']}", highlight=False, soft_wrap=True)
