@@ -17,7 +17,6 @@ export.json records (a stale export of a retrained run, an edited file).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import tempfile
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 
 from anomalyqc.errors import ConfigError, ModelFileError
-from anomalyqc.fileio import atomic_folder, atomic_write_json
+from anomalyqc.fileio import atomic_folder, atomic_write_json, file_sha256
 from anomalyqc.models.base import Detector
 from anomalyqc.types import Batch, Prediction
 
@@ -41,14 +40,6 @@ INFO_FILE = "export.json"
 OPSET = 18
 RTOL, ATOL = 1e-4, 1e-4
 INT8_RTOL = 2e-2  # int8 weights: scores within 2 % of the torch score's scale
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def check_images(det: Detector, n: int = 8, data: str | Path | None = None,
@@ -146,7 +137,7 @@ def export_run(run: str | Path, data: str | Path | None = None, n_check: int = 8
                 f"max |map diff| {check['max_abs_map_diff']:.3g} (tolerance "
                 f"{check['map_tolerance']:.3g}); nothing was written. Report this with the run")
         info: dict[str, Any] = {
-            "format": "onnx", "opset": opset, "file": MODEL_FILE, "sha256": _sha256(target),
+            "format": "onnx", "opset": opset, "file": MODEL_FILE, "sha256": file_sha256(target),
             "source_model_id": det.model_id, "detector": det.name,
             "input": {"name": "image", "shape": ["batch", det.config.channels, *det.input_size],
                       "dtype": "float32", "range": [0.0, 1.0]},
@@ -181,7 +172,7 @@ def _quantise(src: Path, dst: Path, images: torch.Tensor, reference: Prediction,
         dst.unlink()
         return {"kept": False, "parity": check,
                 "why": "int8 scores outside the tolerance: the float model is the export"}
-    return {"kept": True, "file": INT8_FILE, "sha256": _sha256(dst), "parity": check}
+    return {"kept": True, "file": INT8_FILE, "sha256": file_sha256(dst), "parity": check}
 
 
 def read_export(run: str | Path) -> dict[str, Any]:
@@ -213,7 +204,7 @@ class OnnxDetector:
                                  f"within its tolerance: see {EXPORT_DIR}/{INFO_FILE})")
         assert which is not None
         path = Path(run) / EXPORT_DIR / which["file"]
-        if not path.is_file() or _sha256(path) != which["sha256"]:
+        if not path.is_file() or file_sha256(path) != which["sha256"]:
             raise ModelFileError(f"{path} is missing or does not match the hash in "
                                  f"{INFO_FILE}; export the run again")
         current = storage.run_model_id(run)
