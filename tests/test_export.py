@@ -123,3 +123,28 @@ def test_int8_is_kept_only_within_its_tolerance(run_copy: Path) -> None:
     else:
         with pytest.raises(ModelFileError, match="no int8 export"):
             OnnxDetector(run_copy, int8=True)
+
+
+def test_a_grdnet_trained_on_rois_exports_with_an_roi_input(tmp_path: Path) -> None:
+    from anomalyqc.models import Grdnet
+
+    x = _images(8, size=32, seed=5)
+    roi = torch.zeros(8, 1, 32, 32)
+    roi[:, :, 4:28, 8:24] = 1.0
+    det = Grdnet(image_size=32, width=4, unet_width=4, unet_depth=2, epochs=1, batch_size=4,
+                 loss_curves=False, score_window=5)
+    det.fit([Batch(image=x, label=torch.zeros(8, dtype=torch.long), roi=roi)])
+    assert det.needs_roi
+    run = det.save(tmp_path / "grdnet")
+    info = export_run(run)
+    assert info["parity"]["within_tolerance"] and info["roi_input"]["name"] == "roi"
+    onnx = OnnxDetector(run)
+    assert onnx.needs_roi and onnx.uses_roi
+    with pytest.raises(ConfigError, match="needs one per image"):
+        onnx.predict(x)
+    test = Batch(image=_images(3, size=32, seed=6), label=torch.zeros(3, dtype=torch.long),
+                 roi=roi[:3])
+    got, ref = onnx.predict(test), det.predict(test)
+    assert torch.allclose(got.score, ref.score, atol=1e-4 + 1e-4 * float(ref.score.abs().max()))
+    # outside the ROI the map is zero in both runtimes
+    assert float(got.anomaly_map[..., :, :8].abs().max()) == 0.0

@@ -101,9 +101,9 @@ def benchmark_run(run: str | Path, data: str | Path, batch_size: int = 16,
         from anomalyqc.export.onnx import compare_runtimes, read_export
 
         int8 = bool((read_export(run).get("int8") or {}).get("kept"))
-        runtimes = compare_runtimes(run, stacked if isinstance(stacked, torch.Tensor)
-                                    else stacked.image, (1, n, 60), max(5, repeats // 5),
-                                    int8=int8)
+        runtimes = compare_runtimes(run, stacked if isinstance(stacked, Batch)
+                                    else Batch.from_images(stacked), (1, n, 60),
+                                    max(5, repeats // 5), int8=int8)
     return {
         "detector": det.name,
         "run": str(run),

@@ -151,7 +151,8 @@ def inverse_cholesky(chol: torch.Tensor) -> torch.Tensor:
 
 class TrainedGraph(nn.Module):
     """A trained detector's networks and its own `infer` (models.trained): the exported
-    graph is the code predict runs."""
+    graph is the code predict runs. A model that scores inside per-image ROIs (GRD-Net
+    trained with them) takes the ROI as a second input, as its predict does."""
 
     def __init__(self, det: Detector) -> None:
         super().__init__()
@@ -161,8 +162,9 @@ class TrainedGraph(nn.Module):
         self.det = det
         self.nets = nn.ModuleDict(det.nets)
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        pred = self.det.infer(images)
+    def forward(self, images: torch.Tensor,
+                roi: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        pred = self.det.infer(images) if roi is None else self.det.infer_roi(images, roi)
         return pred.score.float(), pred.anomaly_map.float()
 
 
@@ -176,10 +178,6 @@ def export_graph(det: Detector) -> nn.Module:
 
     if not det.fitted:
         raise ConfigError(f"{det.name} is not fitted: nothing to export")
-    if det.needs_roi:
-        raise ConfigError(f"this {det.name} model scores inside per-image ROIs, which the "
-                          f"exported graph does not take yet; export a model trained with "
-                          f"roi_mode=whole_image, or run it with the torch runtime")
     graph: nn.Module
     if isinstance(det, Padim):
         scorer = WhitenedDistance(det.learnt(det.mean), inverse_cholesky(det.learnt(det.chol)), None)

@@ -43,21 +43,36 @@ INT8_RTOL = 2e-2  # int8 weights: scores within 2 % of the torch score's scale
 
 
 def check_images(det: Detector, n: int = 8, data: str | Path | None = None,
-                 seed: int = 0) -> torch.Tensor:
+                 seed: int = 0) -> Batch:
     """Images to compare the runtimes on: the first n of `data` read as the model reads its
-    inputs, or seeded random images (half noise, half smooth blobs, so the maps vary)."""
+    inputs (with their ROIs for a model that needs them), or seeded random images (half
+    noise, half smooth blobs, so the maps vary; ROIs: a centred box, so the ROI matters)."""
     c = det.config.channels or 3
     h, w = det.input_size
     if data is not None:
         from anomalyqc.workflow import dataset_for
 
         ds = dataset_for(det, data, "test", masks=False)
-        return torch.stack([ds[i].image for i in range(min(n, len(ds)))])
+        batch = Batch.collate([ds[i] for i in range(min(n, len(ds)))])
+        return batch if det.needs_roi else Batch.from_images(batch.image)
     g = torch.Generator().manual_seed(seed)
     noise = torch.rand(n - n // 2, c, h, w, generator=g)
     smooth = torch.nn.functional.interpolate(torch.rand(n // 2, c, max(h // 16, 2), max(w // 16, 2),
                                                         generator=g), size=(h, w), mode="bilinear")
-    return torch.cat([noise, smooth]).clamp(0, 1)
+    batch = Batch.from_images(torch.cat([noise, smooth]).clamp(0, 1))
+    if det.needs_roi:
+        roi = torch.zeros(n, 1, h, w)
+        roi[:, :, h // 5: h - h // 5, w // 5: w - w // 5] = 1.0
+        batch.roi = roi
+    return batch
+
+
+def _feed(batch: Batch) -> dict[str, np.ndarray]:
+    """The ONNX inputs of a batch: the images, and the ROIs for a graph that takes them."""
+    feed = {"image": batch.image.float().contiguous().numpy()}
+    if batch.roi is not None:
+        feed["roi"] = batch.roi.float().contiguous().numpy()
+    return feed
 
 
 def parity(reference: Prediction, score: np.ndarray, amap: np.ndarray, rtol: float,
@@ -85,16 +100,19 @@ def _session(path: Path, threads: int | None = None, providers: list[str] | None
     return ort.InferenceSession(str(path), opts, providers=chosen)
 
 
-def _export_file(graph: torch.nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
+def _export_file(graph: torch.nn.Module, example: Batch, path: Path, opset: int) -> None:
     batch = torch.export.Dim("batch", min=1, max=4096)
+    roi = example.roi is not None
+    args = (example.image, example.roi) if roi else (example.image,)
+    names = ["image", "roi"] if roi else ["image"]
     # The exporter prints its progress to stdout: the CLI's output stays one JSON object.
     with warnings.catch_warnings(), open(os.devnull, "w") as quiet:
         warnings.simplefilter("ignore")
         with contextlib.redirect_stdout(quiet):
-            torch.onnx.export(graph, (example,), str(path), input_names=["image"],
+            torch.onnx.export(graph, args, str(path), input_names=names,
                               output_names=["score", "anomaly_map"],
-                              dynamic_shapes=({0: batch},), dynamo=True, opset_version=opset,
-                              external_data=False)
+                              dynamic_shapes=tuple({0: batch} for _ in args), dynamo=True,
+                              opset_version=opset, external_data=False)
 
 
 def export_run(run: str | Path, data: str | Path | None = None, n_check: int = 8,
@@ -113,7 +131,7 @@ def export_run(run: str | Path, data: str | Path | None = None, n_check: int = 8
     graph = export_graph(det)
     images = check_images(det, n_check, data)
     with torch.inference_mode():
-        reference = det.predict(images)
+        reference = det.predict(images if images.roi is not None else images.image)
 
     def refuse_existing(folder: Path) -> None:
         if not overwrite:
@@ -123,12 +141,12 @@ def export_run(run: str | Path, data: str | Path | None = None, n_check: int = 8
         target = tmp / MODEL_FILE
         started = time.perf_counter()
         try:
-            _export_file(graph, images[:2], target, opset)
+            _export_file(graph, _head(images, 2), target, opset)
         except Exception as exc:  # the exporter's own errors say little to a user
             raise ConfigError(f"{det.name}: the ONNX exporter failed ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0][:300]})") from exc
         export_s = time.perf_counter() - started
-        score, amap = _session(target).run(None, {"image": images.numpy()})
+        score, amap = _session(target).run(None, _feed(images))
         check = parity(reference, score, amap, rtol, atol)
         if not check["within_tolerance"]:
             raise ConfigError(
@@ -141,8 +159,12 @@ def export_run(run: str | Path, data: str | Path | None = None, n_check: int = 8
             "source_model_id": det.model_id, "detector": det.name,
             "input": {"name": "image", "shape": ["batch", det.config.channels, *det.input_size],
                       "dtype": "float32", "range": [0.0, 1.0]},
+            **({"roi_input": {"name": "roi", "shape": ["batch", 1, *det.input_size],
+                              "dtype": "float32", "meaning": "nonzero = inspect"}}
+               if images.roi is not None else {}),
             "outputs": {"score": ["batch"], "anomaly_map": ["batch", 1, *det.input_size]},
-            "parity": check, "check_images": str(data) if data else f"{len(images)} seeded random",
+            "parity": check,
+            "check_images": str(data) if data else f"{len(images)} seeded random",
             "export_seconds": round(export_s, 3),
             "versions": package_versions(("torch", "onnx", "onnxruntime")),
         }
@@ -152,7 +174,7 @@ def export_run(run: str | Path, data: str | Path | None = None, n_check: int = 8
     return info
 
 
-def _quantise(src: Path, dst: Path, images: torch.Tensor, reference: Prediction,
+def _quantise(src: Path, dst: Path, images: Batch, reference: Prediction,
               rtol: float, atol: float) -> dict[str, Any]:
     """Dynamic int8 quantisation of the weights; kept only within its tolerance."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -166,7 +188,7 @@ def _quantise(src: Path, dst: Path, images: torch.Tensor, reference: Prediction,
         except Exception:  # pre-processing is an optimisation; quantise the raw graph then
             pre = src
         quantize_dynamic(str(pre), str(dst), weight_type=QuantType.QInt8)
-    score, amap = _session(dst).run(None, {"image": images.numpy()})
+    score, amap = _session(dst).run(None, _feed(images))
     check = parity(reference, score, amap, rtol, atol)
     if not check["within_tolerance"]:
         dst.unlink()
@@ -186,12 +208,15 @@ def read_export(run: str | Path) -> dict[str, Any]:
         raise ModelFileError(f"{path} is unreadable ({exc}); export the run again") from None
 
 
+def _head(batch: Batch, n: int) -> Batch:
+    return Batch(image=batch.image[:n], label=batch.label[:n],
+                 roi=None if batch.roi is None else batch.roi[:n])
+
+
 class OnnxDetector:
     """A run's exported model in ONNX Runtime, with the Detector attributes the workflows,
-    the line and the service read (name, config, input_size, model_id, predict)."""
+    the line and the service read (name, config, input_size, model_id, ROI flags, predict)."""
 
-    uses_roi = False
-    needs_roi = False
     supervised = False
 
     def __init__(self, run: str | Path, int8: bool = False, threads: int | None = None) -> None:
@@ -219,6 +244,8 @@ class OnnxDetector:
         self.export_info = info
         self.runtime = "onnxruntime-int8" if int8 else "onnxruntime"
         self.fitted = True
+        # a graph with an ROI input is a model that scores inside ROIs and needs them
+        self.uses_roi = self.needs_roi = "roi_input" in info
         self._session = _session(path, threads)
 
     @property
@@ -233,14 +260,19 @@ class OnnxDetector:
         if x.ndim != 4 or tuple(x.shape[1:]) != want:
             raise ConfigError(f"this {self.name} export takes images (B, "
                               f"{', '.join(map(str, want))}), got {tuple(x.shape)}")
+        roi = images.roi if isinstance(images, Batch) else None
+        if self.needs_roi and (roi is None or tuple(roi.shape) != (x.shape[0], 1, *want[1:])):
+            raise ConfigError(f"this {self.name} export scores inside ROIs and needs one per "
+                              f"image: give a Batch with roi (B, 1, {want[1]}, {want[2]})")
         started = time.perf_counter()
-        score, amap = self._session.run(None, {"image": x.float().contiguous().numpy()})
+        score, amap = self._session.run(None, _feed(Batch(image=x, label=torch.zeros(len(x)),
+                                                          roi=roi if self.needs_roi else None)))
         ms = (time.perf_counter() - started) * 1000
         return Prediction(score=torch.from_numpy(score), anomaly_map=torch.from_numpy(amap),
                           timings={"total_ms": ms})
 
 
-def compare_runtimes(run: str | Path, images: torch.Tensor, batch_sizes: tuple[int, ...] = (1, 60),
+def compare_runtimes(run: str | Path, images: Batch, batch_sizes: tuple[int, ...] = (1, 60),
                      repeats: int = 20, warmup: int = 2, int8: bool = False) -> dict[str, Any]:
     """Latency of torch eager and ONNX Runtime on the same inputs, interleaved call by call so
     both see the same machine load; ORT gets as many threads as torch. Ratios are
@@ -257,7 +289,9 @@ def compare_runtimes(run: str | Path, images: torch.Tensor, batch_sizes: tuple[i
                                                     threads=torch.get_num_threads())
     out: dict[str, Any] = {"torch_threads": torch.get_num_threads(), "batches": {}}
     for n in batch_sizes:
-        x = images[torch.arange(n) % len(images)].contiguous()
+        pick = torch.arange(n) % len(images)
+        x = Batch(image=images.image[pick].contiguous(), label=images.label[pick],
+                  roi=None if images.roi is None else images.roi[pick].contiguous())
         ms: dict[str, list[float]] = {k: [] for k in runtimes}
         scores: dict[str, torch.Tensor] = {}
         for i in range(warmup + repeats):
