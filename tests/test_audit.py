@@ -15,10 +15,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from conftest import invoke
 
 from anomalyqc.errors import ConfigError
 from anomalyqc.serve.audit import AuditLog, Entry, verify_audit
-from conftest import invoke
 
 
 def _entry(i: int) -> Entry:
@@ -53,7 +53,8 @@ def postgres_server() -> Iterator[str]:
     The server refuses to run as root, so as root it runs as the postgres user (or nobody)."""
     initdb, pg_ctl = _pg_binary("initdb"), _pg_binary("pg_ctl")
     if initdb is None or pg_ctl is None:
-        pytest.skip("PostgreSQL server programs (initdb, pg_ctl) are not installed: apt-get install postgresql")
+        pytest.skip("PostgreSQL server programs (initdb, pg_ctl) are not installed: "
+                    "apt-get install postgresql")
     base = Path(tempfile.mkdtemp(prefix="anomalyqc-pg-"))
     prefix: list[str] = []
     if os.geteuid() == 0:

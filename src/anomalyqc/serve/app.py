@@ -361,6 +361,9 @@ def create_app(settings: ServeSettings) -> FastAPI:
                                f"(--max-image-bytes {settings.max_image_bytes} per image)")
 
     async def uploads(request: Request, name: str, most: int) -> list[tuple[bytes, str]]:
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            raise Refused(415, f"send the image as multipart/form-data, field {name!r}; e.g. "
+                               f"curl -F {name}=@image.png")
         try:
             form = await request.form(max_files=most, max_fields=4, max_part_size=settings.max_image_bytes)
         except MultiPartException as exc:
