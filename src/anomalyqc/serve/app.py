@@ -9,6 +9,8 @@ Endpoints (all but /health need the API token, `Authorization: Bearer T` or `X-A
                                      strip acquisition -> region, vial and strip decisions
     GET  /v1/heatmaps/{id}.png       the heatmap overlay of a request
     GET  /v1/decisions               the latest decisions from the audit trail
+    GET  /review                     the operator review page (serve/review.py; signs in with
+                                     the token once, as a cookie)
     POST /v1/reload                  load the model again (or {"run": PATH}) and swap it in
 
 Every decision is appended to the audit trail and committed before its 200 goes out; when the
@@ -50,6 +52,7 @@ from anomalyqc.fileio import atomic_write_bytes, json_safe
 from anomalyqc.serve.audit import AuditLog, Entry
 from anomalyqc.serve.auth import Tokens, presented_token
 from anomalyqc.serve.model import LoadedModel, ModelHolder
+from anomalyqc.serve.review import COOKIE, add_review_routes
 
 _REQUEST_ID = re.compile(r"^[0-9a-f]{32}$")
 _CHANNELS = {1: "gray (1 channel)", 3: "RGB (3 channels)"}
@@ -345,7 +348,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
         return _error(422, str(exc))
 
     def authorise(request: Request) -> str:
-        token = presented_token(request.headers.get("authorization"), request.headers.get("x-api-token"))
+        token = (presented_token(request.headers.get("authorization"), request.headers.get("x-api-token"))
+                 or request.cookies.get(COOKIE))  # the review page's sign-in
         if token is None:
             raise HTTPException(401, "an API token is required: send 'Authorization: Bearer <token>'",
                                 headers={"WWW-Authenticate": "Bearer"})
@@ -453,4 +457,5 @@ def create_app(settings: ServeSettings) -> FastAPI:
         result = await in_pool(svc.reload, run, token_id)
         return JSONResponse(result, status_code=200 if result["reloaded"] else 409)
 
+    add_review_routes(app, svc, lambda token: settings.tokens.identify(token) if token else None)
     return app
