@@ -430,3 +430,16 @@ def test_kill_9_mid_load_loses_no_acknowledged_decision(tmp_path: Path, calibrat
     with AuditLog(db) as log:
         stored = set(log.request_ids())
     assert len(acked) >= 40 and set(acked) <= stored
+
+
+def test_serve_command_refuses_to_run_open_or_without_a_run(tmp_path: Path, calibrated_run: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from conftest import invoke
+
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    monkeypatch.delenv(TOKEN_FILE_ENV, raising=False)
+    r = invoke("serve", "--model", calibrated_run, "--audit", tmp_path / "a.db")
+    assert r.exit_code == 2 and "no API token is configured" in r.output
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
+    r = invoke("serve", "--model", tmp_path / "nothing", "--audit", tmp_path / "a.db")
+    assert r.exit_code == 2 and "not a run folder" in r.output
