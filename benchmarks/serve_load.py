@@ -102,6 +102,7 @@ def run_level(url: str, token: str, payloads: list[tuple[str, bytes]], clients: 
     import httpx
 
     lat: list[float] = []
+    lat503: list[float] = []
     server_total: list[float] = []
     stages: dict[str, list[float]] = {}
     statuses: dict[int, int] = {}
@@ -122,6 +123,8 @@ def run_level(url: str, token: str, payloads: list[tuple[str, bytes]], clients: 
                 ms = (time.perf_counter() - t0) * 1e3
                 with lock:
                     statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+                    if r.status_code == 503:
+                        lat503.append(ms)
                     if r.status_code == 200:
                         body = r.json()
                         lat.append(ms)
@@ -139,7 +142,7 @@ def run_level(url: str, token: str, payloads: list[tuple[str, bytes]], clients: 
     wall = time.perf_counter() - t0
     return {"clients": clients, "requests": requests, "wall_s": round(wall, 3),
             "ok_per_s": round(statuses.get(200, 0) / wall, 2), "statuses": statuses,
-            "refused_503": statuses.get(503, 0),
+            "refused_503": statuses.get(503, 0), "latency_ms_503": _pct(lat503),
             "latency_ms_end_to_end": _pct(lat), "latency_ms_server_total": _pct(server_total),
             "server_stage_p50_ms": {k: round(float(np.median(v)), 3) for k, v in stages.items()},
             "_acked": acked}
