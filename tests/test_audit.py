@@ -225,3 +225,37 @@ def test_bad_targets_are_named(tmp_path: Path) -> None:
     assert r.exit_code == 2 and "junk.db" in r.output
     with pytest.raises(ConfigError, match="folder"):
         AuditLog(tmp_path)
+
+
+def test_service_with_a_postgresql_audit_trail(tmp_path: Path, tiny_run: Path, tiny_vials: Path,
+                                               pg_url: str) -> None:
+    """The service end to end (in-process) with its decisions committed to PostgreSQL."""
+    import secrets
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from anomalyqc.errors import OutputError
+    from anomalyqc.serve.app import ServeSettings, create_app
+    from anomalyqc.serve.auth import Tokens, _digest
+
+    token = secrets.token_urlsafe(24)
+
+    def settings(audit: str) -> ServeSettings:
+        return ServeSettings(model=tiny_run, audit=audit, tokens=Tokens({_digest(token): "plc-9"}),
+                             heatmaps=tmp_path / "heatmaps", reload_poll_s=0)
+
+    png = sorted((tiny_vials / "test" / "good").glob("*.png"))[0].read_bytes()
+    headers = {"Authorization": f"Bearer {token}"}
+    with TestClient(create_app(settings(pg_url))) as c:
+        deadline = time.monotonic() + 30
+        while c.get("/ready", headers=headers).status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        body = c.post("/v1/inspect", headers=headers, files={"image": ("g.png", png)}).json()
+    with AuditLog(pg_url) as log:
+        row = log.find(body["request_id"])
+    assert row is not None and row["score"] == body["score"] and row["token_id"] == "plc-9"
+    assert verify_audit(pg_url).ok
+    with pytest.raises(OutputError, match="cannot connect"):
+        create_app(settings(pg_url.rsplit(":", 1)[0] + f":{_free_port()}/x"))

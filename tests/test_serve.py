@@ -71,10 +71,9 @@ def good_png(tiny_vials: Path) -> bytes:
 
 
 def _settings(tmp_path: Path, run: Path, token_file: Path, **kw: Any) -> ServeSettings:
-    base: dict[str, Any] = {"reload_poll_s": 0.0}
+    base: dict[str, Any] = {"reload_poll_s": 0.0, "audit": str(tmp_path / "audit.db")}
     base.update(kw)
-    return ServeSettings(model=run, audit=str(tmp_path / "audit.db"), tokens=load_tokens(token_file),
-                         heatmaps=tmp_path / "heatmaps", **base)
+    return ServeSettings(model=run, tokens=load_tokens(token_file), heatmaps=tmp_path / "heatmaps", **base)
 
 
 @contextlib.contextmanager
@@ -443,3 +442,17 @@ def test_serve_command_refuses_to_run_open_or_without_a_run(tmp_path: Path, cali
     monkeypatch.setenv(TOKEN_ENV, TOKEN)
     r = invoke("serve", "--model", tmp_path / "nothing", "--audit", tmp_path / "a.db")
     assert r.exit_code == 2 and "not a run folder" in r.output
+
+
+def test_no_decision_is_given_when_the_audit_trail_cannot_be_written(
+        tmp_path: Path, calibrated_run: Path, token_file: Path, good_png: bytes) -> None:
+    with serving(_settings(tmp_path, calibrated_run, token_file)) as c:
+        audit = c.app.state.service.audit  # type: ignore[attr-defined]
+        audit._conn.execute("PRAGMA query_only = ON")  # every write now fails, as on a full disk
+        r = c.post("/v1/inspect", headers=AUTH, files={"image": ("g.png", good_png)})
+        assert r.status_code == 503 and "could not be recorded" in r.json()["error"]
+        assert "decision" not in r.json() and "score" not in r.json()
+        audit._conn.execute("PRAGMA query_only = OFF")
+        assert c.post("/v1/inspect", headers=AUTH, files={"image": ("g.png", good_png)}).status_code == 200
+    assert verify_audit(tmp_path / "audit.db").ok
+
