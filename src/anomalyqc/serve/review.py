@@ -137,6 +137,7 @@ def add_review_routes(app: FastAPI, svc: Any, token_id_of: Callable[[str | None]
                                           "original_decision": original, "decision": result,
                                           "note": form.get("note", "")[:500]})
         await loop.run_in_executor(svc.pool, svc.audit_entry, entry)
-        back = request.headers.get("referer") or "/review"
-        return RedirectResponse(back if back.startswith(("/", str(request.base_url))) else "/review",
+        back = request.headers.get("referer") or ""
+        # back to the page (and filter) the review came from, never to another site
+        return RedirectResponse(back if back.startswith(f"{request.base_url}review") else "/review",
                                 status_code=303)
