@@ -456,3 +456,34 @@ def test_no_decision_is_given_when_the_audit_trail_cannot_be_written(
         assert c.post("/v1/inspect", headers=AUTH, files={"image": ("g.png", good_png)}).status_code == 200
     assert verify_audit(tmp_path / "audit.db").ok
 
+
+
+def test_a_request_waits_in_the_queue_no_longer_than_the_timeout() -> None:
+    import asyncio
+
+    from anomalyqc.serve.app import Gate, Refused
+
+    async def scenario() -> tuple[str, float]:
+        gate = Gate(concurrency=1, queue=4, timeout_s=0.2)
+        hold = asyncio.Event()
+
+        async def first() -> None:
+            async with gate.slot():
+                await hold.wait()
+
+        task = asyncio.create_task(first())
+        await asyncio.sleep(0.01)
+        t0 = time.monotonic()
+        try:
+            async with gate.slot():
+                return "admitted", 0.0
+        except Refused as exc:
+            waited = time.monotonic() - t0
+            assert exc.status == 503 and gate.active == 1  # the refused one left the queue
+            return str(exc), waited
+        finally:
+            hold.set()
+            await task
+
+    message, waited = asyncio.run(scenario())
+    assert "waited 0.2 s" in message and 0.15 < waited < 2.0
