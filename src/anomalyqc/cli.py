@@ -676,6 +676,85 @@ def line_validate(
     console.print(f"report: {report['report_html']}", highlight=False, soft_wrap=True)
 
 
+# ----------------------------------------------------------------------------- serve (issue 11)
+audit_app = typer.Typer(no_args_is_help=True, help="The service's audit trail.")
+app.add_typer(audit_app, name="audit")
+
+
+@app.command()
+def serve(
+    model: Path = typer.Option(..., "--model", help="Run folder of the model to serve (a symlink to "
+                                                    "one can be swapped for a hot reload)."),
+    layout: Path | None = typer.Option(None, help="Line layout: enables POST /v1/inspect-strip."),
+    thresholds: Path | None = typer.Option(None, help="Per-region thresholds from `line calibrate` "
+                                                      "(with --layout)."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    port: int = typer.Option(8000, help="TCP port."),
+    audit: str = typer.Option("audit.db", help="Audit trail: an SQLite file path, or a "
+                                               "postgresql://user@host:port/db URL."),
+    heatmaps: Path | None = typer.Option(None, help="Folder for heatmap PNGs (default: heatmaps/ "
+                                                    "beside an SQLite audit file, else ./heatmaps)."),
+    token_file: Path | None = typer.Option(None, "--token-file",
+                                           help="API tokens, one 'ID TOKEN' a line (or set "
+                                                "ANOMALYQC_API_TOKEN / ANOMALYQC_API_TOKEN_FILE)."),
+    max_image_bytes: int = typer.Option(20 << 20, help="Largest upload per image, bytes (413 above)."),
+    concurrency: int = typer.Option(2, help="Requests scored at once."),
+    queue: int = typer.Option(16, help="Requests waiting for a place; more get 503 at once."),
+    queue_timeout: float = typer.Option(30.0, help="Seconds a request may wait in the queue (503 after)."),
+    reload_poll: float = typer.Option(2.0, help="Seconds between checks of the model files for a "
+                                                "change (reload on change); 0 turns it off."),
+    threads: int | None = typer.Option(None, help="torch threads (default: torch's choice)."),
+) -> None:
+    """Serve a model over HTTP: POST an image (or a strip acquisition) -> score, decision,
+    threshold, model id, timings and a heatmap URL; every decision goes to the audit trail
+    before it is answered."""
+    from anomalyqc.serve.app import ServeSettings, create_app
+    from anomalyqc.serve.auth import load_tokens
+
+    def build() -> Any:
+        at_least(concurrency, 1, "--concurrency")
+        at_least(queue, 0, "--queue")
+        at_least(max_image_bytes, 1, "--max-image-bytes")
+        if not model.is_dir():
+            raise ConfigError(f"--model {model}: not a run folder; give the folder `anomalyqc fit` wrote")
+        where = heatmaps
+        if where is None:
+            pg = audit.startswith(("postgresql://", "postgres://"))
+            where = Path("heatmaps") if pg else Path(audit.removeprefix("sqlite:///")).parent / "heatmaps"
+        settings = ServeSettings(model=model, audit=audit, tokens=load_tokens(token_file), heatmaps=where,
+                                 layout=layout, thresholds=thresholds, max_image_bytes=max_image_bytes,
+                                 concurrency=concurrency, queue=queue, queue_timeout_s=queue_timeout,
+                                 reload_poll_s=reload_poll, torch_threads=threads)
+        return create_app(settings)
+
+    api = _run(build)
+    import uvicorn
+
+    console.print(f"serving {model} on http://{host}:{port} (audit: {audit})", highlight=False,
+                  soft_wrap=True, markup=False)
+    uvicorn.run(api, host=host, port=port, log_level="warning")
+
+
+@audit_app.command("verify")
+def audit_verify(
+    db: str = typer.Option(..., "--db", help="The audit trail: SQLite file path or postgresql:// URL."),
+    expect_head: str | None = typer.Option(None, help="SEQ:HASH printed by an earlier verify and kept "
+                                                      "elsewhere: that row must still be in the chain."),
+) -> None:
+    """Check the hash chain of the audit trail: exit 0 when every row holds, 1 with the first
+    bad row when a row was changed, deleted or inserted."""
+    from anomalyqc.serve.audit import verify_audit
+
+    result = _run(lambda: verify_audit(db, expect_head))
+    _print_json(result.to_dict())
+    if not result.ok:
+        console.print(f"audit trail NOT intact: {result.reason}", highlight=False, soft_wrap=True,
+                      markup=False)
+        raise typer.Exit(1)
+    console.print(f"audit trail intact: {result.rows} rows, head {result.head_seq}:{result.head_hash}",
+                  highlight=False, soft_wrap=True, markup=False)
+
+
 def main() -> None:  # pragma: no cover
     app()
 
