@@ -47,6 +47,8 @@ class DetectorName(str, Enum):
     draem = "draem"
     grdnet = "grdnet"
     resganad = "resganad"
+    unet = "unet"
+    blob = "blob"
 
 
 _ROI_DIR_HELP = ("Detectors that use ROIs (grdnet; resganad for its anomaly synthesis), "
