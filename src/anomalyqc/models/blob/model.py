@@ -12,8 +12,8 @@ Per image (gray: the mean of the channels, values in [0, 1]):
    With `adaptive`, r is divided by its local RMS over `adaptive_window` (plus `adaptive_floor`),
    so the threshold follows the local texture (a threshold in units of local noise).
 2. Threshold: pixels with r >= t. t is `threshold` when set, else learnt by `fit` on good
-   images: the `threshold_percentile` percentile of every good image's residual (exact,
-   over all their pixels) times `threshold_margin`. Out of the box: at 99.9 about one good
+   images: the `threshold_percentile` percentile of every good image's residual (over all
+   their pixels; see Blob.fit for when it is exact) times `threshold_margin`. Out of the box: at 99.9 about one good
    pixel in a thousand passes, and the area and shape filters remove those specks.
 3. Morphology: an opening (removes specks narrower than `open_size`) then a closing (joins
    pieces of one defect closer than `close_size`); ellipse kernels, 0 = skipped.
@@ -79,6 +79,11 @@ class BlobConfig(DetectorConfig):
         return self
 
 
+# fit keeps, per image, FIT_SHARE times its share of the pixels above the percentile
+# (plus FIT_EXTRA): room for images that hold more than their share of the highest residuals.
+FIT_SHARE, FIT_EXTRA = 8, 256
+
+
 def _odd(n: int) -> int:
     return n if n % 2 else n + 1
 
@@ -125,8 +130,10 @@ class Blob(Detector):
             bright = cv2.morphologyEx(img, cv2.MORPH_TOPHAT, kernel)
         else:
             if c.background == "median":
-                # cv2.medianBlur takes 8-bit images for sides above 5
+                # cv2.medianBlur takes 8-bit images for sides above 5; the residual is taken
+                # against the same 8-bit image, so a flat image has none
                 u8 = np.clip(np.rint(img * 255), 0, 255).astype(np.uint8)
+                img = u8.astype(np.float32) / 255
                 bg: np.ndarray = cv2.medianBlur(u8, side).astype(np.float32) / 255
             else:
                 bg = cv2.GaussianBlur(img, (side, side), side / 6, borderType=cv2.BORDER_REFLECT)
@@ -146,11 +153,19 @@ class Blob(Detector):
 
     # ------------------------------------------------------------------------ fit
     def fit(self, batches: Iterable[Batch], progress: Progress | None = None) -> Blob:
-        """Learn the threshold (unless config.threshold is set): the exact percentile of
-        the residuals of every good image, kept as a running top-k of the pixel values."""
-        top = np.empty(0, np.float32)
+        """Learn the threshold (unless config.threshold is set): the percentile of the
+        residuals of every good image's pixels.
+
+        Each image keeps only its highest residuals (FIT_SHARE times its share of the
+        pixels above the percentile, plus FIT_EXTRA), so memory stays small. The result is
+        exact when the percentile falls at or above every image's highest dropped value,
+        which fit_report["threshold_exact"] records; otherwise it is a lower bound (one
+        image holding far more than its share of the highest residuals)."""
+        kept: list[np.ndarray] = []
+        cut = -np.inf  # the highest residual any image dropped
         total = images = 0
         channels = None
+        tail = 1 - self.config.threshold_percentile / 100
         for batch in tracked(batches, progress, "blob: fitting"):
             x = images_of(batch)
             if isinstance(batch, Batch):
@@ -162,14 +177,20 @@ class Blob(Detector):
                 r = self.residual(gray).ravel()
                 total += r.size
                 images += 1
-                k = _pixel_count_for(total, self.config.threshold_percentile)
-                pool = np.concatenate([top, r])
-                top = pool if pool.size <= k else np.partition(pool, pool.size - k)[-k:]
+                k = min(r.size, math.ceil(r.size * tail * FIT_SHARE) + FIT_EXTRA)
+                if k < r.size:
+                    part = np.partition(r, r.size - k)
+                    cut = max(cut, float(part[: r.size - k].max()))
+                    r = part[r.size - k:]
+                kept.append(r.copy())
         if images == 0:
             raise ConfigError("blob: no good images to fit on")
         if self.config.channels is None:
             self.config.channels = channels
-        learnt = float(top.min()) * self.config.threshold_margin
+        pool = np.concatenate(kept)
+        k = _pixel_count_for(total, self.config.threshold_percentile)
+        value = float(np.partition(pool, pool.size - k)[pool.size - k])
+        learnt = value * self.config.threshold_margin
         if not math.isfinite(learnt) or learnt <= 0:
             raise ConfigError(
                 f"blob: the good images' residual at the {self.config.threshold_percentile} "
@@ -177,6 +198,7 @@ class Blob(Detector):
                 f"set threshold=VALUE, a lower threshold_percentile or a larger background_size")
         self.learnt_threshold = learnt
         self.fit_report = {"images_fitted": images, "learnt_threshold": learnt,
+                           "threshold_exact": bool(value >= cut),
                            "threshold_used": self.threshold_value}
         self.fitted = True
         return self
