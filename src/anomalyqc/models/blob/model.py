@@ -13,8 +13,9 @@ Per image (gray: the mean of the channels, values in [0, 1]):
    so the threshold follows the local texture (a threshold in units of local noise).
 2. Threshold: pixels with r >= t. t is `threshold` when set, else learnt by `fit` on good
    images: the `threshold_percentile` percentile of every good image's residual (over all
-   their pixels; see Blob.fit for when it is exact) times `threshold_margin`. Out of the box: at 99.9 about one good
-   pixel in a thousand passes, and the area and shape filters remove those specks.
+   their pixels; see Blob.fit for when it is exact) times `threshold_margin`. Out of the
+   box: at 99.9 about one good pixel in a thousand passes, and the area and shape filters
+   remove those specks.
 3. Morphology: an opening (removes specks narrower than `open_size`) then a closing (joins
    pieces of one defect closer than `close_size`); ellipse kernels, 0 = skipped.
 4. Connected components (8-connected), kept when every filter passes: area in [min_area,
