@@ -124,7 +124,7 @@ class Blob(Detector):
         """Flattened residual r (H, W) float32 >= 0 of one gray image in [0, 1]."""
         c = self.config
         side = _odd(c.background_size)
-        img = gray.astype(np.float32)
+        img: np.ndarray = gray.astype(np.float32)
         if c.background == "tophat":
             kernel = _ellipse(side)
             dark = cv2.morphologyEx(img, cv2.MORPH_BLACKHAT, kernel)
