@@ -109,6 +109,14 @@ def test_training_data_without_masks_is_refused_naming_where_masks_go(tmp_path: 
         Unet(TINY).fit_dataset(only_good, work_dir=tmp_path)
 
 
+def test_an_untrained_network_starts_at_the_prior_probability() -> None:
+    det = Unet(TINY, channels=1, prior_probability=0.02)
+    det._build()
+    with torch.no_grad():
+        prob = torch.sigmoid(det.nets["unet"].eval()(_task(2, seed=6).image))
+    assert float(prob.mean()) == pytest.approx(0.02, rel=0.5)
+
+
 def test_dice_loss_and_parameters() -> None:
     t = torch.zeros(1, 1, 4, 4)
     t[..., :2, :2] = 1

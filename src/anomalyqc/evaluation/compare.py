@@ -32,6 +32,7 @@ from anomalyqc.fileio import atomic_folder, atomic_write_bytes, atomic_write_jso
 from anomalyqc.models.storage import WEIGHTS_FILE, holds_model, load_detector, read_manifest
 from anomalyqc.pathtext import display
 from anomalyqc.progress import Progress
+from anomalyqc.types import Batch
 
 COMPARISON_FILE = "comparison.json"
 COLUMNS = ("label", "detector", "model_id", "input_size", "image_auroc", "pixel_auroc", "aupro",
@@ -55,13 +56,16 @@ def _replaceable(folder: Path) -> None:
 
 
 def time_predictions(run: Path, data: str | Path, images: int = 16) -> dict[str, Any]:
-    """Median milliseconds of det.predict on one preloaded test image at a time."""
+    """Median milliseconds of det.predict on one preloaded test image at a time (the first
+    `images` test images of `data`)."""
     from anomalyqc.workflow import dataset_for
 
     det = load_detector(run)
     dataset = dataset_for(det, data, "test", masks=False)
     n = min(images, len(dataset))
-    xs = [dataset[i].image.unsqueeze(0) for i in range(n)]
+    # one-image batches, with their ROIs for a detector that reads them (a GRD-Net run
+    # trained on ROIs refuses an image without one)
+    xs = [Batch.collate([dataset[i]]) for i in range(n)]
     det.predict(xs[0])  # warm-up: first-call allocations and lazy set-up
     ms = []
     for x in xs:

@@ -18,6 +18,7 @@ image score = the maximum of the map, after a mean filter of side `score_window`
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -57,6 +58,7 @@ class UnetConfig(TrainedConfig):
     dice_smooth: float = Field(1.0, gt=0)  # added to both sides of the Dice ratio
     focal_gamma: float = Field(2.0, ge=0)
     focal_alpha: float | None = Field(None, gt=0, lt=1)
+    prior_probability: float = Field(0.01, gt=0, lt=1)  # the output's starting probability
     # inference: side of the mean filter before the max; None: the raw max
     score_window: int | None = Field(None, ge=1)
 
@@ -85,8 +87,14 @@ class Unet(TrainedDetector):
 
     def build_networks(self) -> dict[str, nn.Module]:
         c = self.config
-        return {"unet": UNet(channels=c.channels, inputs=1, base_width=c.unet_width,
-                             depth=c.unet_depth, max_width=c.unet_max_width)}
+        net = UNet(channels=c.channels, inputs=1, base_width=c.unet_width, depth=c.unet_depth,
+                   max_width=c.unet_max_width)
+        # Start from "defect is rare" (Lin et al.'s prior init, p = prior_probability): at
+        # zero bias every pixel starts at p = 0.5, and the first hundreds of steps only
+        # learn that nearly every pixel is good.
+        assert net.out.bias is not None  # nn.Conv2d's default bias=True
+        nn.init.constant_(net.out.bias, -math.log((1 - c.prior_probability) / c.prior_probability))
+        return {"unet": net}
 
     def fit_dataset(self, dataset: Dataset[Sample] | Sequence[Sample],
                     progress: Progress | None = None, work_dir: str | Path = "training",
