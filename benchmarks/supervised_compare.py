@@ -106,6 +106,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--detectors", default="blob,unet,padim",
                     help="comma-separated; classifier is skipped unless registered")
+    ap.add_argument("--threshold-method", default="youden",
+                    help="calibrate's method on --val (f1 on a defect-heavy set flags everything)")
     ap.add_argument("--tag", default="run", help="results file: supervised_compare_<tag>.json")
     ap.add_argument("--keep", type=Path, help="keep the runs and reports in this folder")
     args = ap.parse_args()
@@ -149,7 +151,8 @@ def main() -> None:
                                   "--image-size", args.image_size, "--batch-size",
                                   args.batch_size, "--overwrite", *extra)
             if val is not None:
-                cli_json(f"calibrate_{name}", "calibrate", run, "--data", val)
+                cli_json(f"calibrate_{name}", "calibrate", run, "--data", val,
+                         "--threshold-method", args.threshold_method)
             runs.append(run)
         table = cli_json("compare", "compare", *runs, "--data", data, "--out", work / "compare")
     results["fit"] = {k: {key: v.get(key) for key in (
