@@ -4,6 +4,7 @@ tiny generated kit, with the tables checked against decisions computed here by h
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -289,3 +290,31 @@ def test_calibrate_strip_accuracy_is_the_best_strip_rule_of_the_calibration_kit(
     acc = strip_accuracy(strip)
     assert acc == pytest.approx(strip["regions"]["flag"]["metric_value"])
     assert acc >= strip_accuracy(thr["accuracy"])  # the per-region choice is one of its starts
+
+
+def test_the_line_runs_on_the_onnx_export_with_the_same_decisions(line: dict[str, Path],
+                                                                  tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(line["run"], run)
+    r = invoke("export", run)
+    assert r.exit_code == 0, r.output
+    thr = tmp_path / "thr.json"
+    r = invoke("line", "calibrate", "--model", run, "--kit", line["cal"], "--out", thr, *KEY)
+    assert r.exit_code == 0, r.output
+    reports = {}
+    for runtime in ("torch", "onnx"):
+        out = tmp_path / runtime
+        r = invoke("line", "validate", "--model", run, "--kit", line["test"], "--thresholds", thr,
+                   "--out", out, "--accept", "2/3", "--runtime", runtime, *KEY)
+        assert r.exit_code == 0, r.output
+        reports[runtime] = json.loads((out / "report.json").read_text())
+    torch_rep, onnx_rep = reports["torch"], reports["onnx"]
+    assert [m["runtime"] for m in onnx_rep["models"]] == ["onnxruntime"]
+
+    def decisions(obj):  # the tables without their timings, which differ by runtime
+        if isinstance(obj, dict):
+            return {k: decisions(v) for k, v in obj.items() if "_ms" not in k}
+        return obj
+
+    for table in ("table_10_1_region_vial", "table_10_2_strip", "table_10_3_run_policy"):
+        assert decisions(onnx_rep[table]) == decisions(torch_rep[table])

@@ -31,9 +31,11 @@ def _summary(ms: list[float]) -> dict[str, float]:
 
 def benchmark_run(run: str | Path, data: str | Path, batch_size: int = 16,
                   repeats: int = 50, warmup: int = 3,
-                  roi_dir: str | None = None) -> dict[str, Any]:
+                  roi_dir: str | None = None, onnx: bool = False) -> dict[str, Any]:
     """Timings of the run on the test images of `data` (with their ROIs, read as part of
-    the end-to-end time, for a detector that uses them; roi_dir as for evaluate)."""
+    the end-to-end time, for a detector that uses them; roi_dir as for evaluate). onnx=True
+    adds torch eager against ONNX Runtime on the same images, at batch 1, batch_size and
+    the line's 60-patch batch (the run must have been exported)."""
     at_least(batch_size, 1, "batch_size")
     at_least(repeats, 1, "repeats")
     at_least(warmup, 0, "warmup")
@@ -94,6 +96,14 @@ def benchmark_run(run: str | Path, data: str | Path, batch_size: int = 16,
     if (run / FIT_INFO_FILE).is_file():
         fit_info = json.loads((run / FIT_INFO_FILE).read_text())
     med_n = statistics.median(model_n)
+    runtimes = None
+    if onnx:
+        from anomalyqc.export.onnx import compare_runtimes, read_export
+
+        int8 = bool((read_export(run).get("int8") or {}).get("kept"))
+        runtimes = compare_runtimes(run, stacked if isinstance(stacked, Batch)
+                                    else Batch.from_images(stacked), (1, n, 60),
+                                    max(5, repeats // 5), int8=int8)
     return {
         "detector": det.name,
         "run": str(run),
@@ -108,6 +118,7 @@ def benchmark_run(run: str | Path, data: str | Path, batch_size: int = 16,
         "throughput_images_per_s_model_only": round(n / (med_n / 1000), 2),
         "throughput_images_per_s_end_to_end": round(n / (statistics.median(e2e_n) / 1000), 2),
         "peak_rss_mb_benchmark_process": round(peak_rss_mb(), 1),
+        **({"torch_vs_onnxruntime": runtimes} if runtimes else {}),
         "torch_threads": torch.get_num_threads(),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
     }

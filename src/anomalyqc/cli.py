@@ -403,6 +403,8 @@ def predict(
                                         help="Detectors that use ROIs: a folder with one ROI mask "
                                              "per image, <stem>.png or <stem>_roi.png (needed by "
                                              "a grdnet run trained with ROIs)."),
+    runtime: str = typer.Option("torch", help="torch | onnx | onnx-int8 (the run's checked "
+                                              "ONNX export, see `anomalyqc export`)."),
 ) -> None:
     """Score images: score, decision (when the run is calibrated) and a heatmap each.
 
@@ -418,7 +420,7 @@ def predict(
     _run(check)
     with _Bars() as bars:
         rows = _run(lambda: predict_paths(run, inputs, out, batch_size, progress=bars,
-                                          roi_dir=roi_dir))
+                                          roi_dir=roi_dir, runtime=runtime))
     for r in rows:
         if r["score"] is None:
             console.print(f"warning: {r['path']}: {r['reason']}", highlight=False,
@@ -439,6 +441,9 @@ def benchmark(
     repeats: int = typer.Option(50, help="Batch-1 timings taken (median and p95)."),
     out: Path | None = typer.Option(None, help="Also write the JSON here."),
     roi_dir: str | None = typer.Option(None, "--roi-dir", help=_ROI_DIR_HELP),
+    onnx: bool = typer.Option(False, "--onnx", help="Also time ONNX Runtime against torch on "
+                                                    "the same images (batch 1, N and 60; the "
+                                                    "run must be exported)."),
 ) -> None:
     """Fit time and memory (from the fit), latency, throughput and peak RSS, as JSON."""
     from anomalyqc.benchmark import benchmark_run
@@ -450,7 +455,8 @@ def benchmark(
             file_target(out, "--out", "benchmark.json")
 
     _run(check)
-    result = _run(lambda: benchmark_run(run, data, batch_size, repeats, roi_dir=roi_dir))
+    result = _run(lambda: benchmark_run(run, data, batch_size, repeats, roi_dir=roi_dir,
+                                        onnx=onnx))
     if out:
         from anomalyqc.fileio import atomic_write_json
 
@@ -489,6 +495,40 @@ def compare(
     for note in result["notes"]:
         console.print(f"note: {note}", highlight=False, soft_wrap=True, markup=False)
     console.print(f"comparison: {out / 'comparison.html'}", markup=False, highlight=False)
+
+
+class ExportFormat(str, Enum):
+    onnx = "onnx"
+
+
+@app.command("export")
+def export_cmd(
+    run: Path = typer.Argument(..., help="Run folder to export (written to RUN/onnx/)."),
+    format_: ExportFormat = typer.Option(ExportFormat.onnx, "--format", help="Export format."),
+    data: Path | None = typer.Option(None, "--data", help="Dataset whose first test images "
+                                                          "check the export (default: seeded "
+                                                          "random images)."),
+    n_check: int = typer.Option(8, "--check-images", help="Images the parity check compares."),
+    rtol: float = typer.Option(1e-4, help="Parity: relative tolerance (times max |torch output|)."),
+    atol: float = typer.Option(1e-4, help="Parity: absolute tolerance."),
+    int8: bool = typer.Option(False, "--int8", help="Also write a dynamically quantised int8 "
+                                                    "model, kept only within --int8-rtol."),
+    int8_rtol: float = typer.Option(2e-2, "--int8-rtol", help="Parity tolerance of the int8 model."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier export."),
+) -> None:
+    """Export a run's model (scores, maps and their post-processing) to ONNX; ONNX Runtime's
+    outputs are checked against the torch model's and an export outside the tolerance is
+    refused."""
+    from anomalyqc.export.onnx import export_run
+
+    def check() -> None:
+        at_least(n_check, 1, "--check-images")
+        if rtol < 0 or atol < 0 or int8_rtol < 0:
+            raise ConfigError("tolerances must be >= 0")
+
+    _run(check)
+    _print_json(_run(lambda: export_run(run, data, n_check, rtol, atol, int8, int8_rtol,
+                                        overwrite=overwrite)))
 
 
 # ----------------------------------------------------------------------------- line (issue 9)
@@ -611,6 +651,8 @@ def line_calibrate(
     ),
     key_frames: str = typer.Option("1,8,16", help=_KEY_HELP),
     rank: bool = typer.Option(False, "--rank/--no-rank", help="Also inspect the rank images."),
+    runtime: str = typer.Option("torch", help="torch | onnx | onnx-int8: run the models' checked "
+                                              "ONNX exports in ONNX Runtime (`anomalyqc export`)."),
 ) -> None:
     """Choose a threshold per region on a calibration kit and write them to --out."""
     from anomalyqc.line.workflow import calibrate_line
@@ -620,7 +662,7 @@ def line_calibrate(
     _run(lambda: file_target(out, "--out", "thresholds.json"))
     with _Bars() as bars:
         thr = _run(lambda: calibrate_line(kit, out, default, per, layout, metric.value, frames,
-                                          rank, progress=bars))
+                                          rank, progress=bars, runtime=runtime))
     _print_json(thr.to_json())
     console.print(f"thresholds written to {out}", highlight=False, soft_wrap=True)
 
@@ -642,6 +684,8 @@ def line_validate(
     key_frames: str = typer.Option("1,8,16", help=_KEY_HELP),
     rank: bool = typer.Option(False, "--rank/--no-rank", help="Also inspect the rank images."),
     max_examples: int = typer.Option(12, help="Heatmaps written per error kind."),
+    runtime: str = typer.Option("torch", help="torch | onnx | onnx-int8: run the models' checked "
+                                              "ONNX exports in ONNX Runtime (`anomalyqc export`)."),
 ) -> None:
     """The thesis's three tables, confusion matrices, errors with heatmaps and batch timing on
     a test kit (positive class: defective)."""
@@ -660,7 +704,8 @@ def line_validate(
     with _Bars() as bars:
         report = _run(lambda: validate_line(kit, out, default, per, layout, calibration,
                                             thresholds, metric.value, policy, budget_ms, frames,
-                                            rank, max_examples, progress=bars))
+                                            rank, max_examples, progress=bars,
+                                            runtime=runtime))
     _print_json({k: report[k] for k in ("positive_class", "table_10_1_region_vial",
                                         "table_10_2_strip", "table_10_3_run_policy", "timing")})
     console.print(f"report: {report['report_html']}", highlight=False, soft_wrap=True)

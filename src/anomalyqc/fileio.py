@@ -35,6 +35,12 @@ from anomalyqc.errors import DataError, OutputError
 from anomalyqc.pathtext import fit_name
 
 
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, read in chunks (model files can be large)."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
 def _new_temp(folder: Path, name: str) -> Path:
     """Create an empty, new temporary file beside the target; the umask sets its mode."""
     for _ in range(100):

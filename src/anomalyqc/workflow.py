@@ -738,10 +738,29 @@ def load_threshold(run: str | Path, model_id: str) -> float | None:
     return None if stored is None else stored.value
 
 
+RUNTIMES = ("torch", "onnx", "onnx-int8")
+
+
+def load_for_inference(run: str | Path, runtime: str = "torch") -> Detector:
+    """The run's model in the chosen runtime: torch, or its checked ONNX export in ONNX
+    Runtime (anomalyqc.export.onnx), which has the same predict, config and model id."""
+    if runtime == "torch":
+        return load_detector(run)
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"unknown runtime {runtime!r}; choose one of: {', '.join(RUNTIMES)}")
+    from typing import cast
+
+    from anomalyqc.export.onnx import OnnxDetector
+
+    # Duck-typed: an inference-only model offers what scoring reads (predict, config,
+    # input_size, model_id, name, ROI flags), not fit or the weights.
+    return cast(Detector, OnnxDetector(run, int8=runtime == "onnx-int8"))
+
+
 def predict_paths(run: str | Path, inputs: Iterable[str | Path], out: str | Path,
                   batch_size: int = 8,
                   progress: Progress | None = None, roi_dir: str | Path | None = None,
-                  ) -> Predictions:
+                  runtime: str = "torch") -> Predictions:
     """Score image files; write a heatmap overlay per image and predictions.json to `out`.
 
     Each row has a decision and its reason: "score >= threshold" (defect), "score <
@@ -770,7 +789,7 @@ def predict_paths(run: str | Path, inputs: Iterable[str | Path], out: str | Path
     out = Path(out)
     out_check = replaceable_output("predictions folder", "predictions.json")
     check_output_early(out, out_check)
-    det = load_detector(run)
+    det = load_for_inference(run, runtime)
     check_roi_option(det, roi_dir)
     if det.needs_roi and roi_dir is None:
         raise DataError(f"this {det.name} model was trained with ROIs and needs one per image: "

@@ -67,10 +67,12 @@ class LineModels:
         regions: list[str],
         default: str | Path | None = None,
         per_region: Mapping[str, str | Path] | None = None,
+        runtime: str = "torch",
     ) -> LineModels:
-        """Load run folders (models.storage.load_detector); a run used by several regions is
-        loaded once and shared. Every region needs a model: `default` or its own."""
-        from anomalyqc.models.storage import load_detector
+        """Load run folders (workflow.load_for_inference: torch, or the runs' ONNX exports in
+        ONNX Runtime); a run used by several regions is loaded once and shared. Every region
+        needs a model: `default` or its own."""
+        from anomalyqc.workflow import load_for_inference
 
         per_region = dict(per_region or {})
         if unknown := sorted(set(per_region) - set(regions)):
@@ -89,7 +91,7 @@ class LineModels:
                 )
             key = str(Path(run).resolve())
             if key not in loaded:
-                loaded[key] = load_detector(run)
+                loaded[key] = load_for_inference(run, runtime)
             dets[r], runs[r] = loaded[key], str(run)
         return cls(dets, runs)
 
@@ -131,6 +133,7 @@ class LineModels:
                 "run": self.runs.get(names[idx[0]]),
                 "detector": d.name,
                 "model_id": d.model_id,
+                "runtime": getattr(d, "runtime", "torch"),
                 "input_size": list(d.input_size),
                 "channels": d.config.channels,
                 "uses_roi": d.uses_roi,

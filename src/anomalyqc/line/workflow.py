@@ -45,10 +45,11 @@ def _check_kit(kit: Kit, key_frames: tuple[int, ...], policy: AcceptancePolicy |
 
 
 def _models(
-    layout: ProductLayout, default: str | Path | None, per_region: Mapping[str, str | Path] | None
+    layout: ProductLayout, default: str | Path | None, per_region: Mapping[str, str | Path] | None,
+    runtime: str = "torch",
 ) -> LineModels:
     """The region models, checked against the layout (ROIs included) before any scoring."""
-    models = LineModels.from_runs(layout.region_names, default, per_region)
+    models = LineModels.from_runs(layout.region_names, default, per_region, runtime)
     models.check_layout(layout)
     return models
 
@@ -104,13 +105,14 @@ def calibrate_line(
     key_frames: tuple[int, ...] = KEY_FRAMES,
     use_rank: bool = False,
     progress: Progress | None = None,
+    runtime: str = "torch",
 ) -> RegionThresholds:
     """Score a calibration kit and write per-region thresholds to `out_file`."""
     kit = read_kit(kit_dir)
     layout = _layout(layout_path, kit.root)
     check_kit_layout(kit, layout, layout_path or kit.root / "layout.yaml")
     _check_kit(kit, key_frames, None)
-    models = _models(layout, default_model, per_region)
+    models = _models(layout, default_model, per_region, runtime)
     scores = score_kit(kit, layout, models, key_frames, use_rank, progress)
     thr = calibrate(scores, metric, models, key_frames, use_rank)
     thr.info["layout"] = layout.name
@@ -143,6 +145,7 @@ def validate_line(
     use_rank: bool = False,
     max_examples: int = 12,
     progress: Progress | None = None,
+    runtime: str = "torch",
 ) -> dict[str, Any]:
     """Thresholds (calibrated on `calibration_kit`, or read from `thresholds_file`), then the
     validation report of the test kit written to `out_dir` (report.json, report.html,
@@ -164,7 +167,7 @@ def validate_line(
     layout = _layout(layout_path, kit.root)
     check_kit_layout(kit, layout, layout_path or kit.root / "layout.yaml")
     _check_kit(kit, key_frames, policy)
-    models = _models(layout, default_model, per_region)
+    models = _models(layout, default_model, per_region, runtime)
     if thresholds_file is not None:
         thr = load_thresholds(thresholds_file)
         thr.check_models(models.model_ids(), thresholds_file)

@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 
 from anomalyqc import __version__
 from anomalyqc.errors import ConfigError, ModelFileError, OutputError
-from anomalyqc.fileio import atomic_path, atomic_write_json, recover_if_interrupted
+from anomalyqc.fileio import atomic_path, atomic_write_json, file_sha256, recover_if_interrupted
 
 if TYPE_CHECKING:  # models.base imports this module lazily, in save and load
     from anomalyqc.models.base import Detector
@@ -110,11 +110,6 @@ def run_replacement_check(overwrite: bool) -> Callable[[Path], None]:
 
 
 # ------------------------------------------------------------------------------ identity
-def file_sha256(path: str | Path) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
-
-
 def model_id_of(digests: dict[str, str]) -> str:
     """The model id from the SHA-256 digests of MODEL_FILES."""
     joined = "\n".join(f"{name} {digests[name]}" for name in MODEL_FILES)

@@ -17,7 +17,6 @@ references into the tensor file: {"tensor": key}; dicts become {"dict": [[key, v
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from pathlib import Path
@@ -28,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from anomalyqc.errors import ModelFileError
-from anomalyqc.fileio import atomic_path, atomic_write_json
+from anomalyqc.fileio import atomic_path, atomic_write_json, file_sha256
 
 FORMAT = 1
 POINTER = "checkpoint.json"
@@ -109,14 +108,6 @@ def rng_from_bytes(data: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------- save/load
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """safetensors refuses tensors sharing memory (tied weights): each is its own copy."""
     own = {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}
@@ -132,7 +123,7 @@ def save_checkpoint(folder: Path, step: int, tensors: dict[str, torch.Tensor],
     save_tensors(folder / name, tensors)
     pointer = folder / POINTER
     atomic_write_json(pointer, {**meta, "format": FORMAT, "tensors": name,
-                                "sha256": _sha256(folder / name)})
+                                "sha256": file_sha256(folder / name)})
     for old in folder.glob("state-*.safetensors"):
         if old.name != name:
             old.unlink(missing_ok=True)
@@ -152,7 +143,7 @@ def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
         if meta.get("format") != FORMAT:
             raise ModelFileError(f"{pointer}: checkpoint format {meta.get('format')} is not "
                                  f"{FORMAT}; start a new run in another folder")
-        if _sha256(tensor_file) != meta["sha256"]:
+        if file_sha256(tensor_file) != meta["sha256"]:
             raise ModelFileError(f"{tensor_file}: does not match its SHA-256 in {pointer}; the "
                                  f"checkpoint is damaged, start a new run in another folder")
         return load_file(str(tensor_file)), meta

@@ -1,0 +1,200 @@
+"""Each detector's whole inference as one torch module: images (B, C, H, W) in [0, 1] ->
+(score (B,), anomaly_map (B, 1, H, W)), built from the fitted model's own tensors and
+networks, with the post-processing (upsampling, blur, image score) inside. This is what goes
+to ONNX, so the exported file needs nothing of ours around it.
+
+The embedding detectors' Mahalanobis whitening solves L z = x - mu in torch; ONNX has no
+triangular solve, so the graph multiplies by L^-1, computed once here in float64. The
+nearest-neighbour search of PatchCore is brute force (exact). Both agree with predict to
+float32 rounding, which the parity check of anomalyqc.export.onnx measures at export.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from anomalyqc.backbones.extractor import aggregate, pool_channels
+from anomalyqc.errors import ConfigError
+from anomalyqc.models.base import Detector
+
+
+def gaussian_kernel(sigma: float) -> torch.Tensor:
+    """The (1, 1, k, k) kernel kornia's gaussian_blur2d uses for this sigma (k = 2*round(4s)+1)."""
+    k = 2 * int(4.0 * sigma + 0.5) + 1
+    x = torch.arange(k, dtype=torch.float64) - k // 2
+    g = torch.exp(-(x**2) / (2 * sigma**2))
+    g = g / g.sum()
+    return (g[:, None] * g[None, :]).float().view(1, 1, k, k)
+
+
+class MapHead(nn.Module):
+    """(B, h, w) patch scores -> smoothed map at input size and the max of it."""
+
+    kernel: torch.Tensor  # buffers, registered in __init__
+
+    def __init__(self, size: tuple[int, int], blur_sigma: float) -> None:
+        super().__init__()
+        self.size = size
+        self.register_buffer("kernel", gaussian_kernel(blur_sigma) if blur_sigma > 0 else
+                             torch.empty(0))
+
+    def forward(self, patch: torch.Tensor) -> torch.Tensor:
+        m = F.interpolate(patch.unsqueeze(1), size=self.size, mode="bilinear", align_corners=False)
+        if self.kernel.numel():
+            pad = int(self.kernel.shape[-1]) // 2
+            m = F.conv2d(F.pad(m, (pad, pad, pad, pad), mode="reflect"), self.kernel)
+        return m
+
+
+class EmbeddingGraph(nn.Module):
+    """Backbone -> aggregated grid -> reduction -> patch scores -> map (models.embedding)."""
+
+    mean: torch.Tensor  # buffers, registered in __init__
+    std: torch.Tensor
+    red_mean: torch.Tensor
+    red_matrix: torch.Tensor
+
+    def __init__(self, det: Detector, scorer: nn.Module) -> None:
+        super().__init__()
+        from anomalyqc.models.embedding import EmbeddingDetector
+
+        assert isinstance(det, EmbeddingDetector)
+        ext = det.extractor
+        self.body = ext.body.to(memory_format=torch.contiguous_format)
+        self.register_buffer("mean", ext.mean.clone())
+        self.register_buffer("std", ext.std.clone())
+        self.patch_size = ext.patch_size
+        self.channel_pool = ext.channel_pool
+        red = det.reduction()
+        self.register_buffer("red_mean", red[0].float() if red else torch.empty(0))
+        self.register_buffer("red_matrix", red[1].float() if red else torch.empty(0))
+        self.grid = det.learnt(det.grid)
+        self.scorer = scorer
+        self.head = MapHead(det.input_size, det.config.blur_sigma)
+        self.patch_max = det.config.image_score == "patch_max"
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = images
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        x = (x - self.mean) / self.std
+        mid, deep = self.body(x)
+        emb = aggregate(mid, deep, self.patch_size)
+        if self.channel_pool:
+            emb = pool_channels(emb, self.channel_pool)
+        b, d = emb.shape[0], emb.shape[1]
+        h, w = self.grid
+        e = emb.permute(0, 2, 3, 1).reshape(b, h * w, d)
+        if self.red_matrix.numel():
+            e = (e - self.red_mean) @ self.red_matrix
+        patch = self.scorer(e)  # (B, P)
+        m = self.head(patch.reshape(b, h, w))
+        score = patch.amax(dim=1) if self.patch_max else m.flatten(1).amax(dim=1)
+        return score, m
+
+
+class WhitenedDistance(nn.Module):
+    """Distance of whitened embeddings to the nearest of K centres per location:
+    PaDiM (K = 1, the mean: the Mahalanobis distance) and MhBC-PatchCore (K centroids in
+    whitened coordinates). `inv_chol` is L^-1 (P or 1, D, D), or None for no whitening."""
+
+    mu: torch.Tensor  # buffers, registered in __init__
+    w: torch.Tensor
+    centres: torch.Tensor
+
+    def __init__(self, mean: torch.Tensor | None, inv_chol: torch.Tensor | None,
+                 centres: torch.Tensor | None) -> None:
+        super().__init__()
+        self.register_buffer("mu", mean.float() if mean is not None else torch.empty(0))
+        self.register_buffer("w", inv_chol.float() if inv_chol is not None else torch.empty(0))
+        self.register_buffer("centres", centres.float() if centres is not None else torch.empty(0))
+
+    def forward(self, e: torch.Tensor) -> torch.Tensor:  # (B, P, D) -> (B, P)
+        z = e
+        if self.w.numel() and self.w.shape[0] == 1:  # one factor shared by all locations
+            z = (z - self.mu) @ self.w[0].T
+        elif self.w.numel():
+            z = torch.einsum("pij,bpj->bpi", self.w, z - self.mu)
+        if not self.centres.numel():
+            return z.norm(dim=-1)
+        c = self.centres  # (P, K, D)
+        d2 = (z * z).sum(-1, keepdim=True) - 2 * torch.einsum("bpd,pkd->bpk", z, c) \
+            + (c * c).sum(-1).unsqueeze(0)
+        return d2.clamp_min(0).amin(dim=-1).sqrt()
+
+
+class BankDistance(nn.Module):
+    """PatchCore: Euclidean distance of each patch to its nearest memory-bank entry."""
+
+    bank: torch.Tensor  # buffers, registered in __init__
+    bank_sq: torch.Tensor
+
+    def __init__(self, bank: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("bank", bank.float())
+        self.register_buffer("bank_sq", (bank.float() ** 2).sum(-1))
+
+    def forward(self, e: torch.Tensor) -> torch.Tensor:
+        b, p, d = e.shape
+        q = e.reshape(b * p, d)
+        d2 = (q * q).sum(-1, keepdim=True) - 2 * q @ self.bank.T + self.bank_sq
+        return d2.clamp_min(0).amin(dim=1).sqrt().reshape(b, p)
+
+
+def inverse_cholesky(chol: torch.Tensor) -> torch.Tensor:
+    """L^-1 of lower factors (..., D, D), in float64 then rounded once to float32."""
+    eye = torch.eye(chol.shape[-1], dtype=torch.float64).expand_as(chol)
+    return torch.linalg.solve_triangular(chol.double(), eye, upper=False).float()
+
+
+class TrainedGraph(nn.Module):
+    """A trained detector's networks and its own `infer` (models.trained): the exported
+    graph is the code predict runs. A model that scores inside per-image ROIs (GRD-Net
+    trained with them) takes the ROI as a second input, as its predict does."""
+
+    def __init__(self, det: Detector) -> None:
+        super().__init__()
+        from anomalyqc.models.trained import TrainedDetector
+
+        assert isinstance(det, TrainedDetector)
+        self.det = det
+        self.nets = nn.ModuleDict(det.nets)
+
+    def forward(self, images: torch.Tensor,
+                roi: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        pred = self.det.infer(images) if roi is None else self.det.infer_roi(images, roi)
+        return pred.score.float(), pred.anomaly_map.float()
+
+
+def export_graph(det: Detector) -> nn.Module:
+    """The module to export for a fitted detector, in eval mode on the CPU; ConfigError
+    for a detector or setting that cannot be exported (and why)."""
+    from anomalyqc.models.mhbc import Mhbc
+    from anomalyqc.models.padim import Padim
+    from anomalyqc.models.patchcore import Patchcore
+    from anomalyqc.models.trained import TrainedDetector
+
+    if not det.fitted:
+        raise ConfigError(f"{det.name} is not fitted: nothing to export")
+    graph: nn.Module
+    if isinstance(det, Padim):
+        scorer = WhitenedDistance(det.learnt(det.mean), inverse_cholesky(det.learnt(det.chol)), None)
+        graph = EmbeddingGraph(det, scorer)
+    elif isinstance(det, Mhbc):
+        chol = det.chol
+        scorer = WhitenedDistance(det.mean if chol is not None else None,
+                                  inverse_cholesky(chol) if chol is not None else None,
+                                  det.learnt(det.centroids))
+        graph = EmbeddingGraph(det, scorer)
+    elif isinstance(det, Patchcore):
+        if det.config.image_score == "reweighted":
+            raise ConfigError("PatchCore's reweighted image score is not exported yet; export a "
+                              "model with image_score=map_max or patch_max")
+        graph = EmbeddingGraph(det, BankDistance(det.learnt(det.bank)))
+    elif isinstance(det, TrainedDetector):
+        graph = TrainedGraph(det)
+    else:
+        raise ConfigError(f"{det.name} models cannot be exported to ONNX")
+    return graph.eval().cpu()
