@@ -164,3 +164,17 @@ def test_cli_fit_and_evaluate_on_a_labelled_library(tiny_vials: Path, tmp_path: 
     shutil.rmtree(lib / "ground_truth")
     r = invoke("fit", "unet", "--data", lib, "--out", tmp_path / "nomask", "--image-size", 64)
     assert r.exit_code == 2 and "ground_truth/<class>/<stem>_mask.png" in r.output, r.output
+
+
+def test_onnx_export_agrees_with_torch_and_blob_says_it_cannot(trained: Unet, tmp_path: Path) -> None:
+    from anomalyqc.export.onnx import OnnxDetector, export_run
+    from anomalyqc.models import Blob
+
+    run = trained.save(tmp_path / "unet")
+    assert export_run(run)["parity"]["within_tolerance"]
+    x = _task(4, seed=7).image
+    assert torch.allclose(OnnxDetector(run).predict(x).anomaly_map, trained.predict(x).anomaly_map,
+                          atol=1e-4)
+    blob = Blob(image_size=SIDE).fit([Batch.from_images(x)]).save(tmp_path / "blob")
+    with pytest.raises(ConfigError, match="blob models cannot be exported"):
+        export_run(blob)
