@@ -122,6 +122,21 @@ def test_save_and_load_give_identical_maps(tmp_path) -> None:
         assert torch.equal(a.anomaly_map, b.anomaly_map) and torch.equal(a.score, b.score)
 
 
+def test_a_tampered_threshold_is_refused_on_load(tmp_path) -> None:
+    from conftest import reseal
+    from safetensors.torch import save_file
+
+    from anomalyqc.errors import AnomalyQCError
+
+    run = _fitted().save(tmp_path / "run")
+    for bad in (-1.0, float("inf"), float("nan")):
+        save_file({"learnt_threshold": torch.tensor([bad], dtype=torch.float64)},
+                  run / "weights.safetensors", metadata={"format": "anomalyqc-run:blob"})
+        reseal(run)
+        with pytest.raises(AnomalyQCError, match="threshold"):
+            Detector.load(run)
+
+
 def test_bad_parameters_and_unfitted_use_are_refused() -> None:
     with pytest.raises(ConfigError, match="max_area"):
         Blob(min_area=10, max_area=5)

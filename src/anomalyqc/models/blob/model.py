@@ -266,9 +266,10 @@ class Blob(Detector):
 
     # -------------------------------------------------------------------- weights
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        if self.learnt_threshold is None:  # a fixed threshold: nothing learnt, saved as NaN
-            return {"learnt_threshold": torch.tensor([float("nan")], dtype=torch.float64)}
-        return {"learnt_threshold": torch.tensor([self.learnt_threshold], dtype=torch.float64)}
+        # NaN only for a model never fitted but given a fixed threshold (save refuses an
+        # unfitted model; a Python user may set learnt_threshold = None with threshold set)
+        value = float("nan") if self.learnt_threshold is None else self.learnt_threshold
+        return {"learnt_threshold": torch.tensor([value], dtype=torch.float64)}
 
     def check_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         t = tensors.get("learnt_threshold")
