@@ -47,6 +47,8 @@ class DetectorName(str, Enum):
     draem = "draem"
     grdnet = "grdnet"
     resganad = "resganad"
+    unet = "unet"
+    blob = "blob"
 
 
 _ROI_DIR_HELP = ("Detectors that use ROIs (grdnet; resganad for its anomaly synthesis), "
@@ -460,6 +462,39 @@ def benchmark(
 
         atomic_write_json(out, result)
     _print_json(result)
+
+
+@app.command()
+def compare(
+    runs: list[Path] = typer.Argument(..., help="Run folders to put side by side."),
+    data: Path = typer.Option(..., "--data", help="Dataset whose labelled test split every "
+                                                 "run is evaluated on."),
+    out: Path = typer.Option(..., "--out", help="Folder for comparison.json/.md/.html and "
+                                               "each run's full report (runs/<label>/)."),
+    batch_size: int = typer.Option(8),
+    no_masks: bool = typer.Option(False, "--no-masks", help="Image metrics only."),
+    timing_images: int = typer.Option(16, help="Test images timed one at a time per run."),
+) -> None:
+    """Evaluate several runs on the same data and write one table: AUROCs, AUPRO,
+    accuracy/TPR/TNR at each run's stored threshold, ms per image, model size. Runs are
+    read, never changed (no threshold is written into them)."""
+    from anomalyqc.evaluation.compare import compare_runs, markdown_table
+
+    def check() -> None:
+        at_least(batch_size, 1, "--batch-size")
+        at_least(timing_images, 1, "--timing-images")
+        folder_target(out, "--out")
+
+    _run(check)
+    with _Bars() as bars:
+        result = _run(lambda: compare_runs(runs, data, out, batch_size, masks=not no_masks,
+                                           timing_images=timing_images, progress=bars))
+    _print_json(result)
+    console.print(markdown_table(result["rows"]), markup=False, highlight=False,
+                  soft_wrap=True)
+    for note in result["notes"]:
+        console.print(f"note: {note}", highlight=False, soft_wrap=True, markup=False)
+    console.print(f"comparison: {out / 'comparison.html'}", markup=False, highlight=False)
 
 
 class ExportFormat(str, Enum):

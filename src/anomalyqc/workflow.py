@@ -481,12 +481,14 @@ def evaluate_run(run: str | Path, data: str | Path, report: str | Path | None = 
                  threshold_method: str = "f1", threshold_value: float | None = None,
                  calibrate: bool | None = None, batch_size: int = 8,
                  progress: Progress | None = None, n_examples: int = 4,
-                 masks: bool = True, roi_dir: str | None = None) -> dict[str, Any]:
+                 masks: bool = True, roi_dir: str | None = None,
+                 save_threshold: bool = True) -> dict[str, Any]:
     """Score the test split of `data`, compute every metric, write the report.
 
     The decision threshold comes from the run's threshold.json when it exists and
     `calibrate` is not True; otherwise it is chosen on this data by `threshold_method` and
-    saved to the run (an optimistic figure when the same data is then scored: say so).
+    saved to the run (an optimistic figure when the same data is then scored: say so);
+    with save_threshold=False the run is left as it is (`compare` reads runs, never writes).
 
     Pixel metrics need ground-truth masks: on a dataset without any (image labels only),
     or with masks=False, pixel_auroc and aupro are None and `notes` says why.
@@ -547,13 +549,18 @@ def evaluate_run(run: str | Path, data: str | Path, report: str | Path | None = 
         source = stored.describe() + (" (this same data: optimistic figures)" if same else "")
         origin = {"written_by": stored.written_by, "data": stored.data,
                   "data_sha256": stored.data_sha256}
-    else:
+    elif save_threshold:
         choice = select_threshold(labels, scores, threshold_method, threshold_value)
         written = write_threshold(run, choice, data, "evaluate", _model_id(det),
                                   data_sha256=digest)
         source = (f"fixed by --threshold, saved to {written.path}" if choice.method == "fixed"
                   else f"chosen on {data} (test split) itself, saved to {written.path}")
         origin = {"written_by": "evaluate", "data": written.data, "data_sha256": digest}
+    else:
+        choice = select_threshold(labels, scores, threshold_method, threshold_value)
+        source = ("fixed by --threshold, not saved" if choice.method == "fixed"
+                  else f"chosen on {data} (test split) itself, not saved to the run")
+        origin = {"written_by": None, "data": display(data), "data_sha256": digest}
 
     scores = rank_non_finite(raw_scores, choice.value)  # a failed image is never "good"
     notes: list[str] = _non_finite_notes(res)
