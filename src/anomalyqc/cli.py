@@ -47,6 +47,7 @@ class DetectorName(str, Enum):
     draem = "draem"
     grdnet = "grdnet"
     resganad = "resganad"
+    classifier = "classifier"
 
 
 _ROI_DIR_HELP = ("Detectors that use ROIs (grdnet; resganad for its anomaly synthesis), "
@@ -454,6 +455,40 @@ def benchmark(
 
         atomic_write_json(out, result)
     _print_json(result)
+
+
+@synth_app.command("library")
+def synth_library(
+    out: Path = typer.Option(..., "--out", help="Output folder (MVTec AD layout)."),
+    seed: int = typer.Option(0, help="Random seed: the same seed gives identical files."),
+    counts: str = typer.Option("good=100,glass=27,particle_cake=36,foam=30",
+                               help="Images per split and class, CLASS=N,... (thesis table 7.1: "
+                                    "100 / 27 / 36; foam is the unseen class)."),
+    holdout: list[str] = typer.Option([], "--holdout",
+                                      help="A defect class written to test/ only (repeatable): "
+                                           "the defect no client library labelled."),
+    patch_size: int = typer.Option(128, help="Image side in px."),
+    height: int = typer.Option(512, help="Vial height in px (its pitch, the window width, is a "
+                                         "quarter of it); 512 is the line kit's 156 um/px."),
+) -> None:
+    """A labelled defect library (good / glass / particle_cake / foam vial patches) for the
+    supervised classifier; see anomalyqc.synth.library for the classes' defect types."""
+    from anomalyqc.synth.library import LibraryConfig, generate_library
+
+    def job() -> dict:
+        parsed: dict[str, int] = {}
+        for item in counts.split(","):
+            name, sep, n = item.partition("=")
+            if not sep or not n.strip().isdigit():
+                raise typer.BadParameter(f"--counts: expected CLASS=N,..., got {item!r}")
+            parsed[name.strip()] = int(n)
+        cfg = LibraryConfig(counts=parsed, holdout=tuple(holdout), patch_size=patch_size,
+                            strip_height=height)
+        return generate_library(out, seed, cfg, progress=bars)
+
+    with _Bars() as bars:
+        summary = _run(job)
+    _print_json(summary)
 
 
 # ----------------------------------------------------------------------------- line (issue 9)

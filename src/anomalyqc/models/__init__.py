@@ -1,6 +1,7 @@
 """Detectors, one folder each; importing this package registers them by CLI name."""
 
 from anomalyqc.models.base import REGISTRY, Detector, detector_class
+from anomalyqc.models.classifier import Classifier
 from anomalyqc.models.draem import Draem
 from anomalyqc.models.ganomaly import Ganomaly
 from anomalyqc.models.grdnet import Grdnet
@@ -9,5 +10,5 @@ from anomalyqc.models.padim import Padim
 from anomalyqc.models.patchcore import Patchcore
 from anomalyqc.models.resganad import Resganad
 
-__all__ = ["REGISTRY", "Detector", "Draem", "Ganomaly", "Grdnet", "Mhbc", "Padim", "Patchcore", "Resganad",
-           "detector_class"]
+__all__ = ["REGISTRY", "Classifier", "Detector", "Draem", "Ganomaly", "Grdnet", "Mhbc", "Padim",
+           "Patchcore", "Resganad", "detector_class"]
