@@ -8,10 +8,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from conftest import invoke, stdout_json
 
 from anomalyqc.errors import ConfigError, DataError
 from anomalyqc.synth.library import CLASS_KINDS, LibraryConfig, generate_library, render_item
-from conftest import invoke, stdout_json
 
 COUNTS = {"good": 5, "glass": 3, "particle_cake": 4, "foam": 2}
 
