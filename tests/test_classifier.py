@@ -4,6 +4,7 @@ metrics (evaluation.classification) on tiny generated libraries."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import cv2
@@ -258,3 +259,21 @@ def test_cli_fit_evaluate_predict(small_lib: Path, tmp_path: Path) -> None:
         assert set(row["class_probabilities"]) == {"good", "glass", "particle_cake"}
         assert row["score"] == pytest.approx(1 - row["class_probabilities"]["good"], abs=1e-5)
         assert (preds / Path(row["heatmap"]).name).is_file()
+
+
+def test_resume_after_a_budget_stop_reaches_the_uninterrupted_weights(small_lib: Path,
+                                                                       tmp_path: Path) -> None:
+    """Balanced sampling changes the dataset the trainer sees: a resumed run must rebuild
+    the same one (and the same validation fraction) to continue to the same weights."""
+    params = {"image_size": 32, "epochs": 2, "batch_size": 8, "lr": 1e-3, "loss_curves": False,
+              "balance": "sampling"}
+    whole = fit_run("classifier", small_lib, tmp_path / "whole", params, batch_size=8)
+    work = tmp_path / "work"
+    fit_run("classifier", small_lib, tmp_path / "part", {**params, "max_steps": 2}, batch_size=8,
+            work_dir=work)
+    shutil.copytree(tmp_path / "part" / "training", work)
+    resumed = fit_run("classifier", small_lib, tmp_path / "resumed", params, batch_size=8,
+                      work_dir=work, resume=True)
+    a, b = whole.state_tensors(), resumed.state_tensors()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.fit_report["steps"] == whole.fit_report["steps"]
