@@ -210,7 +210,9 @@ def fit(
     out: Path = typer.Option(..., "--out", help="Run folder to write the model to."),
     backbone: str | None = typer.Option(None,
                                         help="Embedding detectors: efficientnet_lite0 (default) "
-                                             "| efficientnet_lite2 | resnet18 | wide_resnet50_2"),
+                                             "| efficientnet_lite2 | resnet18 | wide_resnet50_2; "
+                                             "classifier: efficientnet_lite0 | efficientnet_lite2 "
+                                             "| resnet18 | resnet50 | mobilenet_v3_large"),
     image_size: str = typer.Option("256", help="Resize images to this size: 256 for a square, "
                                                  "HxW (e.g. 256x320) otherwise."),
     crop_size: str | None = typer.Option(None, help="Optional centre crop after resizing "
@@ -226,8 +228,9 @@ def fit(
     overwrite: bool = typer.Option(False, "--overwrite",
                                    help="Replace the model in --out (the whole folder: its "
                                         "threshold and reports go with it)."),
-    epochs: int | None = typer.Option(None, help="Trained detectors (ganomaly, draem, grdnet, resganad): "
-                                                 "epochs to train (default 10)."),
+    epochs: int | None = typer.Option(None, help="Trained detectors (ganomaly, draem, grdnet, "
+                                                 "resganad, classifier): epochs to train "
+                                                 "(default 10)."),
     width: int | None = typer.Option(None, help="Trained detectors: the networks' stem width "
                                                 "(stage i outputs width * 2**(i+1))."),
     resume: bool = typer.Option(False, "--resume", help="Trained detectors: continue the run "
