@@ -62,9 +62,8 @@ class ClassifierConfig(TrainedConfig):
     balance: Literal["weights", "sampling", "none"] = "weights"
     dropout: float = Field(0.2, ge=0, lt=1)
     # Grad-CAM layer: the last stage of at most this stride. "last" is the network's last
-    # convolutional map (appendix A), stride 32: 4x4 cells at 128 px, too coarse to point at
-    # a vial defect (on big particles at 128 px its peak fell inside the defect in 0 of 20
-    # correctly classified images, stride 16's in 9 of 20). Default: stride 16.
+    # convolutional map (appendix A), stride 32: a 4x4 grid at 128 px, 2x2 at 64 px, too
+    # coarse to point at a vial defect a few pixels wide. Default: stride 16.
     cam_layer: Literal["last", "stride16", "stride8"] = "stride16"
     # fine-tuning: Adam with the usual betas and a lower rate than training from scratch
     lr: float = Field(3e-4, gt=0)
