@@ -277,3 +277,18 @@ def test_resume_after_a_budget_stop_reaches_the_uninterrupted_weights(small_lib:
     a, b = whole.state_tensors(), resumed.state_tensors()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert resumed.fit_report["steps"] == whole.fit_report["steps"]
+
+
+@pytest.mark.parametrize("backbone", ["efficientnet_lite0", "resnet18", "resnet50",
+                                      "mobilenet_v3_large"])
+def test_every_trunk_builds_a_classifier_with_a_stride16_cam_layer(backbone: str) -> None:
+    """The architectures alone (no ImageNet weights: the torchvision ones are not in this
+    machine's cache): a gray batch gives class scores, the Grad-CAM layer is at stride 16."""
+    det = Classifier(image_size=64, backbone=backbone, pretrained=False,
+                     class_names=["good", "glass", "particle_cake"])
+    net = det.build_networks()["net"].eval()
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        a = net.features(x)
+        assert a.shape[-2:] == (4, 4)
+        assert net.head(a).shape == (2, 3) and torch.allclose(net(x), net.head(a))
