@@ -49,6 +49,7 @@ class DetectorName(str, Enum):
     resganad = "resganad"
     unet = "unet"
     blob = "blob"
+    classifier = "classifier"
 
 
 _ROI_DIR_HELP = ("Detectors that use ROIs (grdnet; resganad for its anomaly synthesis), "
@@ -211,7 +212,9 @@ def fit(
     out: Path = typer.Option(..., "--out", help="Run folder to write the model to."),
     backbone: str | None = typer.Option(None,
                                         help="Embedding detectors: efficientnet_lite0 (default) "
-                                             "| efficientnet_lite2 | resnet18 | wide_resnet50_2"),
+                                             "| efficientnet_lite2 | resnet18 | wide_resnet50_2; "
+                                             "classifier: efficientnet_lite0 | efficientnet_lite2 "
+                                             "| resnet18 | resnet50 | mobilenet_v3_large"),
     image_size: str = typer.Option("256", help="Resize images to this size: 256 for a square, "
                                                  "HxW (e.g. 256x320) otherwise."),
     crop_size: str | None = typer.Option(None, help="Optional centre crop after resizing "
@@ -227,8 +230,9 @@ def fit(
     overwrite: bool = typer.Option(False, "--overwrite",
                                    help="Replace the model in --out (the whole folder: its "
                                         "threshold and reports go with it)."),
-    epochs: int | None = typer.Option(None, help="Trained detectors (ganomaly, draem, grdnet, resganad): "
-                                                 "epochs to train (default 10)."),
+    epochs: int | None = typer.Option(None, help="Trained detectors (ganomaly, draem, grdnet, "
+                                                 "resganad, classifier): epochs to train "
+                                                 "(default 10)."),
     width: int | None = typer.Option(None, help="Trained detectors: the networks' stem width "
                                                 "(stage i outputs width * 2**(i+1))."),
     resume: bool = typer.Option(False, "--resume", help="Trained detectors: continue the run "
@@ -529,6 +533,40 @@ def export_cmd(
     _run(check)
     _print_json(_run(lambda: export_run(run, data, n_check, rtol, atol, int8, int8_rtol,
                                         overwrite=overwrite)))
+
+
+@synth_app.command("library")
+def synth_library(
+    out: Path = typer.Option(..., "--out", help="Output folder (MVTec AD layout)."),
+    seed: int = typer.Option(0, help="Random seed: the same seed gives identical files."),
+    counts: str = typer.Option("good=100,glass=27,particle_cake=36,foam=30",
+                               help="Images per split and class, CLASS=N,... (thesis table 7.1: "
+                                    "100 / 27 / 36; foam is the unseen class)."),
+    holdout: list[str] = typer.Option([], "--holdout",
+                                      help="A defect class written to test/ only (repeatable): "
+                                           "the defect no client library labelled."),
+    patch_size: int = typer.Option(128, help="Image side in px."),
+    height: int = typer.Option(512, help="Vial height in px (its pitch, the window width, is a "
+                                         "quarter of it); 512 is the line kit's 156 um/px."),
+) -> None:
+    """A labelled defect library (good / glass / particle_cake / foam vial patches) for the
+    supervised classifier; see anomalyqc.synth.library for the classes' defect types."""
+    from anomalyqc.synth.library import LibraryConfig, generate_library
+
+    def job() -> dict:
+        parsed: dict[str, int] = {}
+        for item in counts.split(","):
+            name, sep, n = item.partition("=")
+            if not sep or not n.strip().isdigit():
+                raise typer.BadParameter(f"--counts: expected CLASS=N,..., got {item!r}")
+            parsed[name.strip()] = int(n)
+        cfg = LibraryConfig(counts=parsed, holdout=tuple(holdout), patch_size=patch_size,
+                            strip_height=height)
+        return generate_library(out, seed, cfg, progress=bars)
+
+    with _Bars() as bars:
+        summary = _run(job)
+    _print_json(summary)
 
 
 # ----------------------------------------------------------------------------- line (issue 9)

@@ -370,6 +370,8 @@ class Results:
     maps: list[np.ndarray] = field(default_factory=list)
     masks: list[np.ndarray | None] = field(default_factory=list)
     images: list[np.ndarray] = field(default_factory=list)
+    # Prediction.extras per image, by name (a classifier's class index and probabilities)
+    extras: dict[str, list[np.ndarray]] = field(default_factory=dict)
 
     def stacked_maps(self, above: float | None = None) -> np.ndarray:
         """(N, 1, H, W) float32; a non-finite pixel ranks above every finite one and above
@@ -398,6 +400,8 @@ def predict_dataset(det: Detector, dataset: ImageDataset, batch_size: int = 8,
             res.defect_types.append(batch.defect_type[i])
             res.scores.append(float(pred.score[i]))
             res.maps.append(pred.anomaly_map[i].numpy().astype(np.float16))
+            for k, v in pred.extras.items():
+                res.extras.setdefault(k, []).append(v[i].numpy())
             if batch.mask is not None:
                 res.masks.append(batch.mask[i].numpy().astype(np.uint8))
             elif int(batch.label[i]) == GOOD:
@@ -590,6 +594,9 @@ def evaluate_run(run: str | Path, data: str | Path, report: str | Path | None = 
     metrics["n_non_finite_scores"] = len(res.non_finite())
     metrics["per_defect_type"] = per_type_stats(labels, scores, res.defect_types, choice.value)
     metrics.update(listing_summary(len(listing.records), len(res.scores), listing.skipped))
+    if hasattr(det, "classification_metrics"):  # a classifier: its class decisions too
+        metrics["classification"] = det.classification_metrics(res.defect_types, res.extras,
+                                                               raw_scores)
     metrics["identity"] = _identity(det, run, data, digest, annotations_sha256(
         listing.records, data), {"value": choice.value, "method": choice.method, **origin})
     metrics["notes"] = notes
@@ -876,6 +883,7 @@ def _predict_into(det: Detector, model_id: str, threshold: float | None, files: 
                 "reason": reason,
                 "threshold": threshold,
                 "heatmap": display(heat),
+                **(det.prediction_fields(pred, i) if hasattr(det, "prediction_fields") else {}),
             })
     atomic_write_json(tmp / "predictions.json", rows)
     return rows

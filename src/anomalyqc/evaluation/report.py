@@ -51,7 +51,7 @@ _OWN_KEYS = ("schema", "n_good", "n_defect", "threshold", "pixel_threshold", "im
 # The report's own files: a metrics file may not take one of these names.
 REPORT_FILES = ("report.html", "roc.png", "scores.png", "examples")
 # Metrics keys the page shows in their own sections rather than in the metrics table.
-_SECTIONED = ("notes", "identity", "per_defect_type", "skipped")
+_SECTIONED = ("notes", "identity", "per_defect_type", "skipped", "classification")
 # Example panels: small inputs are upscaled (nearest neighbour, whole pixels) until the
 # longer side reaches PANEL_MIN pixels, so a 3-pixel defect of a 64x64 input is 12 pixels
 # wide on the page; the page shows the PNG at its own size, never shrunk.
@@ -405,6 +405,39 @@ def _per_type_html(per_type: dict[str, dict[str, Any]]) -> str:
             + "\n".join(rows) + "\n</table>\n")
 
 
+def _classification_html(c: Any) -> str:
+    """A classifier's section (evaluation.classification): per class, confusion matrix,
+    macro averages and the good-vs-defect view."""
+    if not isinstance(c, dict) or "per_class" not in c:
+        return ""
+    e = html.escape
+
+    def num(v: Any) -> str:
+        return "n/a" if v is None else f"{v:.4f}"
+
+    rows = "\n".join(
+        f"<tr><th>{e(name)}{'' if st.get('learnt') else ' (not learnt)'}</th>"
+        f"<td>{st['support']}</td><td>{num(st['precision'])}</td><td>{num(st['recall'])}</td>"
+        f"<td>{num(st['f1'])}</td></tr>" for name, st in c["per_class"].items())
+    m = c.get("macro") or {}
+    rows += (f"\n<tr><th>macro average</th><td>-</td><td>{num(m.get('precision'))}</td>"
+             f"<td>{num(m.get('recall'))}</td><td>{num(m.get('f1'))}</td></tr>")
+    cm = c["confusion_matrix"]
+    head = "".join(f"<th>{e(n)}</th>" for n in cm["columns_predicted"])
+    body = "\n".join(f"<tr><th>{e(n)}</th>" + "".join(f"<td>{v}</td>" for v in counts) + "</tr>"
+                     for n, counts in zip(cm["rows_true"], cm["counts"], strict=True))
+    b = c.get("good_vs_defect") or {}
+    return ("<h2>Classes</h2>\n"
+            f"<p>Class accuracy {num(c.get('accuracy'))}. Good against defect (the predicted "
+            f"class, no threshold): accuracy {num(b.get('accuracy'))}, TPR {num(b.get('tpr'))}, "
+            f"TNR {num(b.get('tnr'))}, AUROC of 1 - P(good) {num(b.get('auroc'))}. The "
+            "anomaly maps below are Grad-CAM maps of the most probable defect class.</p>\n"
+            "<table>\n<tr><th>class</th><th>images</th><th>precision</th><th>recall</th>"
+            f"<th>F1</th></tr>\n{rows}\n</table>\n"
+            "<p>Confusion matrix (rows: true class, columns: predicted).</p>\n"
+            f"<table>\n<tr><th></th>{head}</tr>\n{body}\n</table>\n")
+
+
 def _skipped_html(skipped: Any, limit: int = 200) -> str:
     if not isinstance(skipped, list) or not skipped:
         return ""
@@ -478,7 +511,8 @@ p.summary {{ font-size: 1.15em; }}
 <h1>anomalyqc evaluation report</h1>
 <p>{n_good} good and {n_defect} defective images; image threshold {thr}.</p>
 {summary}
-{note_html}{_identity_html(metrics)}{_per_type_html(per_type)}<h2>Scores</h2>
+{note_html}{_identity_html(metrics)}{_per_type_html(per_type)}\
+{_classification_html(metrics.get("classification"))}<h2>Scores</h2>
 <div class="plots">
 <img src="scores.png" alt="score distributions of good and defective images, threshold drawn">
 <img src="roc.png" alt="image-level ROC curve"></div>

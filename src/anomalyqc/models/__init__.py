@@ -2,6 +2,7 @@
 
 from anomalyqc.models.base import REGISTRY, Detector, detector_class
 from anomalyqc.models.blob import Blob
+from anomalyqc.models.classifier import Classifier
 from anomalyqc.models.draem import Draem
 from anomalyqc.models.ganomaly import Ganomaly
 from anomalyqc.models.grdnet import Grdnet
@@ -11,5 +12,5 @@ from anomalyqc.models.patchcore import Patchcore
 from anomalyqc.models.resganad import Resganad
 from anomalyqc.models.unet import Unet
 
-__all__ = ["REGISTRY", "Blob", "Detector", "Draem", "Ganomaly", "Grdnet", "Mhbc", "Padim", "Patchcore",
-           "Resganad", "Unet", "detector_class"]
+__all__ = ["REGISTRY", "Blob", "Classifier", "Detector", "Draem", "Ganomaly", "Grdnet", "Mhbc", "Padim",
+           "Patchcore", "Resganad", "Unet", "detector_class"]
