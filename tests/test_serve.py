@@ -487,3 +487,23 @@ def test_a_request_waits_in_the_queue_no_longer_than_the_timeout() -> None:
 
     message, waited = asyncio.run(scenario())
     assert "waited 0.2 s" in message and 0.15 < waited < 2.0
+
+
+def test_the_service_runs_the_onnx_export_with_the_torch_score(tmp_path: Path, calibrated_run: Path,
+                                                               token_file: Path, good_png: bytes) -> None:
+    import shutil
+
+    from anomalyqc.export.onnx import export_run
+
+    run = tmp_path / "run"
+    shutil.copytree(calibrated_run, run)
+    export_run(run)
+    with serving(_settings(tmp_path, run, token_file, runtime="onnx")) as c:
+        r = c.post("/v1/inspect", headers=AUTH, files={"image": ("good.png", good_png, "image/png")})
+    assert r.status_code == 200, r.text
+    score = _direct_score(calibrated_run, good_png, tmp_path)
+    assert r.json()["score"] == pytest.approx(score, rel=1e-4, abs=1e-4)
+    # a run without an export is refused at start, not per request
+    with pytest.raises(Exception, match="no ONNX export"), \
+            serving(_settings(tmp_path / "b", calibrated_run, token_file, runtime="onnx")) as c:
+        assert c.get("/ready", headers=AUTH).status_code == 200

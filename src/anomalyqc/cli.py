@@ -777,6 +777,8 @@ def serve(
     reload_poll: float = typer.Option(2.0, help="Seconds between checks of the model files for a "
                                                 "change (reload on change); 0 turns it off."),
     threads: int | None = typer.Option(None, help="torch threads (default: torch's choice)."),
+    runtime: str = typer.Option("torch", help="torch | onnx | onnx-int8: serve the run's checked "
+                                              "ONNX export in ONNX Runtime (`anomalyqc export`)."),
 ) -> None:
     """Serve a model over HTTP: POST an image (or a strip acquisition) -> score, decision,
     threshold, model id, timings and a heatmap URL; every decision goes to the audit trail
@@ -797,7 +799,8 @@ def serve(
         settings = ServeSettings(model=model, audit=audit, tokens=load_tokens(token_file), heatmaps=where,
                                  layout=layout, thresholds=thresholds, max_image_bytes=max_image_bytes,
                                  concurrency=concurrency, queue=queue, queue_timeout_s=queue_timeout,
-                                 reload_poll_s=reload_poll, torch_threads=threads)
+                                 reload_poll_s=reload_poll, torch_threads=threads,
+                                 runtime=runtime)
         return create_app(settings)
 
     api = _run(build)

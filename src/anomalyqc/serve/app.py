@@ -74,6 +74,7 @@ class ServeSettings:
     reload_poll_s: float = 2.0  # 0: reload only on POST /v1/reload
     keep_heatmaps: int = 10_000
     torch_threads: int | None = None
+    runtime: str = "torch"  # or "onnx" / "onnx-int8": the run's checked ONNX export
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -121,7 +122,8 @@ class Service:
 
     def __init__(self, settings: ServeSettings) -> None:
         self.s = settings
-        self.holder = ModelHolder(settings.model, settings.layout, settings.thresholds)
+        self.holder = ModelHolder(settings.model, settings.layout, settings.thresholds,
+                                  settings.runtime)
         self.audit = AuditLog(settings.audit)
         settings.heatmaps.mkdir(parents=True, exist_ok=True)
         self.spool = Path(tempfile.mkdtemp(prefix="anomalyqc-serve-"))

@@ -51,13 +51,13 @@ class LoadedModel:
 
 
 def load_model(run: str | Path, layout: str | Path | None = None,
-               thresholds: str | Path | None = None) -> LoadedModel:
-    """Everything a request needs, loaded and checked; raises AnomalyQCError on any fault."""
-    from anomalyqc.models.storage import load_detector
-    from anomalyqc.workflow import load_threshold, transform_for
+               thresholds: str | Path | None = None, runtime: str = "torch") -> LoadedModel:
+    """Everything a request needs, loaded and checked; raises AnomalyQCError on any fault.
+    runtime "onnx" serves the run's checked ONNX export (workflow.load_for_inference)."""
+    from anomalyqc.workflow import load_for_inference, load_threshold, transform_for
 
     run = Path(run)
-    det = load_detector(run)
+    det = load_for_inference(run, runtime)
     if det.needs_roi and layout is None:
         raise ConfigError(f"{run}: this {det.name} model was trained with ROIs and needs one per image, "
                           "which a single-image request does not carry; serve it with --layout (the "
@@ -103,8 +103,9 @@ class ModelHolder:
     """The published model, the paths it comes from, and reloads (one at a time)."""
 
     def __init__(self, run: str | Path, layout: str | Path | None = None,
-                 thresholds: str | Path | None = None) -> None:
+                 thresholds: str | Path | None = None, runtime: str = "torch") -> None:
         self.run = Path(run)
+        self.runtime = runtime
         self.layout = Path(layout) if layout is not None else None
         self.thresholds = Path(thresholds) if thresholds is not None else None
         self.current: LoadedModel | None = None
@@ -129,7 +130,7 @@ class ModelHolder:
             target = Path(run) if run is not None else self.run
             seen = self.fingerprint()
             try:
-                loaded = load_model(target, self.layout, self.thresholds)
+                loaded = load_model(target, self.layout, self.thresholds, self.runtime)
             except AnomalyQCError as exc:
                 self.last_error = str(exc)
                 self._seen = seen  # do not retry the same broken files on every poll
