@@ -193,6 +193,10 @@ def export_graph(det: Detector) -> nn.Module:
             raise ConfigError("PatchCore's reweighted image score is not exported yet; export a "
                               "model with image_score=map_max or patch_max")
         graph = EmbeddingGraph(det, BankDistance(det.learnt(det.bank)))
+    elif det.name == "classifier":
+        raise ConfigError("the classifier's anomaly map is Grad-CAM, which needs the gradient of "
+                          "the class score, and an ONNX graph carries no autograd: run the "
+                          "classifier with the torch runtime")
     elif isinstance(det, TrainedDetector):
         graph = TrainedGraph(det)
     else:
