@@ -30,7 +30,6 @@ change another's images, and the same arguments give byte-identical files.
 
 from __future__ import annotations
 
-import json
 import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -43,7 +42,7 @@ from anomalyqc.errors import ConfigError
 from anomalyqc.fileio import atomic_write_json, atomic_write_png, prepare_generated_folder
 from anomalyqc.progress import Progress, tracked
 from anomalyqc.synth.acquisition import ALL_DEFECT_TYPES, AcquisitionConfig, acquire, make_strip
-from anomalyqc.synth.vials import VialStripConfig
+from anomalyqc.synth.vials import VialStripConfig, written_by
 
 GENERATOR = "anomalyqc.synth.library"
 GENERATOR_VERSION = 1
@@ -167,14 +166,6 @@ def render_item(seed: int, split: str, cls: str, index: int, config: LibraryConf
             "defects": [d.describe() for d in strip.defects], "window_y": y}
 
 
-def _is_previous_output(out: Path) -> bool:
-    try:
-        meta = json.loads((out / "meta.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(meta, dict) and meta.get("generator") == GENERATOR
-
-
 def generate_library(out_dir: str | Path, seed: int = 0, config: LibraryConfig | None = None,
                      progress: Progress | None = None) -> dict[str, Any]:
     """Write the library (module docstring) to `out_dir`; returns a summary with counts."""
@@ -182,7 +173,7 @@ def generate_library(out_dir: str | Path, seed: int = 0, config: LibraryConfig |
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
     out = Path(out_dir)
-    prepare_generated_folder(out, _OUTPUT_ENTRIES, out.is_dir() and _is_previous_output(out),
+    prepare_generated_folder(out, _OUTPUT_ENTRIES, out.is_dir() and written_by(out, GENERATOR),
                              "a previous defect library (no meta.json from anomalyqc.synth.library)")
     acq = config.acquisition()
     jobs = [(split, cls, i) for split in _SPLITS for cls, n in config.counts.items()

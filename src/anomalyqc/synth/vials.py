@@ -393,17 +393,19 @@ def _image_rng(seed: int, split: str, kind: str, index: int) -> np.random.Genera
     )
 
 
-def _is_previous_output(out: Path) -> bool:
+def written_by(out: Path, generator: str) -> bool:
+    """Whether `out` holds an earlier output of `generator` (its meta.json says so): such a
+    folder may be replaced by a new run of the same generator."""
     try:
         meta = json.loads((out / "meta.json").read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(meta, dict) and meta.get("generator") == GENERATOR
+    return isinstance(meta, dict) and meta.get("generator") == generator
 
 
 def _prepare_out_dir(out: Path) -> None:
     """Refuse foreign non-empty folders; clear our own previous output."""
-    prepare_generated_folder(out, _OUTPUT_ENTRIES, out.is_dir() and _is_previous_output(out),
+    prepare_generated_folder(out, _OUTPUT_ENTRIES, out.is_dir() and written_by(out, GENERATOR),
                              "a previous synthetic vial dataset (no meta.json from "
                              "anomalyqc.synth.vials)")
 
