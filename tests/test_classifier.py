@@ -109,6 +109,40 @@ def test_grad_cam_follows_equations_a1_a3() -> None:
     assert torch.allclose(inside, cam)
 
 
+def test_layercam_and_guided_backprop() -> None:
+    """LayerCAM weighs each position by its own positive gradient; guided backpropagation
+    clamps the gradient leaving each activation of the guided module at zero, and leaves
+    the module as it was (in-place flags included)."""
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(2, 5, 4, 6, generator=g)
+    conv = nn.Conv2d(5, 5, 3, padding=1)
+    act = nn.ReLU(inplace=True)
+    fc = nn.Linear(5, 3)
+    body = nn.Sequential(conv, act)
+
+    def head(t: torch.Tensor) -> torch.Tensor:
+        return fc(body(t).mean(dim=(2, 3)))
+
+    classes = torch.tensor([2, 0])
+    x = a.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(head(x).gather(1, classes.view(-1, 1)).sum(), x)
+    cam, _ = grad_cam(a, head, classes, method="layercam")
+    assert torch.allclose(cam, F.relu((grad.clamp_min(0) * a).sum(1, keepdim=True)), atol=1e-6)
+
+    # guided: the gradient reaching the ReLU's input is the clamped one of its output
+    z = conv(a).detach()
+    dy_dr = (fc.weight[classes] / (4 * 6))[:, :, None, None].expand_as(z)  # d y / d ReLU out
+    dz = dy_dr.clamp_min(0) * (z > 0)
+    x = a.clone().requires_grad_(True)
+    (want,) = torch.autograd.grad(conv(x), x, dz)
+    guided, _ = grad_cam(a, head, classes, method="layercam", guided=body)
+    assert torch.allclose(guided, F.relu((want.clamp_min(0) * a).sum(1, keepdim=True)), atol=1e-5)
+    assert not torch.allclose(guided, cam)
+    assert act.inplace and not act._backward_hooks  # restored
+    with pytest.raises(ValueError, match="method must be"):
+        grad_cam(a, head, classes, method="gradcam++")  # type: ignore[arg-type]
+
+
 def test_class_weighting_changes_the_loss() -> None:
     det = Classifier(image_size=32)
     det.config.class_names = ["good", "glass", "particle_cake"]
@@ -145,17 +179,17 @@ def test_balanced_sampling_repeats_minorities_and_keeps_validation_apart() -> No
     assert set(train) == set(range(len(classes))) - set(val)  # every training image used
 
 
-@pytest.mark.slow  # about 10 s: 48 images trained for 8 epochs at 64 px
+@pytest.mark.slow  # about 25 s: 48 images trained for 8 epochs at 128 px
 def test_gradcam_peak_lands_on_the_defect(tmp_path: Path) -> None:
-    """Big dark particles against good vials at 64 px: most correctly classified defect
-    images have their Grad-CAM peak on the particle, within half a stride-16 cell (8 px,
-    the map's resolution), far more often than a peak placed at random."""
+    """Dark particles against good vials at 128 px: for most correctly classified defect
+    images the peak of the anomaly map (the default explanation) lies inside the defect
+    mask, which covers about 3% of the image."""
     lib = tmp_path / "lib"
     n = 24
     generate_library(lib, 0, LibraryConfig(
         counts={"good": n, "particle_cake": n}, classes={"particle_cake": ("particle",)},
-        patch_size=64, strip_height=256, defect=CLEAR))
-    det = Classifier(image_size=64, epochs=8, lr=1e-3, batch_size=16, val_fraction=0.0,
+        patch_size=128, strip_height=512, defect=CLEAR))
+    det = Classifier(image_size=128, epochs=8, lr=1e-3, batch_size=16, val_fraction=0.0,
                      vflip=True, rotation=0.4, loss_curves=False)
     train = dataset_for(det, lib, "train")
     det.config.channels = train.channels
@@ -169,15 +203,16 @@ def test_gradcam_peak_lands_on_the_defect(tmp_path: Path) -> None:
             if b.defect_type[i] == "good" or int(p.extras["class_index"][i]) != 1:
                 continue
             correct += 1
-            y, x = divmod(int(p.anomaly_map[i, 0].flatten().argmax()), 64)
+            y, x = divmod(int(p.anomaly_map[i, 0].flatten().argmax()), 128)
             mask = b.mask[i, 0].numpy().astype(np.uint8)
             near = cv2.dilate(mask, kernel)
             strict += int(mask[y, x])
             hits += int(near[y, x])
             chance.append(near.mean())
     assert correct >= 0.8 * n
-    assert hits / correct >= 0.6, (hits, strict, correct)
-    assert hits / correct >= 2 * float(np.mean(chance))
+    assert strict / correct >= 0.7, (strict, hits, correct)
+    assert hits / correct >= 0.9, (strict, hits, correct)
+    assert float(np.mean(chance)) < 0.25  # a peak at random lands within 8 px far less often
 
 
 def test_one_class_only_is_refused(tmp_path: Path) -> None:
@@ -281,14 +316,17 @@ def test_resume_after_a_budget_stop_reaches_the_uninterrupted_weights(small_lib:
 
 @pytest.mark.parametrize("backbone", ["efficientnet_lite0", "resnet18", "resnet50",
                                       "mobilenet_v3_large"])
-def test_every_trunk_builds_a_classifier_with_a_stride16_cam_layer(backbone: str) -> None:
+def test_every_trunk_builds_a_classifier_with_a_stride8_cam_layer(backbone: str) -> None:
     """The architectures alone (no ImageNet weights: the torchvision ones are not in this
-    machine's cache): a gray batch gives class scores, the Grad-CAM layer is at stride 16."""
+    machine's cache): a gray batch gives class scores, the map's layer is at stride 8, and
+    guided LayerCAM runs through each trunk's activations (in-place ReLUs, Hardswish)."""
     det = Classifier(image_size=64, backbone=backbone, pretrained=False,
                      class_names=["good", "glass", "particle_cake"])
     net = det.build_networks()["net"].eval()
     x = torch.rand(2, 1, 64, 64)
     with torch.no_grad():
         a = net.features(x)
-        assert a.shape[-2:] == (4, 4)
+        assert a.shape[-2:] == (8, 8)
         assert net.head(a).shape == (2, 3) and torch.allclose(net(x), net.head(a))
+    cam, _ = grad_cam(a, net.head, torch.tensor([1, 2]), (64, 64), method="layercam", guided=net.rest)
+    assert cam.shape == (2, 1, 64, 64) and bool(torch.isfinite(cam).all())

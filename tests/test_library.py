@@ -82,6 +82,8 @@ def test_bad_configs_are_refused(tmp_path: Path) -> None:
         LibraryConfig(holdout=("dust",))
     with pytest.raises(ConfigError, match="good images"):
         LibraryConfig(counts={"good": 0, "glass": 2})
+    with pytest.raises(ConfigError, match="min_contrast"):
+        LibraryConfig(min_contrast=-1)
     with pytest.raises(ConfigError, match="particle_size_um"):
         generate_library(tmp_path / "x", 0, LibraryConfig(defect={"no_such": 1}))
     foreign = tmp_path / "foreign"
@@ -101,3 +103,27 @@ def test_cli_synth_library(tmp_path: Path) -> None:
                                  "train/glass": 2, "train/good": 3}
     r = invoke("synth", "library", "--out", tmp_path / "y", "--counts", "good=three")
     assert r.exit_code != 0 and "CLASS=N" in r.output
+
+
+def test_every_defect_is_visible_and_the_contrast_measure_sees_it() -> None:
+    """A labelled library holds defects an inspector could see: with min_contrast=0 the
+    generator keeps glass defects drawn in the dark top of the strip (contrast ~0); with the
+    default every defect image clears the contrast bar."""
+    from anomalyqc.synth.library import defect_contrast
+
+    flat = np.full((32, 32), 100, np.uint8)
+    spot = np.zeros((32, 32), np.uint8)
+    spot[14:18, 14:18] = 1
+    assert defect_contrast(flat, spot) == 0.0
+    assert defect_contrast(np.where(spot > 0, 60, 100).astype(np.uint8), spot) == 40.0
+    assert defect_contrast(flat, np.zeros_like(spot)) == 0.0
+
+    cfg = LibraryConfig(counts={"good": 1, "glass": 24})
+    seen = [defect_contrast(it["image"], it["mask"])
+            for it in (render_item(0, "train", "glass", i, cfg) for i in range(24))]
+    assert min(seen) >= cfg.min_contrast
+    loose = LibraryConfig(counts={"good": 1, "glass": 24}, min_contrast=0.0)
+    raw = [defect_contrast(it["image"], it["mask"])
+           for it in (render_item(0, "train", "glass", i, loose) for i in range(24))]
+    assert min(raw) < 3.0  # the line generator's invisible defects exist ...
+    assert sum(r < cfg.min_contrast for r in raw) >= 3  # ... often enough to matter

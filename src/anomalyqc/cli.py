@@ -548,6 +548,9 @@ def synth_library(
     patch_size: int = typer.Option(128, help="Image side in px."),
     height: int = typer.Option(512, help="Vial height in px (its pitch, the window width, is a "
                                          "quarter of it); 512 is the line kit's 156 um/px."),
+    min_contrast: float = typer.Option(12.0, help="Redraw a defect whose pixels differ from "
+                                                  "their surroundings by less than this many gray "
+                                                  "levels on average (0 keeps invisible ones)."),
 ) -> None:
     """A labelled defect library (good / glass / particle_cake / foam vial patches) for the
     supervised classifier; see anomalyqc.synth.library for the classes' defect types."""
@@ -561,7 +564,7 @@ def synth_library(
                 raise typer.BadParameter(f"--counts: expected CLASS=N,..., got {item!r}")
             parsed[name.strip()] = int(n)
         cfg = LibraryConfig(counts=parsed, holdout=tuple(holdout), patch_size=patch_size,
-                            strip_height=height)
+                            strip_height=height, min_contrast=min_contrast)
         return generate_library(out, seed, cfg, progress=bars)
 
     with _Bars() as bars:

@@ -23,6 +23,12 @@ Classes and the line defect types drawn for them (`CLASS_KINDS`, documented in R
     foam           a crowd of small bubbles on the liquid surface: the "unseen" class, a
                    defect no client library labelled; `holdout` puts a class in test/ only
 
+Every defect image shows its defect: a labelled library holds what an inspector saw and
+labelled, while the line generator also draws defects where the frame is too dark or flat
+to show them (the dark top of the strip, a spot on a matching background). A defect is kept
+when its pixels differ from the surrounding ring's median gray level by `min_contrast` on
+average (`defect_contrast`); otherwise it is drawn again.
+
 A class's images cycle through its kinds (image i draws kind i mod len(kinds)). Every image
 is a pure function of (seed, split, class, index), so counts of one class or split never
 change another's images, and the same arguments give byte-identical files.
@@ -45,7 +51,7 @@ from anomalyqc.synth.acquisition import ALL_DEFECT_TYPES, AcquisitionConfig, acq
 from anomalyqc.synth.vials import VialStripConfig, written_by
 
 GENERATOR = "anomalyqc.synth.library"
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: invisible defects are drawn again (min_contrast)
 GOOD_CLASS = "good"
 CLASS_KINDS: dict[str, tuple[str, ...]] = {
     "glass": ("scratch", "engraving_scratch", "black_spot"),
@@ -71,6 +77,8 @@ class LibraryConfig:
     patch_size: int = 128  # square window side, px (also the written image size)
     strip_height: int = 512  # the vial's height, px; its pitch (the window width) is a quarter
     defect: dict[str, Any] = field(default_factory=dict)
+    # mean |defect pixel - ring median|, gray levels of 255; 0 keeps every drawn defect
+    min_contrast: float = 12.0
 
     def __post_init__(self) -> None:
         known = set(self.classes) | {GOOD_CLASS}
@@ -95,6 +103,8 @@ class LibraryConfig:
         if self.strip_height < 128 or self.strip_height % 4:
             raise ConfigError(f"LibraryConfig: strip_height must be a multiple of 4 and >= 128, "
                               f"got {self.strip_height}")
+        if not 0 <= self.min_contrast < 255:
+            raise ConfigError(f"LibraryConfig: min_contrast must be in [0, 255), got {self.min_contrast}")
         if not 16 <= self.patch_size <= self.strip_height:
             raise ConfigError(f"LibraryConfig: patch_size must be in [16, strip_height], got "
                               f"{self.patch_size}")
@@ -133,6 +143,22 @@ def _window(rng: np.random.Generator, mask: np.ndarray, side: int) -> int:
     return int(rng.integers(lo, hi + 1))
 
 
+def defect_contrast(image: np.ndarray, mask: np.ndarray) -> float:
+    """How visible a defect is: the mean absolute difference between its pixels and the
+    median of a ring 2-4 px around it (gray levels); 0 for an empty mask."""
+    import cv2
+
+    m = (mask > 0).astype(np.uint8)
+    if not m.any():
+        return 0.0
+    near = cv2.dilate(m, np.ones((3, 3), np.uint8)) > 0
+    ring = (cv2.dilate(m, np.ones((9, 9), np.uint8)) > 0) & ~near
+    if not ring.any():  # the defect fills the window: nothing to compare it with
+        return float("inf")
+    level = float(np.median(image[ring]))
+    return float(np.abs(image[m > 0].astype(np.float64) - level).mean())
+
+
 def render_item(seed: int, split: str, cls: str, index: int, config: LibraryConfig,
                 acq: AcquisitionConfig | None = None) -> dict[str, Any]:
     """One library image: {"image", "mask" (uint8 0/1, side x side), "kind", "defects",
@@ -157,11 +183,12 @@ def render_item(seed: int, split: str, cls: str, index: int, config: LibraryConf
             image = cv2.resize(image, (side, side), interpolation=cv2.INTER_AREA)
             m = (cv2.resize(m.astype(np.float32), (side, side), interpolation=cv2.INTER_AREA)
                  > 0.01).astype(np.uint8)
-        if kind is None or m.any():
+        if kind is None or (m.any() and defect_contrast(image, m) >= config.min_contrast):
             break
     else:
-        raise RuntimeError(f"{split}/{cls} #{index}: the {kind} left no visible mask in 20 "
-                           f"draws; raise its size or contrast (LibraryConfig.defect)")
+        raise RuntimeError(f"{split}/{cls} #{index}: no {kind} with a contrast of at least "
+                           f"{config.min_contrast} gray levels in 20 draws; raise its size or "
+                           f"contrast (LibraryConfig.defect) or lower min_contrast")
     return {"image": image, "mask": m, "kind": kind or GOOD_CLASS,
             "defects": [d.describe() for d in strip.defects], "window_y": y}
 
@@ -206,6 +233,7 @@ def generate_library(out_dir: str | Path, seed: int = 0, config: LibraryConfig |
         "image_size": [config.patch_size] * 2,
         "strip_height": config.strip_height,
         "defect_parameters": dict(config.defect),
+        "min_contrast": config.min_contrast,
         "counts": counts,
         "images": images,
     }
@@ -214,5 +242,6 @@ def generate_library(out_dir: str | Path, seed: int = 0, config: LibraryConfig |
             "holdout": list(config.holdout)}
 
 
-__all__ = ["CLASS_KINDS", "DEFAULT_COUNTS", "UNSEEN_CLASS", "LibraryConfig", "generate_library",
+__all__ = ["CLASS_KINDS", "DEFAULT_COUNTS", "UNSEEN_CLASS", "LibraryConfig", "defect_contrast",
+           "generate_library",
            "render_item"]

@@ -13,11 +13,13 @@ imbalanced library (table 7.1: 100 / 27 / 36) is handled by `balance`:
   - "none": plain cross-entropy.
 
 As an anomaly detector: score = 1 - P(good), so thresholds, calibrate, evaluate and predict
-work as for every other detector; anomaly map = Grad-CAM (nets.gradcam) of the most probable
-defect class, normalised to a peak of 1 per image and multiplied by the score, so maps
-compare across images (a confident "good" image has a faint map). The predicted class and
-the class probabilities travel in Prediction.extras ("class_index", "class_probabilities")
-and `class_names` (config) names the columns; `gradcam` gives the map of any class.
+work as for every other detector; anomaly map = the class activation map (nets.gradcam;
+`explanation`: LayerCAM with guided backpropagation by default, Grad-CAM's eqs. A.1-A.3 on
+request) of the most probable defect class at the `cam_layer`, normalised to a peak of 1 per
+image and multiplied by the score, so maps compare across images (a confident "good" image
+has a faint map). The predicted class and the class probabilities travel in
+Prediction.extras ("class_index", "class_probabilities") and `class_names` (config) names the
+columns; `gradcam` gives the map of any class.
 """
 
 from __future__ import annotations
@@ -63,8 +65,13 @@ class ClassifierConfig(TrainedConfig):
     dropout: float = Field(0.2, ge=0, lt=1)
     # Grad-CAM layer: the last stage of at most this stride. "last" is the network's last
     # convolutional map (appendix A), stride 32: a 4x4 grid at 128 px, 2x2 at 64 px, too
-    # coarse to point at a vial defect a few pixels wide. Default: stride 16.
-    cam_layer: Literal["last", "stride16", "stride8"] = "stride16"
+    # coarse to point at a vial defect a few pixels wide. Default: stride 8, where LayerCAM
+    # still knows the class (benchmarks/README.md, classifier section).
+    cam_layer: Literal["last", "stride16", "stride8"] = "stride8"
+    # "gradcam": eqs. A.1-A.3 as printed; "layercam": per-position gradient weights, and
+    # `guided` backpropagation through the layers above the map (nets.gradcam)
+    explanation: Literal["gradcam", "layercam"] = "layercam"
+    guided: bool = True
     # fine-tuning: Adam with the usual betas and a lower rate than training from scratch
     lr: float = Field(3e-4, gt=0)
     beta1: float = Field(0.9, ge=0, lt=1)
@@ -287,7 +294,7 @@ class Classifier(TrainedDetector):
         probs = torch.softmax(net.head(a).float(), dim=1)
         score = 1.0 - probs[:, 0]
         defect = probs[:, 1:].argmax(dim=1) + 1  # the most probable defect class
-        cam, _ = grad_cam(a, net.head, defect, tuple(x.shape[-2:]))  # type: ignore[arg-type]
+        cam, _ = self._cam(a, defect, tuple(x.shape[-2:]))
         peak = cam.flatten(1).amax(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
         amap = cam / peak * score.view(-1, 1, 1, 1)
         return Prediction(score=score, anomaly_map=amap,
@@ -308,8 +315,14 @@ class Classifier(TrainedDetector):
                 cls = net.head(a).argmax(dim=1)
             else:
                 cls = torch.full((len(x),), self.class_index(class_name), dtype=torch.long)
-        cam, _ = grad_cam(a, net.head, cls.to(a.device), tuple(x.shape[-2:]))  # type: ignore[arg-type]
+        cam, _ = self._cam(a, cls.to(a.device), tuple(x.shape[-2:]))
         return cam.cpu()
+
+    def _cam(self, a: torch.Tensor, classes: torch.Tensor,
+             size: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        net, c = self._net(), self.config
+        return grad_cam(a, net.head, classes, (size[0], size[1]), method=c.explanation,
+                        guided=net.rest if c.guided else None)
 
     def prediction_fields(self, pred: Prediction, i: int) -> dict[str, Any]:
         """What predict's JSON rows add for image i: the class and the probabilities."""
