@@ -15,8 +15,8 @@ come from thresholds that never saw foam (Youden's J: max TPR + TNR).
     classifier at its calibrated threshold on 1 - P(good), and of PaDiM at its calibrated
     threshold; AUROC of foam against the good test images for both.
 
-Figures: results/classifier_gradcam.png (Grad-CAM overlays of correctly classified test
-defects, with the ground-truth outline) and results/classifier_holdout.png (TPR per class,
+Figures: results/classifier_gradcam.png (guided LayerCAM and Grad-CAM overlays of correctly
+classified test defects, with the ground-truth outline) and results/classifier_holdout.png (TPR per class,
 foam unseen); JSON: results/classifier_library.json.
 
     OMP_NUM_THREADS=1 python benchmarks/classifier_library.py
@@ -45,39 +45,61 @@ def _uptime() -> str:
         return "n/a"
 
 
+# (name in the results, explanation, guided): the default first
+EXPLANATIONS = (("guided_layercam", "layercam", True), ("layercam", "layercam", False),
+                ("gradcam", "gradcam", False))
+
+
 def _gradcam_stats(det: Any, data: Path, names: list[str]) -> tuple[dict[str, Any], list[Any]]:
-    """Over the correctly classified test defects: how often the Grad-CAM peak (the map's
-    argmax) is inside the mask, or within 8 px of it (half a stride-16 cell); and up to 8
-    examples (image, mask, map, class, path) for the figure, alternating classes."""
+    """Over the correctly classified test defects, for each explanation of the same trained
+    model (EXPLANATIONS): how often the map's peak (argmax) is inside the mask, or within
+    8 px of it; and up to 8 examples (image, mask, {explanation: map}, class, path) for the
+    figure, alternating classes."""
     import cv2
 
     from anomalyqc.workflow import dataset_for, make_loader
 
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (17, 17))
-    stats: dict[str, dict[str, int]] = {}
+    default = (det.config.explanation, det.config.guided)
+    stats: dict[str, dict[str, dict[str, int]]] = {}
     examples: dict[str, list[Any]] = {}
     for b in make_loader(dataset_for(det, data, "test"), 32):
-        p = det.predict(b)
+        maps = {}
+        for name, method, guided in EXPLANATIONS:
+            det.config.explanation, det.config.guided = method, guided
+            p = det.predict(b)
+            maps[name] = p.anomaly_map
+        det.config.explanation, det.config.guided = default
         for i in range(len(b)):
             t = b.defect_type[i]
             if t == "good" or t not in names or names[int(p.extras["class_index"][i])] != t:
                 continue
-            amap = p.anomaly_map[i, 0].numpy()
-            y, x = np.unravel_index(int(amap.argmax()), amap.shape)
             mask = b.mask[i, 0].numpy().astype(np.uint8)
-            s = stats.setdefault(t, {"correct": 0, "peak_in_mask": 0, "peak_within_8px": 0})
-            s["correct"] += 1
-            s["peak_in_mask"] += int(mask[y, x])
-            s["peak_within_8px"] += int(cv2.dilate(mask, kernel)[y, x])
-            examples.setdefault(t, []).append((b.image[i, 0].numpy(), mask, amap, t, b.path[i]))
+            near = cv2.dilate(mask, kernel)
+            for name, m in maps.items():
+                amap = m[i, 0].numpy()
+                y, x = np.unravel_index(int(amap.argmax()), amap.shape)
+                s = stats.setdefault(name, {}).setdefault(
+                    t, {"correct": 0, "peak_in_mask": 0, "peak_within_8px": 0})
+                s["correct"] += 1
+                s["peak_in_mask"] += int(mask[y, x])
+                s["peak_within_8px"] += int(near[y, x])
+            examples.setdefault(t, []).append((b.image[i, 0].numpy(), mask,
+                                               {k: v[i, 0].numpy() for k, v in maps.items()},
+                                               t, b.path[i]))
     picked = []
     for k in range(4):
         for t in sorted(examples):
             if k < len(examples[t]):
                 picked.append(examples[t][k])
-    total = {k: sum(s[k] for s in stats.values()) for k in ("correct", "peak_in_mask",
-                                                             "peak_within_8px")}
-    return {"per_class": stats, "all": total}, picked[:8]
+    out: dict[str, Any] = {}
+    for name, per_class in stats.items():
+        total = {k: sum(s[k] for s in per_class.values())
+                 for k in ("correct", "peak_in_mask", "peak_within_8px")}
+        out[name] = {"per_class": per_class, "all": total}
+    out["default"] = EXPLANATIONS[0][0]
+    out["cam_layer"] = det.config.cam_layer
+    return out, picked[:8]
 
 
 def _gradcam_figure(examples: list[Any], out: Path) -> None:
@@ -85,21 +107,28 @@ def _gradcam_figure(examples: list[Any], out: Path) -> None:
     from matplotlib.figure import Figure
 
     n = max(len(examples), 1)
-    fig = Figure(figsize=(2.2 * n, 4.6))
+    shown = (("guided_layercam", "guided LayerCAM (default)"), ("gradcam", "Grad-CAM, A.1-A.3"))
+    fig = Figure(figsize=(2.2 * n, 6.6))
     FigureCanvasAgg(fig)
-    for j, (img, mask, amap, cls, path) in enumerate(examples):
-        ax = fig.add_subplot(2, n, j + 1)
+    for j, (img, mask, maps, cls, path) in enumerate(examples):
+        ax = fig.add_subplot(3, n, j + 1)
         ax.imshow(img, cmap="gray", vmin=0, vmax=1)
         ax.contour(mask, levels=[0.5], colors="lime", linewidths=0.8)
         ax.set_title(f"{cls}\n{Path(path).stem}", fontsize=7)
         ax.axis("off")
-        ax = fig.add_subplot(2, n, n + j + 1)
-        ax.imshow(img, cmap="gray", vmin=0, vmax=1)
-        ax.imshow(amap, cmap="jet", alpha=0.45, vmin=0, vmax=max(float(amap.max()), 1e-6))
-        ax.contour(mask, levels=[0.5], colors="white", linewidths=0.6)
-        ax.axis("off")
-    fig.suptitle("Grad-CAM of the predicted defect class (top: input, defect outlined; "
-                 "bottom: Grad-CAM x score)", fontsize=8)
+        for r, (key, label) in enumerate(shown, start=1):
+            amap = maps[key]
+            ax = fig.add_subplot(3, n, r * n + j + 1)
+            ax.imshow(img, cmap="gray", vmin=0, vmax=1)
+            ax.imshow(amap, cmap="jet", alpha=0.45, vmin=0, vmax=max(float(amap.max()), 1e-6))
+            ax.contour(mask, levels=[0.5], colors="white", linewidths=0.6)
+            y, x = np.unravel_index(int(amap.argmax()), amap.shape)
+            ax.plot([x], [y], "w+", markersize=7)
+            if j == 0:
+                ax.set_title(label, fontsize=7, loc="left")
+            ax.axis("off")
+    fig.suptitle("Correctly classified test defects (top: input, defect outlined; then each "
+                 "explanation x score, + its peak)", fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
 
@@ -241,7 +270,8 @@ def main() -> None:
     print(json.dumps({"per_class": {k: {m: round(v[m], 3) for m in ("precision", "recall", "f1")}
                                     for k, v in own.items()},
                       "macro": c["macro"], "good_vs_defect": c["good_vs_defect"],
-                      "gradcam": cam_stats["all"], "holdout": results["holdout"]}, indent=1))
+                      "gradcam": {k: v["all"] for k, v in cam_stats.items() if isinstance(v, dict)},
+                      "holdout": results["holdout"]}, indent=1))
     print(f"written to {args.out}")
 
 
