@@ -41,8 +41,16 @@ DETECTORS: dict[str, list[str]] = {
     "unet": ["--epochs", "{epochs}", "--set", "schedule=cosine", "--set", "loss_curves=false",
              "--batch-size", "4"],
     "padim": [],
-    "draem": ["--epochs", "{half}", "--set", "preset=small", "--set", "loss_curves=false"],
+    "mhbc": [],
+    "draem": ["--epochs", "1000", "--set", "preset=small", "--set", "max_minutes={minutes}",
+              "--set", "loss_curves=false"],
     "classifier": ["--epochs", "{epochs}"],
+    # the reconstruction family's best on vial patches (results/recon_patches_{a,b}.json):
+    # their small settings, trained for a wall-clock budget as in benchmarks/recon_patches.py
+    "resganad": ["--epochs", "1000", "--set", "preset=small", "--set", "max_minutes={minutes}",
+                 "--set", "loss_curves=false"],
+    "grdnet": ["--epochs", "1000", "--set", "preset=small", "--set", "max_minutes={minutes}",
+               "--set", "loss_curves=false"],
 }
 
 
@@ -102,7 +110,9 @@ def main() -> None:
     ap.add_argument("--n-test-defect", type=int, default=96, help="split over types, then folds")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--image-size", default="128x160")
-    ap.add_argument("--epochs", type=int, default=30, help="unet; draem gets half")
+    ap.add_argument("--epochs", type=int, default=30, help="unet and classifier")
+    ap.add_argument("--minutes", type=float, default=4.0,
+                    help="training budget of draem, resganad and grdnet (max_minutes)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--detectors", default="blob,unet,padim",
                     help="comma-separated; classifier is skipped unless registered")
@@ -144,7 +154,8 @@ def main() -> None:
                 results["skipped"].append(f"{name}: not registered in this checkout")
                 continue
             run = work / "runs" / name
-            extra = [a.format(epochs=args.epochs, half=max(1, args.epochs // 2))
+            extra = [a.format(epochs=args.epochs, half=max(1, args.epochs // 2),
+                              minutes=args.minutes)
                      for a in DETECTORS.get(name, [])]
             # a detector's own --batch-size (in DETECTORS) comes last and wins
             fits[name] = cli_json(f"fit_{name}", "fit", name, "--data", data, "--out", run,

@@ -56,6 +56,14 @@ def test_cli_compare_two_runs_writes_one_table(tiny_vials, run_copy, blob_run, t
     table = (out / "comparison.md").read_text()
     assert "| run | padim |" in table and "| blob | blob |" in table and "32x32" in table
     assert "blob/report.html" in (out / "comparison.html").read_text()
+    # per class: the calibrated run's caught shares are evaluate's, at its threshold
+    per_type = metrics_of(out, "run")["per_defect_type"]
+    assert padim["caught"] == {t: (1 - v["flagged_rate"]) if t == "good" else v["caught_rate"]
+                               for t, v in per_type.items()}
+    assert len(padim["caught"]) >= 3 and blob["caught"] is None and padim["unseen_classes"] == []
+    assert "## Caught per class" in table and "| run | " in table.split("## Caught per class")[1]
+    assert (out / "comparison_per_class.png").read_bytes()[:4] == b"\x89PNG"
+    assert "comparison_per_class.png" in (out / "comparison.html").read_text()
     # the uncalibrated run was not given a threshold: compare never writes into a run
     assert sorted(p.name for p in blob_run.iterdir()) == blob_files
     # an earlier comparison is replaced; a folder of something else is not
@@ -64,6 +72,26 @@ def test_cli_compare_two_runs_writes_one_table(tiny_vials, run_copy, blob_run, t
     assert [row["label"] for row in json.loads((out / "comparison.json").read_text())["rows"]] \
         == ["blob"]
     assert not (out / "runs" / "run").exists()
+
+
+def metrics_of(out: Path, label: str) -> dict:
+    return json.loads((out / "runs" / label / "metrics.json").read_text())
+
+
+def test_per_class_table_marks_the_classes_a_run_never_saw() -> None:
+    from anomalyqc.evaluation.compare import caught_table, per_class_png
+
+    rows = [{"label": "classifier", "caught": {"glass": 0.7, "foam": 0.1, "good": 0.6},
+             "unseen_classes": ["foam"]},
+            {"label": "padim", "caught": {"glass": 0.37, "foam": 0.87, "good": 0.76},
+             "unseen_classes": []},
+            {"label": "blob", "caught": None, "unseen_classes": []}]
+    table = caught_table(rows)
+    assert table.splitlines()[0] == "| run | foam | glass | good |"
+    assert "| classifier | 0.100 (unseen) | 0.700 | 0.600 |" in table
+    assert "| padim | 0.870 | 0.370 | 0.760 |" in table and "blob" not in table
+    assert per_class_png(rows)[:4] == b"\x89PNG"
+    assert caught_table([rows[2]]) == ""
 
 
 def test_compare_refusals(tiny_vials, blob_run, tmp_path) -> None:

@@ -10,6 +10,13 @@ full report goes to OUT/runs/<label>/), and one row per run is kept:
     ms_per_image (median model-only time of batch-1 predictions on preloaded images, after
     one warm-up), weights_bytes, stored_values (numbers in weights.safetensors), fit_seconds.
 
+Each calibrated row also keeps `caught`: per defect type of the test split, the share of
+its images flagged at the run's threshold, and for `good` the share passed; and
+`unseen_classes`, the test classes a supervised run never saw in training. They make the
+per-class figure (comparison_per_class.png, in the HTML page and beside a table in the
+Markdown): where a classifier trained without a class misses it, an unsupervised detector
+that only learnt "good" may still flag it.
+
 OUT/comparison.json holds the rows, the data and its SHA-256, the notes and the software;
 comparison.md and comparison.html hold the table. Runs at different input sizes are
 compared as they are (image metrics are per image whatever the size); pixel metrics are
@@ -35,6 +42,7 @@ from anomalyqc.progress import Progress
 from anomalyqc.types import Batch
 
 COMPARISON_FILE = "comparison.json"
+PER_CLASS_FIGURE = "comparison_per_class.png"
 COLUMNS = ("label", "detector", "model_id", "input_size", "image_auroc", "pixel_auroc", "aupro",
            "calibrated", "accuracy", "tpr", "tnr", "ms_per_image", "weights_bytes")
 
@@ -115,6 +123,13 @@ def compare_runs(runs: Sequence[str | Path], data: str | Path, out: str | Path,
             if calibrated and "this same data" in metrics["threshold_source"]:
                 notes.append(f"{label}: its threshold was chosen on this same data, so its "
                              f"accuracy/TPR/TNR are optimistic")
+            caught = None
+            if calibrated:
+                caught = {t: (1.0 - v["flagged_rate"]) if t == "good" else v["caught_rate"]
+                          for t, v in sorted(metrics["per_defect_type"].items())
+                          if (v.get("caught_rate") if t != "good" else v.get("flagged_rate"))
+                          is not None}
+            unseen = list((metrics.get("classification") or {}).get("unseen_classes") or [])
             tensors = det.state_tensors()
             fit = _read_fit_info(run)
             rows.append({
@@ -132,6 +147,7 @@ def compare_runs(runs: Sequence[str | Path], data: str | Path, out: str | Path,
                 "stored_values": int(sum(t.numel() for t in tensors.values())),
                 "fit_seconds": fit.get("fit_seconds"),
                 "report": f"runs/{label}/report.html",
+                "caught": caught, "unseen_classes": unseen,
             })
         sizes = {tuple(r["input_size"]) for r in rows}
         if len(sizes) > 1:
@@ -147,9 +163,14 @@ def compare_runs(runs: Sequence[str | Path], data: str | Path, out: str | Path,
                   "rows": rows, "notes": notes, "software": package_versions()}
         atomic_write_json(tmp / COMPARISON_FILE, result)
         table = markdown_table(rows)
+        per_class = caught_table(rows)
+        if per_class:
+            atomic_write_bytes(tmp / PER_CLASS_FIGURE, per_class_png(rows))
         atomic_write_bytes(tmp / "comparison.md", (
             f"# Comparison on {result['data']}\n\n{table}\n"
-            + "".join(f"\n- {n}" for n in notes) + ("\n" if notes else "")).encode())
+            + "".join(f"\n- {n}" for n in notes) + ("\n" if notes else "")
+            + (f"\n## Caught per class at each run's threshold (good: passed)\n\n{per_class}\n"
+               f"\n![per class]({PER_CLASS_FIGURE})\n" if per_class else "")).encode())
         atomic_write_bytes(tmp / "comparison.html", html_page(result).encode())
     return result
 
@@ -173,6 +194,63 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
                              + " |" for r in rows)
 
 
+def _classes(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The test classes of the calibrated rows: defect types sorted, "good" last."""
+    found = {t for r in rows for t in (r.get("caught") or {})}
+    return sorted(found - {"good"}) + (["good"] if "good" in found else [])
+
+
+def caught_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown: one row per calibrated run, one column per class (caught; good: passed),
+    a class the run never saw in training marked "(unseen)"; "" when no run is calibrated."""
+    classes = _classes(rows)
+    shown = [r for r in rows if r.get("caught")]
+    if not shown:
+        return ""
+    head = "| run | " + " | ".join(classes) + " |\n|" + "---|" * (len(classes) + 1) + "\n"
+    lines = []
+    for r in shown:
+        cells = []
+        for c in classes:
+            v = r["caught"].get(c)
+            text = "n/a" if v is None else f"{v:.3f}"
+            cells.append(text + (" (unseen)" if c in r.get("unseen_classes", []) else ""))
+        lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
+    return head + "\n".join(lines)
+
+
+def per_class_png(rows: Sequence[dict[str, Any]]) -> bytes:
+    """Grouped bars: per class, each calibrated run's caught share (good: passed); the bar
+    of a class a run never saw in training is hatched and labelled."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    from anomalyqc.evaluation.report import _png_bytes
+
+    classes = _classes(rows)
+    shown = [r for r in rows if r.get("caught")]
+    fig = Figure(figsize=(max(5.0, 1.3 * len(classes) + 2.0), 3.6))
+    ax = fig.add_subplot(1, 1, 1)
+    width = 0.8 / max(len(shown), 1)
+    for k, r in enumerate(shown):
+        xs = np.arange(len(classes)) + (k - (len(shown) - 1) / 2) * width
+        ys = [r["caught"].get(c) or 0.0 for c in classes]
+        bars = ax.bar(xs, ys, width, label=r["label"])
+        for bar, c, v in zip(bars, classes, ys, strict=True):
+            unseen = c in r.get("unseen_classes", [])
+            if unseen:
+                bar.set_hatch("//")
+            ax.text(bar.get_x() + bar.get_width() / 2, v + 0.01,
+                    f"{v:.2f}" + ("\nunseen" if unseen else ""), ha="center", fontsize=6)
+    ax.set_xticks(np.arange(len(classes)), [c if c != "good" else "good (passed)" for c in classes])
+    ax.set_ylim(0, 1.3)
+    ax.set_ylabel("flagged at the run's threshold")
+    ax.set_title("Caught per class (hatched: a class the run never saw in training)", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    return _png_bytes(fig)
+
+
 def html_page(result: dict[str, Any]) -> str:
     e = html.escape
     head = "".join(f"<th>{e(c)}</th>" for c in COLUMNS)
@@ -183,11 +261,13 @@ def html_page(result: dict[str, Any]) -> str:
             for c in COLUMNS) + "</tr>"
         for r in result["rows"])
     notes = "".join(f"<li>{e(n)}</li>" for n in result["notes"])
+    figure = (f"<h2>Caught per class at each run's threshold</h2><img src=\"{PER_CLASS_FIGURE}\" "
+              f"alt=\"caught per class\">" if caught_table(result["rows"]) else "")
     return (f"<!doctype html><meta charset=\"utf-8\"><title>anomalyqc comparison</title>"
             f"<h1>Comparison on <code>{e(result['data'])}</code></h1>"
             f"<p>data SHA-256 <code>{e(result['data_sha256'])}</code></p>"
             f"<table border=\"1\" cellpadding=\"4\"><tr>{head}</tr>{body}</table>"
-            + (f"<ul>{notes}</ul>" if notes else ""))
+            + (f"<ul>{notes}</ul>" if notes else "") + figure)
 
 
-__all__ = ["compare_runs", "markdown_table", "time_predictions"]
+__all__ = ["caught_table", "compare_runs", "markdown_table", "per_class_png", "time_predictions"]
