@@ -15,7 +15,8 @@ come from thresholds that never saw foam (Youden's J: max TPR + TNR).
     classifier at its calibrated threshold on 1 - P(good), and of PaDiM at its calibrated
     threshold; AUROC of foam against the good test images for both.
 
-Figures: results/classifier_gradcam.png (guided LayerCAM and Grad-CAM overlays of correctly
+Figures: results/classifier_holdout_report.png (the per-class figure of `anomalyqc compare`'s
+report on the two runs), results/classifier_gradcam.png (guided LayerCAM and Grad-CAM overlays of correctly
 classified test defects, with the ground-truth outline) and results/classifier_holdout.png (TPR per class,
 foam unseen); JSON: results/classifier_library.json.
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 import time
@@ -235,6 +237,16 @@ def main() -> None:
                             "per_defect_type_at_threshold": pev["per_defect_type"],
                             "tpr_at_threshold": pev["tpr"], "tnr_at_threshold": pev["tnr"]}
         results["padim_seconds"] = round(time.perf_counter() - started, 1)
+
+        # the same two runs through `anomalyqc compare`: its report's per-class figure is
+        # the one users get (foam hatched as unseen by the classifier)
+        from anomalyqc.evaluation.compare import PER_CLASS_FIGURE, compare_runs
+
+        table = compare_runs([t / "clf", t / "padim"], lib, t / "compare", timing_images=4)
+        shutil.copyfile(t / "compare" / PER_CLASS_FIGURE, fig_dir / "classifier_holdout_report.png")
+        results["compare_report"] = {r["label"]: {"caught": r["caught"], "unseen": r["unseen_classes"],
+                                                  "image_auroc": r["image_auroc"]}
+                                     for r in table["rows"]}
 
     c = results["classifier"]["classification"]
     own = c["per_class"]

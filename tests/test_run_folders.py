@@ -212,6 +212,35 @@ def test_atomic_folder_swaps_a_complete_folder_in(tmp_path: Path):
     assert snapshot(out) == {"b.txt": b"two"} and siblings(out) == []  # replaced whole
 
 
+def test_a_replaced_folder_is_never_missing(tmp_path: Path, monkeypatch):
+    """Replacing an existing folder swaps it in one atomic exchange where the kernel can
+    (the folder is never renamed away, so no reader finds it missing); elsewhere the
+    fallback's two renames give the same result."""
+    from anomalyqc import fileio
+
+    out = tmp_path / "out"
+    with atomic_folder(out) as tmp:
+        atomic_write_bytes(tmp / "a.txt", b"one")
+    moved: list[str] = []
+    real_rename = os.rename
+
+    def spy(src, dst, *a, **k):
+        moved.append(Path(src).name)
+        return real_rename(src, dst, *a, **k)
+
+    monkeypatch.setattr(os, "rename", spy)
+    with atomic_folder(out) as tmp:
+        atomic_write_bytes(tmp / "b.txt", b"two")
+    assert snapshot(out) == {"b.txt": b"two"} and siblings(out) == []
+    if fileio._exchange(tmp_path / "out", tmp_path / "out"):  # this kernel swaps atomically
+        assert "out" not in moved, moved
+    monkeypatch.setattr(fileio, "_exchange", lambda a, b: False)
+    with atomic_folder(out) as tmp:
+        atomic_write_bytes(tmp / "c.txt", b"three")
+    assert snapshot(out) == {"c.txt": b"three"} and siblings(out) == []
+    assert "out" in moved  # the fallback renamed the old folder away
+
+
 def test_a_failed_write_leaves_the_old_folder_and_no_temporaries(tmp_path: Path):
     out = tmp_path / "out"
     with atomic_folder(out) as tmp:

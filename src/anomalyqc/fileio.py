@@ -255,6 +255,25 @@ def recover_if_interrupted(path: str | Path) -> bool:
     return os.path.lexists(path)
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where the
+    C library, kernel or file system cannot, and the caller falls back to two renames."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
 def _fsync_tree(folder: Path) -> None:
     for root, _dirs, _files in os.walk(folder):
         _fsync_dir(Path(root))
@@ -291,13 +310,18 @@ def atomic_folder(path: str | Path,
             try:
                 yield tmp
                 _fsync_tree(tmp)
-                new = path.parent / f".{key}.new-{secrets.token_hex(6)}"
-                os.rename(tmp, new)  # complete: from here on a recovery keeps it
                 old = None
-                if path.is_dir():
-                    old = path.parent / f".{key}.old-{secrets.token_hex(6)}"
-                    os.rename(path, old)
-                os.rename(new, path)
+                if path.is_dir() and _exchange(tmp, path):
+                    # one atomic step: `path` is never missing, and `tmp` now holds the
+                    # old content, which a recovery removes like any temporary
+                    old = tmp
+                else:
+                    new = path.parent / f".{key}.new-{secrets.token_hex(6)}"
+                    os.rename(tmp, new)  # complete: from here on a recovery keeps it
+                    if path.is_dir():
+                        old = path.parent / f".{key}.old-{secrets.token_hex(6)}"
+                        os.rename(path, old)
+                    os.rename(new, path)
                 _fsync_dir(path.parent)
             except BaseException:
                 _remove(tmp)
