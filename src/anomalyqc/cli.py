@@ -36,6 +36,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Visual anomaly detection for pharmaceutical quality control.")
 synth_app = typer.Typer(no_args_is_help=True, help="Generate synthetic datasets.")
 app.add_typer(synth_app, name="synth")
+data_app = typer.Typer(no_args_is_help=True, help="Prepare datasets from existing ones.")
+app.add_typer(data_app, name="data")
 console = Console(stderr=True)
 
 
@@ -570,6 +572,21 @@ def synth_library(
     with _Bars() as bars:
         summary = _run(job)
     _print_json(summary)
+
+
+@data_app.command("folds")
+def data_folds(
+    data: Path = typer.Option(..., "--data", help="MVTec-layout dataset with test defect masks."),
+    out: Path = typer.Option(..., "--out", help="Output folder (MVTec layout)."),
+    folds: int = typer.Option(2, help="Folds the test defects of each type are dealt into."),
+    fold: int = typer.Option(0, help="The fold kept in test/; the others go to train/<type>/."),
+) -> None:
+    """Labelled training data for the supervised detectors out of a dataset whose defects
+    are only in its test split (MVTec AD): its test defects split into folds, one kept for
+    testing (see anomalyqc.data.folds)."""
+    from anomalyqc.data.folds import write_fold
+
+    _print_json(_run(lambda: write_fold(data, out, folds, fold)))
 
 
 # ----------------------------------------------------------------------------- line (issue 9)
