@@ -3,9 +3,10 @@ overlays, and the unseen-class (holdout) experiment against PaDiM.
 
 Data (anomalyqc.synth.library, seed 0): per split 100 good / 27 glass / 36 particle_cake
 vial patches (thesis table 7.1) at 128 px (fed to the detectors at 256), plus 30 foam
-patches in test/ only (--holdout foam): the defect no client library labelled. A second library (seed 1, no foam) is the
-calibration set on which both detectors' thresholds are chosen (F1), so the foam figures
-come from thresholds that never saw foam (Youden's J: max TPR + TNR).
+patches in test/ only (--holdout foam): the defect no client library labelled. A second
+library (seed 1, no foam) is the calibration set on which both detectors' thresholds are
+chosen (Youden's J: max TPR + TNR), so the foam figures come from thresholds that never saw
+foam.
 
   - classifier (EfficientNet-Lite0, ImageNet weights, fine-tuned) on train/ (good, glass,
     particle_cake): evaluate's per-class precision/recall/F1, confusion matrix, macro
