@@ -71,7 +71,7 @@ class ThresholdChoice:
         return f"threshold {self.value:.4g} chosen by max {name} = {self.metric_value:.3f} {counts}"
 
 
-def _candidate_metric(
+def candidate_metric(
     method: str, tp: np.ndarray, fp: np.ndarray, n_good: int, n_defect: int
 ) -> np.ndarray:
     """The metric at every candidate, from true/false positive counts."""
@@ -141,7 +141,7 @@ def select_threshold(
     # Candidate 0 flags nothing; candidate i >= 1 flags scores >= distinct[i - 1].
     tp = np.concatenate(([0], tp))
     fp = np.concatenate(([0], fp))
-    metric = _candidate_metric(method, tp, fp, n_good, n_defect)
+    metric = candidate_metric(method, tp, fp, n_good, n_defect)
     best = float(metric.max())
     i = int(np.flatnonzero(metric >= best - 1e-12)[-1])  # lowest threshold among ties
 

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from anomalyqc.errors import CalibrationError, ConfigError, ModelFileError
-from anomalyqc.evaluation.thresholds import ThresholdChoice, _candidate_metric, select_threshold
+from anomalyqc.evaluation.thresholds import ThresholdChoice, candidate_metric, select_threshold
 from anomalyqc.fileio import atomic_write_json
 
 THRESHOLDS_FORMAT = "anomalyqc-line-thresholds"
@@ -160,14 +160,14 @@ def _best_for_region(mj: np.ndarray, y: np.ndarray, others: np.ndarray, method: 
     if s.size == 0:  # the others reject everything: j changes nothing
         tp, fp = np.array([tp0]), np.array([fp0])
         name = "f1" if method == "strip_f1" else "accuracy"
-        return float(np.nextafter(top, np.inf)), float(_candidate_metric(name, tp, fp, n_good, n_def)[0])
+        return float(np.nextafter(top, np.inf)), float(candidate_metric(name, tp, fp, n_good, n_def)[0])
     order = np.argsort(-s, kind="stable")
     s_desc, y_desc = s[order], yr[order]
     last = np.flatnonzero(np.concatenate((s_desc[1:] != s_desc[:-1], [True])))
     distinct = s_desc[last]
     tp = np.concatenate(([0], np.cumsum(y_desc)[last])) + tp0
     fp = np.concatenate(([0], (last + 1) - np.cumsum(y_desc)[last])) + fp0
-    metric = _candidate_metric("f1" if method == "strip_f1" else "accuracy", tp, fp, n_good, n_def)
+    metric = candidate_metric("f1" if method == "strip_f1" else "accuracy", tp, fp, n_good, n_def)
     best = float(metric.max())
     i = int(np.flatnonzero(metric >= best - 1e-12)[-1])
     if i == 0:  # j rejects nothing the others accept: sit above every score of j
@@ -183,7 +183,7 @@ def _strip_metric(m: np.ndarray, y: np.ndarray, t: np.ndarray, method: str) -> f
     rej = (m >= t).any(axis=1)
     tp, fp = np.array([int((rej & (y == 1)).sum())]), np.array([int((rej & (y == 0)).sum())])
     name = "f1" if method == "strip_f1" else "accuracy"
-    return float(_candidate_metric(name, tp, fp, int((y == 0).sum()), int((y == 1).sum()))[0])
+    return float(candidate_metric(name, tp, fp, int((y == 0).sum()), int((y == 1).sum()))[0])
 
 
 def calibrate_strip_thresholds(
