@@ -37,8 +37,8 @@ def gaussian_kernel(sigma: float) -> torch.Tensor:
 
 class MapHead(nn.Module):
     """(B, h, w) patch scores -> smoothed map at input size and the max of it. The Gaussian
-    is separable: a column pass then a row pass (2k taps a pixel instead of k*k; at sigma 4,
-    k = 33, the 2-D kernel took more time than the backbone in ONNX Runtime)."""
+    is separable: a column pass then a row pass, 2k taps a pixel instead of k*k (k = 33 at
+    sigma 4)."""
 
     kernel_v: torch.Tensor  # buffers, registered in __init__
     kernel_h: torch.Tensor

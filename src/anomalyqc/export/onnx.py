@@ -112,8 +112,8 @@ def fastest_level(path: Path, images: Batch, repeats: int = 3) -> dict[str, Any]
     """The graph optimisation level the export runs fastest under on this CPU, timed on the
     check images with one thread. ORT_ENABLE_ALL adds the NCHWc layout transform, which
     speeds the backbones up but for the small convolutional auto-encoders costs more in
-    layout reorders than it saves (ResGANAD: about a third slower), so it is measured, not
-    assumed. The result is the same either way; only the speed differs."""
+    layout reorders than it saves, so it is measured, not assumed. The result is the same
+    either way; only the speed differs."""
     feed = _feed(images)
     ms: dict[str, float] = {}
     for level in LEVELS:
