@@ -5,8 +5,9 @@ to ONNX, so the exported file needs nothing of ours around it.
 
 The embedding detectors' Mahalanobis whitening solves L z = x - mu in torch; ONNX has no
 triangular solve, so the graph multiplies by L^-1, computed once here in float64. The
-nearest-neighbour search of PatchCore is brute force (exact). Both agree with predict to
-float32 rounding, which the parity check of anomalyqc.export.onnx measures at export.
+nearest-neighbour search of PatchCore is brute force (exact; one GEMM, see BankDistance).
+Both agree with predict to float32 rounding, which the parity check of anomalyqc.export.onnx
+measures at export.
 """
 
 from __future__ import annotations
@@ -20,31 +21,41 @@ from anomalyqc.errors import ConfigError
 from anomalyqc.models.base import Detector
 
 
-def gaussian_kernel(sigma: float) -> torch.Tensor:
-    """The (1, 1, k, k) kernel kornia's gaussian_blur2d uses for this sigma (k = 2*round(4s)+1)."""
+def gaussian_kernel_1d(sigma: float) -> torch.Tensor:
+    """The (k,) factor of the kernel kornia's gaussian_blur2d uses for this sigma (k = 2*round(4s)+1)."""
     k = 2 * int(4.0 * sigma + 0.5) + 1
     x = torch.arange(k, dtype=torch.float64) - k // 2
     g = torch.exp(-(x**2) / (2 * sigma**2))
-    g = g / g.sum()
-    return (g[:, None] * g[None, :]).float().view(1, 1, k, k)
+    return (g / g.sum()).float()
+
+
+def gaussian_kernel(sigma: float) -> torch.Tensor:
+    """The (1, 1, k, k) 2-D kernel: the outer product of gaussian_kernel_1d with itself."""
+    g = gaussian_kernel_1d(sigma).double()
+    return (g[:, None] * g[None, :]).float().view(1, 1, g.numel(), g.numel())
 
 
 class MapHead(nn.Module):
-    """(B, h, w) patch scores -> smoothed map at input size and the max of it."""
+    """(B, h, w) patch scores -> smoothed map at input size and the max of it. The Gaussian
+    is separable: a column pass then a row pass, 2k taps a pixel instead of k*k (k = 33 at
+    sigma 4)."""
 
-    kernel: torch.Tensor  # buffers, registered in __init__
+    kernel_v: torch.Tensor  # buffers, registered in __init__
+    kernel_h: torch.Tensor
 
     def __init__(self, size: tuple[int, int], blur_sigma: float) -> None:
         super().__init__()
         self.size = size
-        self.register_buffer("kernel", gaussian_kernel(blur_sigma) if blur_sigma > 0 else
-                             torch.empty(0))
+        g = gaussian_kernel_1d(blur_sigma) if blur_sigma > 0 else torch.empty(0)
+        self.register_buffer("kernel_v", g.view(1, 1, -1, 1) if g.numel() else g)
+        self.register_buffer("kernel_h", g.view(1, 1, 1, -1) if g.numel() else g)
 
     def forward(self, patch: torch.Tensor) -> torch.Tensor:
         m = F.interpolate(patch.unsqueeze(1), size=self.size, mode="bilinear", align_corners=False)
-        if self.kernel.numel():
-            pad = int(self.kernel.shape[-1]) // 2
-            m = F.conv2d(F.pad(m, (pad, pad, pad, pad), mode="reflect"), self.kernel)
+        if self.kernel_v.numel():
+            pad = int(self.kernel_v.shape[2]) // 2
+            m = F.conv2d(F.pad(m, (pad, pad, pad, pad), mode="reflect"), self.kernel_v)
+            m = F.conv2d(m, self.kernel_h)
         return m
 
 
@@ -126,21 +137,27 @@ class WhitenedDistance(nn.Module):
 
 
 class BankDistance(nn.Module):
-    """PatchCore: Euclidean distance of each patch to its nearest memory-bank entry."""
+    """PatchCore: Euclidean distance of each patch to its nearest memory-bank entry, exact.
 
-    bank: torch.Tensor  # buffers, registered in __init__
+    min_n ||x - b_n||^2 = ||x||^2 + min_n (||b_n||^2 - 2 x.b_n): the bracket is one GEMM
+    with the bank stored transposed and scaled by -2 (exact in float32) and the bank norms
+    precomputed as its bias (ONNX Runtime fuses the two into one Gemm), reduced by a min
+    before ||x||^2 is added, so a single elementwise pass touches the (patches x bank) matrix."""
+
+    bank_t: torch.Tensor  # buffers, registered in __init__
     bank_sq: torch.Tensor
 
     def __init__(self, bank: torch.Tensor) -> None:
         super().__init__()
-        self.register_buffer("bank", bank.float())
-        self.register_buffer("bank_sq", (bank.float() ** 2).sum(-1))
+        b = bank.float()
+        self.register_buffer("bank_t", (-2.0 * b).T.contiguous())  # (D, N)
+        self.register_buffer("bank_sq", (b**2).sum(-1))
 
     def forward(self, e: torch.Tensor) -> torch.Tensor:
         b, p, d = e.shape
         q = e.reshape(b * p, d)
-        d2 = (q * q).sum(-1, keepdim=True) - 2 * q @ self.bank.T + self.bank_sq
-        return d2.clamp_min(0).amin(dim=1).sqrt().reshape(b, p)
+        d2 = (q * q).sum(-1) + (q @ self.bank_t + self.bank_sq).amin(dim=1)
+        return d2.clamp_min(0).sqrt().reshape(b, p)
 
 
 def inverse_cholesky(chol: torch.Tensor) -> torch.Tensor:
