@@ -9,9 +9,10 @@ enough here, since what is measured is agreement between runtimes, not accuracy
 
   - `anomalyqc export RUN --data LIB --int8`: the parity check at export (first 8 test
     images) and whether an int8 model is kept;
-  - every test image through both runtimes: largest score, map and probability
-    differences, how many maps meet the strict tolerance (atol + rtol x max|map|, 1e-4 each)
-    and how many predicted classes agree;
+  - every test image through both runtimes (batches of 32): largest score, map and
+    probability differences, how many maps meet the strict tolerance (atol + rtol x max|map|,
+    1e-4 each) and how many predicted classes agree; and torch against itself, the same
+    images one at a time, which shows how far float32 rounding alone moves the maps;
   - latency at batch 1 and 60 (anomalyqc.export.onnx.compare_runtimes: calls interleaved,
     same thread count for both runtimes).
 
@@ -67,14 +68,20 @@ def all_test_images(run: Path, lib: Path) -> dict[str, Any]:
     from anomalyqc.workflow import dataset_for, make_loader
 
     det, onnx = load_detector(run), OnnxDetector(run, threads=torch.get_num_threads())
-    n = strict_maps = same_class = 0
-    ds = dm = dp = 0.0
+    n = strict_maps = same_class = torch_strict = 0
+    ds = dm = dp = dt = 0.0
     for b in make_loader(dataset_for(det, lib, "test", masks=False), 32):
         with torch.inference_mode():
             ref, got = det.predict(b.image), onnx.predict(b.image)
+            # torch against itself: the same images one at a time (other kernels, other
+            # rounding), the yardstick for how much float32 alone moves a Grad-CAM map
+            alone = torch.cat([det.predict(b.image[i:i + 1]).anomaly_map for i in range(len(b))])
         per_image = (got.anomaly_map - ref.anomaly_map).flatten(1).abs().amax(1)
+        self_diff = (alone - ref.anomaly_map).flatten(1).abs().amax(1)
         strict = ATOL + RTOL * float(ref.anomaly_map.abs().max())
         strict_maps += int((per_image <= strict).sum())
+        torch_strict += int((self_diff <= strict).sum())
+        dt = max(dt, float(self_diff.max()))
         same_class += int((got.extras["class_index"] == ref.extras["class_index"]).sum())
         ds = max(ds, float((got.score - ref.score).abs().max()))
         dm = max(dm, float(per_image.max()))
@@ -83,7 +90,9 @@ def all_test_images(run: Path, lib: Path) -> dict[str, Any]:
         n += len(b)
     return {"n_images": n, "max_abs_score_diff": ds, "max_abs_map_diff": dm,
             "max_abs_probability_diff": dp, "maps_within_strict_tolerance": strict_maps,
-            "same_predicted_class": same_class}
+            "same_predicted_class": same_class,
+            "torch_batch1_vs_batch32": {"max_abs_map_diff": dt,
+                                        "maps_within_strict_tolerance": torch_strict}}
 
 
 def main() -> None:
