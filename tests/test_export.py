@@ -148,16 +148,3 @@ def test_a_grdnet_trained_on_rois_exports_with_an_roi_input(tmp_path: Path) -> N
     assert torch.allclose(got.score, ref.score, atol=1e-4 + 1e-4 * float(ref.score.abs().max()))
     # outside the ROI the map is zero in both runtimes
     assert float(got.anomaly_map[..., :, :8].abs().max()) == 0.0
-
-
-def test_the_classifier_is_refused_with_the_reason(tmp_path: Path) -> None:
-    from anomalyqc.models import Classifier
-
-    x = _images(8, seed=3)
-    b = Batch(image=x, label=torch.tensor([0] * 4 + [1] * 4),
-              defect_type=["good"] * 4 + ["glass"] * 4)
-    det = Classifier(image_size=64, max_steps=1, batch_size=4, loss_curves=False).fit([b])
-    run = det.save(tmp_path / "clf")
-    with pytest.raises(ConfigError, match="Grad-CAM.*torch runtime"):
-        export_run(run)
-    assert not (run / EXPORT_DIR).exists()

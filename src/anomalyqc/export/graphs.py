@@ -211,9 +211,11 @@ def export_graph(det: Detector) -> nn.Module:
                               "model with image_score=map_max or patch_max")
         graph = EmbeddingGraph(det, BankDistance(det.learnt(det.bank)))
     elif det.name == "classifier":
-        raise ConfigError("the classifier's anomaly map is Grad-CAM, which needs the gradient of "
-                          "the class score, and an ONNX graph carries no autograd: run the "
-                          "classifier with the torch runtime")
+        from anomalyqc.export.classifier import classifier_graph
+
+        # Grad-CAM's gradient, traced into forward ops (export.gradients); extra outputs:
+        # the class index and probabilities (graph.output_names)
+        graph = classifier_graph(det)
     elif isinstance(det, TrainedDetector):
         graph = TrainedGraph(det)
     else:

@@ -21,6 +21,10 @@ against that channel's gradient everywhere else. Two refinements, both optional:
 The gradient is taken from the layer onwards only: the features are computed (under any
 grad mode, inference_mode included) and then copied into a fresh autograd graph, so
 Grad-CAM works whatever mode the caller is in and never backpropagates through the trunk.
+
+`class_activation` is the traceable core (no data-dependent Python checks), so the same
+code runs in predict and, traced with its backward (anomalyqc.export.gradients), in the
+ONNX export; `grad_cam` validates the classes first.
 """
 
 from __future__ import annotations
@@ -64,6 +68,34 @@ def guided_backprop(module: nn.Module) -> Iterator[None]:
                 m.inplace = flag
 
 
+def class_activation(features: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor],
+                     choose: Callable[[torch.Tensor], torch.Tensor],
+                     method: CamMethod = "gradcam", guided: nn.Module | None = None,
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(maps (B, 1, h, w) >= 0 at the layer's size, logits (B, K)) of the layer's `features`
+    (B, C, h, w); `choose` picks one class index per image from the (detached) logits, so
+    the head runs once for both the class decision and its gradient. `method` "layercam"
+    weighs each position by its own positive gradient; `guided` is the part of `head`
+    whose activations get guided backpropagation (module docstring)."""
+    if method not in ("gradcam", "layercam"):
+        raise ValueError(f"grad_cam: method must be 'gradcam' or 'layercam', got {method!r}")
+    guide = guided_backprop(guided) if guided is not None else _unguided()
+    with torch.inference_mode(False), torch.enable_grad(), guide:
+        # clone(): an inference tensor cannot enter a graph; the copy can.
+        a = features.detach().clone().float().requires_grad_(True)
+        logits = head(a)
+        classes = choose(logits.detach())
+        index = classes.to(logits.device, torch.long).view(-1, 1)
+        y = logits.gather(1, index).sum()
+        (grad,) = torch.autograd.grad(y, a)  # A.1; images are independent: one backward
+        if method == "gradcam":
+            alpha = grad.mean(dim=(2, 3), keepdim=True)  # A.2
+        else:
+            alpha = grad.clamp_min(0)  # LayerCAM: per position
+        cam = F.relu((alpha * a).sum(dim=1, keepdim=True))  # A.3
+    return cam.detach(), logits.detach()
+
+
 def grad_cam(features: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor],
              classes: torch.Tensor, size: tuple[int, int] | None = None,
              method: CamMethod = "gradcam", guided: nn.Module | None = None,
@@ -77,29 +109,23 @@ def grad_cam(features: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor
     if classes.ndim != 1 or classes.shape[0] != features.shape[0]:
         raise ValueError(f"grad_cam: one class per image expected, got classes of shape "
                          f"{tuple(classes.shape)} for {features.shape[0]} images")
-    if method not in ("gradcam", "layercam"):
-        raise ValueError(f"grad_cam: method must be 'gradcam' or 'layercam', got {method!r}")
-    guide = guided_backprop(guided) if guided is not None else _unguided()
-    with torch.inference_mode(False), torch.enable_grad(), guide:
-        # clone(): an inference tensor cannot enter a graph; the copy can.
-        a = features.detach().clone().float().requires_grad_(True)
-        logits = head(a)
+
+    def given(logits: torch.Tensor) -> torch.Tensor:
         k = logits.shape[1]
         if int(classes.min()) < 0 or int(classes.max()) >= k:
             raise ValueError(f"grad_cam: class indices must be in [0, {k}), got "
                              f"{classes.tolist()}")
-        index = classes.detach().clone().to(logits.device, torch.long).view(-1, 1)
-        y = logits.gather(1, index).sum()
-        (grad,) = torch.autograd.grad(y, a)  # A.1; images are independent: one backward
-        if method == "gradcam":
-            alpha = grad.mean(dim=(2, 3), keepdim=True)  # A.2
-        else:
-            alpha = grad.clamp_min(0)  # LayerCAM: per position
-        cam = F.relu((alpha * a).sum(dim=1, keepdim=True))  # A.3
-    cam, logits = cam.detach(), logits.detach()
+        return classes.detach().clone()
+
+    cam, logits = class_activation(features, head, given, method, guided)
+    return upsample(cam, size), logits
+
+
+def upsample(cam: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
+    """Maps (B, 1, h, w) bilinearly to `size` (None or the same size: unchanged)."""
     if size is not None and tuple(cam.shape[-2:]) != tuple(size):
         cam = F.interpolate(cam, size=size, mode="bilinear", align_corners=False)
-    return cam, logits
+    return cam
 
 
 @contextmanager
@@ -107,4 +133,4 @@ def _unguided() -> Iterator[None]:
     yield
 
 
-__all__ = ["CamMethod", "grad_cam", "guided_backprop"]
+__all__ = ["CamMethod", "class_activation", "grad_cam", "guided_backprop", "upsample"]

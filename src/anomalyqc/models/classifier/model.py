@@ -39,7 +39,7 @@ from anomalyqc.backbones.zoo import IMAGENET_MEAN, IMAGENET_STD
 from anomalyqc.errors import ConfigError, DataError
 from anomalyqc.models.base import DetectorConfig, images_of, register
 from anomalyqc.models.trained import TrainedConfig, TrainedDetector
-from anomalyqc.nets.gradcam import grad_cam
+from anomalyqc.nets.gradcam import CamMethod, class_activation, grad_cam, upsample
 from anomalyqc.progress import Progress
 from anomalyqc.training.config import TrainConfig
 from anomalyqc.training.interface import OptimGroup, StepContext
@@ -122,6 +122,26 @@ class ClassifierNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
+
+    def outputs(self, x: torch.Tensor, method: CamMethod = "layercam", guided: bool = True,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(score, anomaly map, class index (float), class probabilities) of images in
+        [0, 1]: predict's whole inference (see the module docstring), in one function that
+        the ONNX export traces with its backward (anomalyqc.export.classifier)."""
+        a = self.features(x)
+        cam, logits = class_activation(a, self.head, _most_probable_defect, method,
+                                       self.rest if guided else None)
+        probs = torch.softmax(logits.float(), dim=1)
+        score = 1.0 - probs[:, 0]
+        cam = upsample(cam, (x.shape[-2], x.shape[-1]))
+        peak = cam.flatten(1).amax(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+        amap = cam / peak * score.view(-1, 1, 1, 1)
+        return score, amap, probs.argmax(dim=1).float(), probs
+
+
+def _most_probable_defect(logits: torch.Tensor) -> torch.Tensor:
+    """The defect class (index >= 1) of highest probability: the class Grad-CAM explains."""
+    return logits[:, 1:].argmax(dim=1) + 1
 
 
 class _Balanced(Dataset[Sample]):
@@ -289,17 +309,10 @@ class Classifier(TrainedDetector):
         return net
 
     def infer(self, x: torch.Tensor) -> Prediction:
-        net = self._net()
-        a = net.features(x)
-        probs = torch.softmax(net.head(a).float(), dim=1)
-        score = 1.0 - probs[:, 0]
-        defect = probs[:, 1:].argmax(dim=1) + 1  # the most probable defect class
-        cam, _ = self._cam(a, defect, tuple(x.shape[-2:]))
-        peak = cam.flatten(1).amax(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
-        amap = cam / peak * score.view(-1, 1, 1, 1)
+        score, amap, index, probs = self._net().outputs(x, self.config.explanation,
+                                                        self.config.guided)
         return Prediction(score=score, anomaly_map=amap,
-                          extras={"class_index": probs.argmax(dim=1).float(),
-                                  "class_probabilities": probs})
+                          extras={"class_index": index, "class_probabilities": probs})
 
     def gradcam(self, images: torch.Tensor | Batch, class_name: str | None = None,
                 ) -> torch.Tensor:
