@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from onnx_runtime import _cli, _json  # noqa: E402  (benchmarks/ is the script's folder)
 
 from anomalyqc.export.onnx import ATOL, RTOL, OnnxDetector, check_images, compare_runtimes
 from anomalyqc.fileio import atomic_write_json
@@ -41,18 +42,6 @@ from anomalyqc.provenance import provenance
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-CLI = [sys.executable, "-m", "anomalyqc.cli"]
-
-
-def _cli(*args: object) -> str:
-    done = subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True)
-    if done.returncode:
-        raise SystemExit(f"{' '.join(map(str, args))} failed:\n{done.stderr[-2000:]}")
-    return done.stdout
-
-
-def _json(out: str) -> dict[str, Any]:
-    return dict(json.loads(out[out.index("{"): out.rindex("}") + 1]))
 
 
 def _uptime() -> str:
