@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from anomalyqc.export.graphs import BankDistance, MapHead, gaussian_kernel
-from anomalyqc.export.onnx import EXPORT_DIR, INFO_FILE, LEVELS, OnnxDetector, export_run
+from anomalyqc.export.onnx import CHUNKS, EXPORT_DIR, INFO_FILE, LEVELS, OnnxDetector, export_run
 from anomalyqc.models import Patchcore, Resganad
 from anomalyqc.types import Batch
 
@@ -77,6 +77,39 @@ def test_the_export_records_its_fastest_level_and_the_runtime_uses_it(tmp_path: 
                               atol=1e-4 + 1e-4 * float(ref.abs().max()))
 
 
+def test_the_runtime_runs_large_batches_in_the_chunk_timed_at_export(tmp_path: Path) -> None:
+    det = Resganad(image_size=64, preset="small", max_steps=2, batch_size=4, width=8)
+    det.fit([Batch.from_images(torch.rand(4, 1, 64, 64, generator=torch.Generator().manual_seed(s)))
+             for s in (1, 2)])
+    run = det.save(tmp_path / det.name)
+    session = export_run(run)["session"]
+    assert set(session["chunk_timed_ms"]) == {str(c) for c in CHUNKS}
+    assert session["chunk"] == min(CHUNKS, key=lambda c: session["chunk_timed_ms"][str(c)])
+    x = torch.rand(5, 1, 64, 64, generator=torch.Generator().manual_seed(6))
+    path = run / EXPORT_DIR / INFO_FILE
+    recorded = json.loads(path.read_text())
+    recorded["session"]["chunk"] = 2
+    path.write_text(json.dumps(recorded))
+    onnx = OnnxDetector(run)
+    calls = []
+    real = onnx._session
+
+    class Counting:  # the real session, counting the batch sizes it is given
+        def run(self, names, feed):
+            calls.append(len(feed["image"]))
+            return real.run(names, feed)
+
+    onnx._session = Counting()
+    chunked = onnx.predict(x)
+    assert calls == [2, 2, 1]
+    onnx.chunk = None
+    whole = onnx.predict(x)
+    assert calls[3:] == [5]
+    assert torch.allclose(chunked.score, whole.score, atol=1e-6)
+    assert torch.allclose(chunked.anomaly_map, whole.anomaly_map, atol=1e-6)
+    assert chunked.anomaly_map.shape == (5, 1, 64, 64)
+
+
 def test_patchcore_export_stores_the_bank_transposed_for_one_gemm(tmp_path: Path) -> None:
     import onnx
 
@@ -91,3 +124,79 @@ def test_patchcore_export_stores_the_bank_transposed_for_one_gemm(tmp_path: Path
     shapes = {tuple(t.dims) for t in graph.initializer}
     assert (bank.shape[1], bank.shape[0]) in shapes  # (D, N): no Transpose of the bank at run time
     assert "TopK" not in {n.op_type for n in graph.node}
+
+
+def _clustered_bank(n: int = 600, dim: int = 16, clusters: int = 12):
+    from anomalyqc.stats.knn import ClusteredBank
+
+    g = torch.Generator().manual_seed(3)
+    modes = torch.randn(6, dim, generator=g) * 6
+    bank = modes[torch.randint(0, 6, (n,), generator=g)] + torch.randn(n, dim, generator=g)
+    return bank, ClusteredBank(bank.numpy(), clusters)
+
+
+def test_clustered_graph_search_is_exact_and_prunes_as_predict_does() -> None:
+    from anomalyqc.export.graphs import ClusteredBankDistance
+
+    bank, clusters = _clustered_bank()
+    g = torch.Generator().manual_seed(4)
+    e = torch.cat([bank[:40] + 0.05 * torch.randn(40, 16, generator=g),  # near one entry
+                   torch.randn(40, 16, generator=g) * 10]).reshape(2, 40, 16)  # far from all
+    got = ClusteredBankDistance(clusters)(e)
+    want = torch.cdist(e.reshape(-1, 16).double(), bank.double()).amin(dim=1).reshape(2, 40)
+    assert torch.allclose(got.double(), want, rtol=1e-5, atol=2e-3)
+    assert torch.allclose(got.reshape(-1), clusters.sqdist(e.reshape(-1, 16)).sqrt(), atol=2e-3)
+
+
+def test_clustered_graph_search_survives_an_empty_nearest_cluster() -> None:
+    from anomalyqc.export.graphs import ClusteredBankDistance
+
+    bank, clusters = _clustered_bank()
+    # a far-off centre with no members: queries next to it must still find their true nearest
+    clusters.centres = torch.cat([clusters.centres, torch.full((1, 16), 40.0)])
+    clusters.centres_sq = (clusters.centres**2).sum(1)
+    clusters.radius = torch.cat([clusters.radius, torch.tensor([-float("inf")])])
+    clusters.bounds = [*clusters.bounds, clusters.bounds[-1]]
+    e = (torch.full((1, 3, 16), 40.0) + clusters.mean)
+    got = ClusteredBankDistance(clusters)(e)
+    want = torch.cdist(e[0].double(), bank.double()).amin(dim=1)
+    assert torch.isfinite(got).all()
+    assert torch.allclose(got[0].double(), want, rtol=1e-5)
+
+
+def test_patchcore_export_runs_predicts_clustered_search_in_the_graph(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnx
+
+    from anomalyqc.stats import knn
+
+    monkeypatch.setattr(knn, "MIN_CLUSTERED_BANK", 64)  # cluster this test's small bank too
+    det = Patchcore(image_size=64, coreset_ratio=0.5)
+    det.fit([Batch.from_images(torch.rand(4, 1, 64, 64, generator=torch.Generator().manual_seed(s)))
+             for s in (1, 2)])
+    assert det.nn.kind == "clustered"
+    run = det.save(tmp_path / det.name)
+    info = export_run(run)
+    assert info["parity"]["within_tolerance"]
+    ops = [n.op_type for n in onnx.load(str(run / EXPORT_DIR / info["file"])).graph.node]
+    assert ops.count("NonZero") >= 2 * (len(det.nn.clusters.bounds) - 1) - 2  # unrolled per cluster
+    x = torch.rand(3, 1, 64, 64, generator=torch.Generator().manual_seed(7))
+    ref = det.predict(x)
+    got = OnnxDetector(run).predict(x)
+    assert torch.allclose(got.score, ref.score, rtol=0, atol=1e-4 + 1e-4 * float(ref.score.abs().max()))
+
+
+def test_patchcore_reweighted_score_exports_and_agrees(tmp_path: Path) -> None:
+    det = Patchcore(image_size=64, image_score="reweighted", n_neighbors=3)
+    det.fit([Batch.from_images(torch.rand(4, 1, 64, 64, generator=torch.Generator().manual_seed(s)))
+             for s in (1, 2)])
+    run = det.save(tmp_path / det.name)
+    info = export_run(run)
+    assert info["parity"]["within_tolerance"]
+    x = torch.rand(3, 1, 64, 64, generator=torch.Generator().manual_seed(8))
+    x[0, :, 20:30, 20:30] = 1.0  # one image with a bright square: not every score alike
+    ref = det.predict(x)
+    got = OnnxDetector(run).predict(x)
+    # the reweighted score is not the map's max: the export must carry the rule, not fall back
+    assert not torch.allclose(ref.score, ref.anomaly_map.flatten(1).amax(1), atol=1e-3)
+    assert torch.allclose(got.score, ref.score, rtol=0, atol=1e-4 + 1e-4 * float(ref.score.abs().max()))

@@ -5,12 +5,16 @@ to ONNX, so the exported file needs nothing of ours around it.
 
 The embedding detectors' Mahalanobis whitening solves L z = x - mu in torch; ONNX has no
 triangular solve, so the graph multiplies by L^-1, computed once here in float64. The
-nearest-neighbour search of PatchCore is brute force (exact; one GEMM, see BankDistance).
+nearest-neighbour search of PatchCore is exact, as in predict: the clustered search with its
+pruning (ClusteredBankDistance) for the banks predict clusters, brute force (one GEMM,
+BankDistance) for the small ones.
 Both agree with predict to float32 rounding, which the parity check of anomalyqc.export.onnx
 measures at export.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +23,7 @@ from torch import nn
 from anomalyqc.backbones.extractor import aggregate, pool_channels
 from anomalyqc.errors import ConfigError
 from anomalyqc.models.base import Detector
+from anomalyqc.stats.knn import ClusteredBank, may_hold_closer
 
 
 def gaussian_kernel_1d(sigma: float) -> torch.Tensor:
@@ -67,7 +72,8 @@ class EmbeddingGraph(nn.Module):
     red_mean: torch.Tensor
     red_matrix: torch.Tensor
 
-    def __init__(self, det: Detector, scorer: nn.Module) -> None:
+    def __init__(self, det: Detector, scorer: nn.Module,
+                 image_score: nn.Module | None = None) -> None:
         super().__init__()
         from anomalyqc.models.embedding import EmbeddingDetector
 
@@ -85,6 +91,7 @@ class EmbeddingGraph(nn.Module):
         self.scorer = scorer
         self.head = MapHead(det.input_size, det.config.blur_sigma)
         self.patch_max = det.config.image_score == "patch_max"
+        self.image_score = image_score
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = images
@@ -102,8 +109,28 @@ class EmbeddingGraph(nn.Module):
             e = (e - self.red_mean) @ self.red_matrix
         patch = self.scorer(e)  # (B, P)
         m = self.head(patch.reshape(b, h, w))
-        score = patch.amax(dim=1) if self.patch_max else m.flatten(1).amax(dim=1)
+        if self.image_score is not None:  # a detector's own rule on (embeddings, patch scores)
+            score = self.image_score(e, patch)
+        else:
+            score = patch.amax(dim=1) if self.patch_max else m.flatten(1).amax(dim=1)
         return score, m
+
+
+class ReweightedScore(nn.Module):
+    """PatchCore's reweighted image score (models.patchcore.reweighted_scores), the same code
+    on the bank as a buffer."""
+
+    bank: torch.Tensor  # buffer, registered in __init__
+
+    def __init__(self, bank: torch.Tensor, n_neighbors: int) -> None:
+        super().__init__()
+        self.register_buffer("bank", bank.float().contiguous())
+        self.n_neighbors = n_neighbors
+
+    def forward(self, e: torch.Tensor, patch: torch.Tensor) -> torch.Tensor:
+        from anomalyqc.models.patchcore.model import reweighted_scores
+
+        return reweighted_scores(e, patch, self.bank, self.n_neighbors)
 
 
 class WhitenedDistance(nn.Module):
@@ -160,6 +187,60 @@ class BankDistance(nn.Module):
         return d2.clamp_min(0).sqrt().reshape(b, p)
 
 
+class ClusteredBankDistance(nn.Module):
+    """PatchCore's exact clustered search (stats.knn.ClusteredBank) as static graph ops, with
+    the same clusters predict searches, so both prune alike.
+
+    The loop over clusters is unrolled at export: for cluster j, the queries that need it are
+    picked with NonZero and searched against that cluster's slice of the bank (one Gemm
+    each), first those whose nearest centre is j (an upper bound U per query), then those
+    for which cluster j passes the triangle-inequality test against U. The graph's size is
+    that of the bank plus a few nodes per cluster."""
+
+    mean: torch.Tensor  # buffers, registered in __init__
+    centres_t: torch.Tensor
+    centres_sq: torch.Tensor
+    radius: torch.Tensor
+
+    def __init__(self, clusters: ClusteredBank) -> None:
+        super().__init__()
+        self.register_buffer("mean", clusters.mean.clone())
+        self.register_buffer("centres_t", (-2.0 * clusters.centres).T.contiguous())
+        self.register_buffer("centres_sq", clusters.centres_sq.clone())
+        self.register_buffer("radius", clusters.radius.clone())
+        b = clusters.bounds
+        self.filled = [j for j in range(len(b) - 1) if b[j + 1] > b[j]]
+        for j in self.filled:  # each cluster's slice as in BankDistance: -2 x^T and |x|^2
+            self.register_buffer(f"bank_t{j}", (-2.0 * clusters.x[b[j]:b[j + 1]]).T.contiguous())
+            self.register_buffer(f"bank_sq{j}", clusters.x_sq[b[j]:b[j + 1]].clone())
+
+    def _cluster_min(self, q: torch.Tensor, rows: torch.Tensor, j: int) -> torch.Tensor:
+        """min over cluster j of |x|^2 - 2 q.x for the queries `rows` (|q|^2 left out)."""
+        bank_t, bank_sq = getattr(self, f"bank_t{j}"), getattr(self, f"bank_sq{j}")
+        return (q.index_select(0, rows) @ bank_t + bank_sq).amin(dim=1)
+
+    def forward(self, e: torch.Tensor) -> torch.Tensor:
+        b, p, d = e.shape
+        q = e.reshape(b * p, d) - self.mean
+        q_sq = (q * q).sum(-1)
+        to_centre_sq = (q @ self.centres_t + self.centres_sq) + q_sq[:, None]
+        nearest = to_centre_sq.argmin(dim=1)
+        # an empty nearest cluster leaves U infinite: every other cluster is then searched
+        best = torch.full_like(q_sq, math.inf)
+        for j in self.filled:
+            rows = torch.nonzero(nearest == j).squeeze(1)
+            best = best.index_put((rows,), self._cluster_min(q, rows, j))
+        best = best + q_sq
+        live = may_hold_closer(to_centre_sq.clamp_min(0).sqrt(), self.radius,
+                               best.clamp_min(0).sqrt())
+        live = live & (torch.arange(live.shape[1]) != nearest[:, None])
+        for j in self.filled:
+            rows = torch.nonzero(live[:, j]).squeeze(1)
+            found = self._cluster_min(q, rows, j) + q_sq.index_select(0, rows)
+            best = best.index_put((rows,), torch.minimum(best.index_select(0, rows), found))
+        return best.clamp_min(0).sqrt().reshape(b, p)
+
+
 def inverse_cholesky(chol: torch.Tensor) -> torch.Tensor:
     """L^-1 of lower factors (..., D, D), in float64 then rounded once to float32."""
     eye = torch.eye(chol.shape[-1], dtype=torch.float64).expand_as(chol)
@@ -206,10 +287,13 @@ def export_graph(det: Detector) -> nn.Module:
                                   det.learnt(det.centroids))
         graph = EmbeddingGraph(det, scorer)
     elif isinstance(det, Patchcore):
-        if det.config.image_score == "reweighted":
-            raise ConfigError("PatchCore's reweighted image score is not exported yet; export a "
-                              "model with image_score=map_max or patch_max")
-        graph = EmbeddingGraph(det, BankDistance(det.learnt(det.bank)))
+        # the search predict runs: clustered where its index is, else brute force
+        clusters = getattr(det.nn, "clusters", None)
+        search = ClusteredBankDistance(clusters) if clusters is not None \
+            else BankDistance(det.learnt(det.bank))
+        reweighted = ReweightedScore(det.learnt(det.bank), det.config.n_neighbors) \
+            if det.config.image_score == "reweighted" else None
+        graph = EmbeddingGraph(det, search, reweighted)
     elif det.name == "classifier":
         from anomalyqc.export.classifier import classifier_graph
 

@@ -76,6 +76,14 @@ def default_clusters(n: int) -> int:
     return max(1, min(n // 64, round(math.sqrt(n) / 3)))
 
 
+def may_hold_closer(to_centre: torch.Tensor, radius: torch.Tensor,
+                    bound: torch.Tensor) -> torch.Tensor:
+    """(M, K) mask of the clusters that may hold a vector closer than `bound` (M,): by the
+    triangle inequality, not if |q - c| - R >= bound. The slack on the right keeps a cluster
+    that float32 rounding of the expanded distances would wrongly rule out."""
+    return (to_centre - radius) < (bound[:, None] + to_centre) * (1 + _SLACK) - to_centre
+
+
 class ClusteredBank:
     """The bank reordered cluster by cluster, with centres and radii for exact pruning."""
 
@@ -139,9 +147,8 @@ class ClusteredBank:
         best[perm] = upper_sorted
 
         # Exact pruning: cluster j may hold a closer vector only if |q - c_j| - R_j < U.
-        to_centre = to_centre_sq.clamp_min_(0).sqrt_()
-        bound = best.clamp_min(0).sqrt()
-        live = (to_centre - self.radius) < (bound[:, None] + to_centre) * (1 + _SLACK) - to_centre
+        live = may_hold_closer(to_centre_sq.clamp_min_(0).sqrt_(), self.radius,
+                               best.clamp_min(0).sqrt())
         live[torch.arange(m), nearest] = False
         live_t = live.T.contiguous()
         for j in torch.nonzero(live_t.any(dim=1)).squeeze(1).tolist():
