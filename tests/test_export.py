@@ -84,6 +84,18 @@ def test_export_outside_the_tolerance_is_refused_and_writes_nothing(run_copy: Pa
     assert not (run_copy / EXPORT_DIR).exists()
 
 
+def test_a_looser_map_tolerance_is_the_users_to_give_and_is_recorded(run_copy: Path) -> None:
+    # no tolerance fails (above); a loose map tolerance alone does not pass the scores
+    with pytest.raises(ConfigError, match="disagrees"):
+        export_run(run_copy, rtol=0.0, atol=0.0, map_rtol=0.5)
+    r = invoke("export", run_copy, "--map-rtol", "0.5")
+    assert r.exit_code == 0, r.output
+    check = stdout_json(r.output)["parity"]
+    assert check["map_rtol"] == 0.5 and check["map_tolerance"] > 100 * check["score_tolerance"]
+    r = invoke("export", run_copy, "--map-rtol", "-1", "--overwrite")
+    assert r.exit_code != 0 and "tolerances must be >= 0" in r.output
+
+
 def test_stale_or_edited_exports_are_refused(run_copy: Path, tmp_path: Path) -> None:
     export_run(run_copy)
     with pytest.raises(ConfigError, match="holds an export already.*--overwrite"):

@@ -520,6 +520,10 @@ def export_cmd(
     int8: bool = typer.Option(False, "--int8", help="Also write a dynamically quantised int8 "
                                                     "model, kept only within --int8-rtol."),
     int8_rtol: float = typer.Option(2e-2, "--int8-rtol", help="Parity tolerance of the int8 model."),
+    map_rtol: float | None = typer.Option(
+        None, "--map-rtol", help="Parity: relative tolerance of the map when looser than "
+                                 "--rtol (default: the model's own, 5% for the classifier's "
+                                 "gradient maps, else --rtol)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier export."),
 ) -> None:
     """Export a run's model (scores, maps and their post-processing) to ONNX; ONNX Runtime's
@@ -529,12 +533,12 @@ def export_cmd(
 
     def check() -> None:
         at_least(n_check, 1, "--check-images")
-        if rtol < 0 or atol < 0 or int8_rtol < 0:
+        if rtol < 0 or atol < 0 or int8_rtol < 0 or (map_rtol is not None and map_rtol < 0):
             raise ConfigError("tolerances must be >= 0")
 
     _run(check)
     _print_json(_run(lambda: export_run(run, data, n_check, rtol, atol, int8, int8_rtol,
-                                        overwrite=overwrite)))
+                                        overwrite=overwrite, map_rtol=map_rtol)))
 
 
 @synth_app.command("library")

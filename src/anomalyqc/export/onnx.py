@@ -234,8 +234,9 @@ def _export_file(graph: torch.nn.Module, example: Batch, path: Path, opset: int)
 def export_run(run: str | Path, data: str | Path | None = None, n_check: int = 8,
                rtol: float = RTOL, atol: float = ATOL, int8: bool = False,
                int8_rtol: float = INT8_RTOL, opset: int = OPSET, overwrite: bool = False,
-               ) -> dict[str, Any]:
+               map_rtol: float | None = None) -> dict[str, Any]:
     """Export the model of `run` to RUN/onnx/ and return what export.json records.
+    `map_rtol` overrides the graph's own looser map tolerance (see the module docstring).
     ConfigError when the detector cannot be exported or ONNX Runtime disagrees with torch
     beyond the tolerance (nothing is written then)."""
     from anomalyqc.export.graphs import export_graph
@@ -264,7 +265,8 @@ def export_run(run: str | Path, data: str | Path | None = None, n_check: int = 8
         export_s = time.perf_counter() - started
         session = fastest_session(target, images)
         outputs = _outputs(_session(target, level=session["graph_optimization_level"]), images)
-        map_rtol = getattr(graph, "map_rtol", None)
+        if map_rtol is None:
+            map_rtol = getattr(graph, "map_rtol", None)
         check = _check(reference, outputs, rtol, atol, map_rtol)
         if not check["within_tolerance"]:
             extra = "".join(f", {k} {v}" for k, v in check.items() if isinstance(v, dict))
