@@ -77,6 +77,22 @@ def test_padim_export_on_vials_and_the_predict_runtime_switch(run_copy: Path, ti
     assert cmp["60"]["speedup_onnxruntime"] > 0 and cmp["60"]["onnxruntime"]["n"] >= 5
 
 
+def test_evaluate_on_the_onnx_runtime_gives_torchs_metrics(run_copy: Path, tiny_vials: Path,
+                                                            tmp_path: Path) -> None:
+    assert invoke("export", run_copy, "--data", tiny_vials).exit_code == 0
+    got = {}
+    for runtime in ("torch", "onnx"):
+        r = invoke("evaluate", run_copy, "--data", tiny_vials, "--runtime", runtime,
+                   "--report", tmp_path / runtime / "metrics.json")
+        assert r.exit_code == 0, r.output
+        got[runtime] = stdout_json(r.output)
+    assert got["onnx"]["identity"]["runtime"] == "onnxruntime"
+    assert got["torch"]["identity"]["runtime"] == "torch"
+    for key in ("image_auroc", "pixel_auroc", "aupro", "f1", "threshold"):
+        assert got["onnx"][key] == pytest.approx(got["torch"][key], abs=1e-4), key
+    assert (tmp_path / "onnx" / "report.html").is_file()
+
+
 def test_export_outside_the_tolerance_is_refused_and_writes_nothing(run_copy: Path) -> None:
     # float32 kernels never agree to the last bit between the runtimes: zero tolerance fails
     with pytest.raises(ConfigError, match="disagrees with the torch model.*nothing was written"):

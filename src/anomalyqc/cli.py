@@ -328,6 +328,8 @@ def evaluate(
                                        "dataset where only some defect images have masks)."),
     batch_size: int = typer.Option(8),
     roi_dir: str | None = typer.Option(None, "--roi-dir", help=_ROI_DIR_HELP),
+    runtime: str = typer.Option("torch", help="torch | onnx | onnx-int8: score with the run's "
+                                              "checked ONNX export (see `anomalyqc export`)."),
 ) -> None:
     """Metrics on a test split: AUROCs, AUPRO, and accuracy/F1/... at the threshold.
 
@@ -348,7 +350,7 @@ def evaluate(
         metrics = _run(lambda: evaluate_run(run, data, report, method, threshold,
                                             recalibrate or method == "fixed",
                                             batch_size, progress=bars, masks=not no_masks,
-                                            roi_dir=roi_dir))
+                                            roi_dir=roi_dir, runtime=runtime))
     _print_json(metrics)
     _print_listing(metrics)
     for note in metrics["notes"]:

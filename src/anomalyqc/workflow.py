@@ -486,8 +486,10 @@ def evaluate_run(run: str | Path, data: str | Path, report: str | Path | None = 
                  calibrate: bool | None = None, batch_size: int = 8,
                  progress: Progress | None = None, n_examples: int = 4,
                  masks: bool = True, roi_dir: str | None = None,
-                 save_threshold: bool = True) -> dict[str, Any]:
+                 save_threshold: bool = True, runtime: str = "torch") -> dict[str, Any]:
     """Score the test split of `data`, compute every metric, write the report.
+    `runtime`: torch, or the run's checked ONNX export (load_for_inference); the identity
+    names which scored.
 
     The decision threshold comes from the run's threshold.json when it exists and
     `calibrate` is not True; otherwise it is chosen on this data by `threshold_method` and
@@ -532,7 +534,7 @@ def evaluate_run(run: str | Path, data: str | Path, report: str | Path | None = 
     metrics_target(report_json, "report")
     report_check = replaceable_output("report", "report.html")
     check_output_early(report_json.parent, report_check)
-    det = load_detector(run)
+    det = load_for_inference(run, runtime)
     dataset, listing = listed_dataset(det, data, "test", masks=masks, roi_dir=roi_dir)
     _check_both_classes(dataset, data, "AUROC and thresholds")
     # a corrupt threshold, or one made for another model, fails before scoring
@@ -666,6 +668,7 @@ def _identity(det: Detector, run: Path, data: str | Path, digest: str,
     return {"model_id": det.model_id, "detector": det.name, "run": display(run.resolve()),
             "threshold_origin": threshold_origin, "data": display(Path(data).resolve()),
             "data_sha256": digest, "annotations_sha256": annotations,
+            "runtime": getattr(det, "runtime", "torch"),
             "software": package_versions(),
             "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
 
