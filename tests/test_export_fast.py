@@ -1,5 +1,6 @@
 """The export's faster graph pieces compute what the torch model computes: PatchCore's
-one-GEMM bank search, the separable map blur, and the session's optimisation level chosen
+one-GEMM bank search, the separable map blur, the small images' filters as matrix products,
+and the session's optimisation level chosen
 at export and used by the runtime."""
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from anomalyqc.export.graphs import BankDistance, MapHead, gaussian_kernel
 from anomalyqc.export.onnx import CHUNKS, EXPORT_DIR, INFO_FILE, LEVELS, OnnxDetector, export_run
 from anomalyqc.models import Patchcore, Resganad
+from anomalyqc.models import reconstruction as rec
 from anomalyqc.types import Batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -50,6 +52,35 @@ def test_separable_map_blur_equals_the_two_dimensional_kernel(sigma: float) -> N
     assert torch.allclose(got, ref, atol=1e-6)
 
 
+@pytest.mark.parametrize("shape", [(3, 3, 64, 64), (2, 1, 40, 72), (2, 3, 7, 9)])
+def test_filters_as_matrices_equal_kornias_convolutions(shape, monkeypatch) -> None:
+    """What an exported graph of small images computes for SSIM and the map blur (window
+    shrunk to fit 7 px, non-square, reflected borders) is kornia's result."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(shape, generator=g)
+    y = (x + 0.2 * torch.randn(shape, generator=g)).clamp(0, 1)
+    ssim, blur = rec.ssim_map(x, y), rec.smooth_map(x[:, :1], 4.0)
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+    assert rec.exported_small(x)
+    assert torch.allclose(rec.ssim_map(x, y), ssim, atol=1e-5)
+    assert torch.allclose(rec.smooth_map(x[:, :1], 4.0), blur, atol=1e-6)
+    assert float((ssim - rec.ssim_map(x, x)).abs().max()) > 0.05  # the inputs differ
+
+
+def test_large_exported_images_keep_the_convolutions(monkeypatch) -> None:
+    side = rec.MATRIX_FILTER_MAX_SIDE + 2
+    x = torch.rand(1, 1, side, side)
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+    assert rec.exported_small(x[..., :-2, :-2]) and not rec.exported_small(x)
+
+    def refuse(*_: object) -> None:
+        raise AssertionError("matrix filter above the size limit")
+
+    monkeypatch.setattr(rec, "filter_by_matrices", refuse)
+    assert rec.ssim_map(x, x).shape == x.shape
+    assert rec.smooth_map(x, 4.0).shape == x.shape
+
+
 def test_the_export_records_its_fastest_level_and_the_runtime_uses_it(tmp_path: Path) -> None:
     import onnxruntime as ort
 
@@ -58,6 +89,10 @@ def test_the_export_records_its_fastest_level_and_the_runtime_uses_it(tmp_path: 
              for s in (1, 2)])
     run = det.save(tmp_path / det.name)
     info = export_run(run)
+    import onnx
+
+    ops = [n.op_type for n in onnx.load(str(run / EXPORT_DIR / info["file"])).graph.node]
+    assert "MatMul" in ops and "Pad" not in ops  # SSIM and blur as matrices, no reflect pads
     session = info["session"]
     assert set(session["timed_ms"]) == set(LEVELS)
     assert session["graph_optimization_level"] == min(session["timed_ms"],

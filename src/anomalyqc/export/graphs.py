@@ -23,15 +23,13 @@ from torch import nn
 from anomalyqc.backbones.extractor import aggregate, pool_channels
 from anomalyqc.errors import ConfigError
 from anomalyqc.models.base import Detector
+from anomalyqc.models.reconstruction import gaussian_taps
 from anomalyqc.stats.knn import ClusteredBank, may_hold_closer
 
 
 def gaussian_kernel_1d(sigma: float) -> torch.Tensor:
     """The (k,) factor of the kernel kornia's gaussian_blur2d uses for this sigma (k = 2*round(4s)+1)."""
-    k = 2 * int(4.0 * sigma + 0.5) + 1
-    x = torch.arange(k, dtype=torch.float64) - k // 2
-    g = torch.exp(-(x**2) / (2 * sigma**2))
-    return (g / g.sum()).float()
+    return torch.from_numpy(gaussian_taps(2 * int(4.0 * sigma + 0.5) + 1, sigma)).float()
 
 
 def gaussian_kernel(sigma: float) -> torch.Tensor:

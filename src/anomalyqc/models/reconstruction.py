@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 import kornia
+import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
@@ -49,7 +50,61 @@ def ssim_map(x: torch.Tensor, y: torch.Tensor, window: int = 11) -> torch.Tensor
     side = min(x.shape[-2:])
     if side < window:  # tiny images: the largest odd window that fits
         window = max(1, (side - 1) // 2 * 2 + 1)
+    if exported_small(x):
+        return _ssim_by_matrices(x, y, window)
     return kornia.metrics.ssim(x, y, window, max_val=1.0)
+
+
+# In an exported graph, images up to this side filter their Gaussians as two matrix products
+# with the reflected borders folded into the matrices (reflect_filter_matrix): ONNX Runtime's
+# grouped convolutions are slower there, and above it the dense matrices waste more than they
+# save (benchmarks/README.md, "ONNX export").
+MATRIX_FILTER_MAX_SIDE = 96
+
+
+def exported_small(x: torch.Tensor) -> bool:
+    """Whether x's Gaussian filters go to an ONNX graph as matrix products."""
+    return torch.onnx.is_in_onnx_export() and max(x.shape[-2:]) <= MATRIX_FILTER_MAX_SIDE
+
+
+def gaussian_taps(size: int, sigma: float) -> np.ndarray:
+    """The normalised (size,) Gaussian of kornia's get_gaussian_kernel1d, in float64."""
+    x = np.arange(size, dtype=np.float64) - size // 2
+    g = np.exp(-(x**2) / (2.0 * sigma**2))
+    return np.asarray(g / g.sum())
+
+
+def reflect_filter_matrix(n: int, k: np.ndarray) -> torch.Tensor:
+    """(n, n) M with (v @ M)[i] = sum_j k[j] v[reflect(i + j - r)]: the 1-D correlation
+    with reflected borders (as kornia's, which needs r < n) as a matrix, summed in float64
+    and rounded once. Built with numpy, so an exporter records it as a constant."""
+    r = len(k) // 2
+    src = np.abs(np.arange(n)[None, :] + np.arange(-r, r + 1)[:, None])  # (k, n): tap, output
+    src = np.where(src > n - 1, 2 * (n - 1) - src, src)
+    m = np.zeros((n, n))
+    np.add.at(m, (src.ravel(), np.tile(np.arange(n), len(k))), np.repeat(k, n))
+    return torch.tensor(m, dtype=torch.float32)
+
+
+def filter_by_matrices(x: torch.Tensor, kernel: np.ndarray) -> torch.Tensor:
+    """The separable filter `kernel` (k,) over the last two dims of x, reflected borders."""
+    h, w = x.shape[-2:]
+    rows = reflect_filter_matrix(w, kernel).to(x)
+    cols = reflect_filter_matrix(h, kernel).t().contiguous().to(x)
+    return cols @ (x @ rows)
+
+
+def _ssim_by_matrices(x: torch.Tensor, y: torch.Tensor, window: int) -> torch.Tensor:
+    """kornia.metrics.ssim's arithmetic, the five moments filtered in one stacked pass."""
+    kernel = gaussian_taps(window, 1.5)
+    c = x.shape[1]
+    mu1, mu2, xx, yy, xy = filter_by_matrices(torch.cat([x, y, x * x, y * y, x * y], 1),
+                                              kernel).split(c, 1)
+    c1, c2 = 0.01**2, 0.03**2
+    mu12, mu1_sq, mu2_sq = mu1 * mu2, mu1**2, mu2**2
+    num = (2.0 * mu12 + c1) * (2.0 * (xy - mu12) + c2)
+    den = (mu1_sq + mu2_sq + c1) * ((xx - mu1_sq) + (yy - mu2_sq) + c2)
+    return num / (den + 1e-12)
 
 
 def ssim_per_image(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -118,6 +173,8 @@ def smooth_map(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     if sigma <= 0:
         return maps
     k = min(2 * int(4 * sigma + 0.5) + 1, (min(maps.shape[-2:]) - 1) // 2 * 2 + 1)
+    if exported_small(maps):
+        return filter_by_matrices(maps, gaussian_taps(k, sigma))
     return kornia.filters.gaussian_blur2d(maps, (k, k), (sigma, sigma), border_type="reflect")
 
 
